@@ -1,0 +1,126 @@
+"""`SVDAdapterConfig`: what to adapt and how. Field names equal the trainer's flag names."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from .errors import SVDConfigError
+
+METHODS = ("svdiff", "svfit", "svft", "vectorfit")
+SVFT_PATTERNS = ("plain", "banded", "random", "top_k")
+AVF_METRICS = ("mean_abs", "rms", "max_abs")
+SVD_DRIVERS = ("auto", "full", "randomized")
+SVD_DTYPES = ("float32", "float64")
+FORWARD_MODES = ("auto", "recompose", "factored")
+
+
+@dataclass
+class SVDAdapterConfig:
+    """Configuration of one spectral adapter.
+
+    Every method computes ``W' = W + scale * U_S M V_S^T`` from the thin SVD ``W = U diag(sigma) V^T``
+    of each targeted weight (conv kernels flattened to ``out x in*kh*kw``).
+
+    method:          "svdiff" | "svfit" | "svft" | "vectorfit".
+    rank:            components S. ``None`` = every (numerically non-zero) component. An int r = the top r
+                     (svfit, svft). A float in (0, 1) = per matrix, the fewest top components whose energy
+                     sum(sigma_i^2) reaches that fraction of ||W||_F^2 (svfit).
+    target_modules:  PEFT semantics: a list matches a module whose name equals an entry or ends with
+                     "." + entry; a string is a full-regex match, or a preset name (see `targets.PRESETS`).
+    exclude_modules: same semantics; matching modules are skipped.
+    scale:           the adapter's weight in the sum of adapters (LoRA's "adapter weight").
+    svft_pattern / svft_offset / svft_seed: SVFT's sparsity pattern of M (plain = diagonal; banded with
+                     offset d has k(2d+1) - d(d+1) entries; random and top_k use that same count).
+    avf_k / avf_interval / avf_metric: VectorFit's Adaptive Vector Freezing (0 disables it).
+    train_bias:      train an additive bias delta on every adapted layer (default: only vectorfit).
+    train_norms:     SVDiff's recipe: also train an additive delta on LayerNorm/GroupNorm weights.
+    svd_driver:      "auto" (randomised for top-r when r <= k/4, else full), "full", "randomized".
+    svd_dtype:       precision of the decomposition ("float32" or "float64"), whatever the model dtype.
+    forward_mode:    "auto" (per call by flop count), "recompose" (W + delta), "factored" (x V M^T U^T).
+    """
+
+    method: str = "svdiff"
+    rank: Optional[Union[int, float]] = None
+    target_modules: Optional[Union[str, list]] = None
+    exclude_modules: Optional[Union[str, list]] = None
+    scale: float = 1.0
+    svft_pattern: str = "banded"
+    svft_offset: int = 2
+    svft_seed: int = 0
+    avf_k: int = 0
+    avf_interval: int = 50
+    avf_metric: str = "mean_abs"
+    train_bias: Optional[bool] = None
+    train_norms: bool = False
+    svd_driver: str = "auto"
+    svd_dtype: str = "float32"
+    forward_mode: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def choice(name: str, value: Any, allowed: tuple) -> None:
+            if value not in allowed:
+                raise SVDConfigError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}.")
+
+        choice("method", self.method, METHODS)
+        choice("svft_pattern", self.svft_pattern, SVFT_PATTERNS)
+        choice("avf_metric", self.avf_metric, AVF_METRICS)
+        choice("svd_driver", self.svd_driver, SVD_DRIVERS)
+        choice("svd_dtype", self.svd_dtype, SVD_DTYPES)
+        choice("forward_mode", self.forward_mode, FORWARD_MODES)
+        rank = self.rank
+        if isinstance(rank, bool) or not (rank is None or isinstance(rank, (int, float))):
+            raise SVDConfigError(f"rank={rank!r} must be None, a positive int or a float in (0, 1).")
+        if isinstance(rank, float):
+            if rank.is_integer() and rank >= 1:
+                self.rank = rank = int(rank)
+            elif not 0.0 < rank < 1.0:
+                raise SVDConfigError(f"rank={rank!r}: a float rank is an energy fraction and must lie in (0, 1).")
+        if isinstance(rank, int) and rank < 1:
+            raise SVDConfigError(f"rank={rank} must be at least 1 (or None for every component).")
+        if self.method in ("svdiff", "vectorfit") and rank is not None:
+            raise SVDConfigError(
+                f"{self.method} trains every singular value, so rank must be None; use svfit or svft for top-r."
+            )
+        if self.method == "svft" and isinstance(rank, float):
+            raise SVDConfigError("svft takes an int rank (top r) or None; energy fractions are for svfit.")
+        for name in ("svft_offset", "svft_seed", "avf_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SVDConfigError(f"{name}={value!r} must be a non-negative int.")
+        if not isinstance(self.avf_interval, int) or self.avf_interval < 1:
+            raise SVDConfigError(f"avf_interval={self.avf_interval!r} must be a positive int.")
+        if self.avf_k and self.method != "vectorfit":
+            raise SVDConfigError("avf_k (Adaptive Vector Freezing) belongs to method='vectorfit'.")
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def trains_bias(self) -> bool:
+        return self.method == "vectorfit" if self.train_bias is None else bool(self.train_bias)
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "SVDAdapterConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise SVDConfigError(
+                f"config fields {unknown} are unknown to this svdiff-tools version; upgrade svdiff-tools."
+            )
+        return cls(**data)
+
+    def replace(self, **changes: Any) -> "SVDAdapterConfig":
+        return dataclasses.replace(self, **changes)

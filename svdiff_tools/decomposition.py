@@ -1,0 +1,121 @@
+"""Thin SVD of a weight matrix with a canonical sign rule, a seeded randomised top-r path and caching.
+
+For a matrix ``A`` (m x n), ``k = min(m, n)``: ``A ~= U diag(S) V^T`` with ``U`` (m x q), ``S`` (q,)
+descending, ``V`` (n x q), ``q = k`` for the full SVD or ``q = r`` for the randomised top-r one.
+
+Sign rule: ``(u_i, v_i)`` and ``(-u_i, -v_i)`` are both valid; we flip each pair so that the entry of
+``u_i`` with the largest absolute value (the first such entry on ties) is positive. Repeated singular
+values still allow rotations inside their subspace; no rule can fix those.
+
+Numerical rank: components with ``S_i <= S_max * max(m, n) * eps(float32)`` carry no information
+(their vectors are arbitrary), so adapters leave them out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import cache
+
+RANDOMIZED_OVERSAMPLE = 10
+RANDOMIZED_NITER = 4
+RANDOMIZED_SEED = 0
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class Decomposition:
+    """``U`` (m x q), ``S`` (q,), ``V`` (n x q) in the decomposition dtype; ``driver`` says how."""
+
+    U: torch.Tensor
+    S: torch.Tensor
+    V: torch.Tensor
+    driver: str
+
+    @property
+    def size(self) -> int:
+        return self.S.shape[0]
+
+
+def canonicalize_signs(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flip (u_i, v_i) pairs so that u_i's largest-magnitude entry is positive."""
+    if U.shape[1] == 0:
+        return U, V
+    idx = U.abs().argmax(dim=0)
+    signs = torch.sign(U.gather(0, idx[None, :]))[0]
+    signs = torch.where(signs == 0, torch.ones_like(signs), signs)
+    return U * signs, V * signs
+
+
+def numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
+    """How many singular values are distinguishable from zero at float32 precision."""
+    if S.numel() == 0 or float(S[0]) <= 0.0:
+        return 0
+    tol = float(S[0]) * max(shape) * torch.finfo(torch.float32).eps
+    return int((S > tol).sum())
+
+
+def full_svd(matrix: torch.Tensor, dtype: torch.dtype = torch.float32) -> Decomposition:
+    A = matrix.detach().to(dtype)
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    U, V = canonicalize_signs(U, Vh.mT)
+    return Decomposition(U.contiguous(), S, V.contiguous(), "full")
+
+
+def randomized_svd(
+    matrix: torch.Tensor,
+    rank: int,
+    dtype: torch.dtype = torch.float32,
+    oversample: int = RANDOMIZED_OVERSAMPLE,
+    niter: int = RANDOMIZED_NITER,
+    seed: int = RANDOMIZED_SEED,
+) -> Decomposition:
+    """Halko-Martinsson-Tropp range finder with power iterations and a local, seeded generator.
+
+    Unlike ``torch.svd_lowrank`` it never draws from the global RNG, so it neither disturbs training
+    reproducibility nor changes between a training run and a later load.
+    """
+    A = matrix.detach().to(dtype)
+    m, n = A.shape
+    q = min(rank + oversample, m, n)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, dtype=dtype).to(A.device)
+    Q = torch.linalg.qr(A @ omega).Q
+    for _ in range(niter):
+        Q = torch.linalg.qr(A.mT @ Q).Q
+        Q = torch.linalg.qr(A @ Q).Q
+    Ub, S, Vh = torch.linalg.svd(Q.mT @ A, full_matrices=False)
+    U, V = canonicalize_signs((Q @ Ub)[:, :rank], Vh.mT[:, :rank])
+    return Decomposition(U.contiguous(), S[:rank].contiguous(), V.contiguous(), "randomized")
+
+
+def resolve_driver(driver: str, rank: int | None, k: int) -> str:
+    """"auto" -> randomised only for a fixed top-r that is small against k."""
+    if driver != "auto":
+        return driver if rank is not None else "full"
+    return "randomized" if rank is not None and 4 * rank <= k else "full"
+
+
+def decompose(matrix: torch.Tensor, *, rank: int | None = None, driver: str = "full",
+              dtype: str = "float32", digest: str | None = None) -> Decomposition:
+    """Decompose ``matrix`` (cached). ``driver="randomized"`` needs ``rank``; "full" ignores it."""
+    torch_dtype = _DTYPES[dtype]
+    if driver == "randomized":
+        if rank is None:
+            raise ValueError("the randomized SVD needs a rank")
+        variant = f"rand-r{rank}-o{RANDOMIZED_OVERSAMPLE}-n{RANDOMIZED_NITER}-s{RANDOMIZED_SEED}-{dtype}"
+    else:
+        variant = f"full-{dtype}"
+    key = f"{digest or cache.weight_digest(matrix)}-{variant}"
+    hit = cache.load(key)
+    if hit is not None and {"U", "S", "V"} <= hit.keys():
+        device = matrix.device
+        return Decomposition(hit["U"].to(device), hit["S"].to(device), hit["V"].to(device), driver)
+    if driver == "randomized":
+        dec = randomized_svd(matrix, rank, torch_dtype)
+    else:
+        dec = full_svd(matrix, torch_dtype)
+    cache.store(key, {"U": dec.U, "S": dec.S, "V": dec.V})
+    return dec

@@ -1,0 +1,214 @@
+"""Export an SVD adapter as a standard LoRA file.
+
+Per layer the update is ``D = scale * U_S M V_S^T`` (out x in). With the SVD of the small middle matrix
+``scale * M = P diag(lam) Q^T`` (trivial for diagonal M), ``D = (U_S P) diag(lam) (V_S Q)^T`` is already an
+SVD of D, because ``U_S P`` and ``V_S Q`` have orthonormal columns. So
+
+    lora_B = U_S P[:, :R] diag(sqrt(lam_:R))        lora_A = diag(sqrt(lam_:R)) (V_S Q[:, :R])^T
+
+with ``alpha = R`` (LoRA scaling 1) is exact for R = the numerical rank of D, and for a smaller R it is the
+optimal rank-R approximation with relative Frobenius error ``sqrt(sum_{i>R} lam_i^2 / sum_i lam_i^2)``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from .errors import SVDAdapterError
+from .io import _atomic_save, load_adapter
+from .layer import NormDeltaLayer, SVDLayer
+from .model import adapter_configs, adapter_layers, remove_adapter
+
+KEY_FORMATS = ("diffusers", "peft", "kohya")
+
+
+@dataclass
+class LoRAExportReport:
+    """What `export_lora` wrote: per-layer rank and relative Frobenius error, overall error, drops."""
+
+    path: Optional[Path]
+    ranks: Dict[str, int] = field(default_factory=dict)
+    errors: Dict[str, float] = field(default_factory=dict)
+    overall_error: float = 0.0
+    dropped: List[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"{'layer':<60} {'rank':>5} {'rel. error':>11}"]
+        lines += [f"{n:<60} {self.ranks[n]:>5} {self.errors[n]:>11.3e}" for n in self.ranks]
+        lines.append(f"overall relative Frobenius error: {self.overall_error:.3e}")
+        lines += [f"dropped: {d}" for d in self.dropped]
+        return "\n".join(lines)
+
+
+def lora_factors(layer: SVDLayer, adapter_name: str, rank: Optional[int] = None
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(B (out x R), A (R x in), lam (all singular values of D, descending), R) in float64."""
+    method = layer.svd_adapters[adapter_name]
+    scale = layer.scales[adapter_name]
+    U, V = (t.detach().double() for t in layer.factors(adapter_name))
+    if method.diagonal:
+        m = method.diag_values().detach().double() * scale
+        lam, order = m.abs().sort(descending=True)
+        left = U[:, order] * torch.sign(m[order]).where(m[order] != 0, torch.ones_like(lam))
+        right = V[:, order]
+    else:
+        P, lam, Qh = torch.linalg.svd(method.dense().detach().double() * scale)
+        left, right = U @ P, V @ Qh.mT
+    tol = float(lam[0]) * max(U.shape[0], V.shape[0]) * torch.finfo(torch.float32).eps if lam.numel() else 0.0
+    exact = int((lam > tol).sum()) if lam.numel() and float(lam[0]) > 0 else 0
+    R = exact if rank is None else min(int(rank), exact)
+    root = lam[:R].sqrt()
+    return left[:, :R] * root, (right[:, :R] * root).mT, lam, R
+
+
+def _default_prefix(model: nn.Module, key_format: str) -> str:
+    cls = type(model).__name__
+    is_diffusers = any(c.__module__.startswith("diffusers") for c in type(model).__mro__)
+    if key_format == "kohya":
+        if "UNet" in cls or (is_diffusers and "Transformer" in cls):
+            return "lora_unet_"
+        return "lora_te_" if "Text" in cls or "CLIP" in cls or "T5" in cls else "lora_"
+    if key_format == "peft":
+        return "base_model.model."
+    if is_diffusers:
+        return "unet." if "UNet" in cls else "transformer." if "Transformer" in cls else ""
+    return "text_encoder." if "CLIPText" in cls else ""
+
+
+def _layer_tensors(layer: SVDLayer, name: str, B: torch.Tensor, A: torch.Tensor, key_format: str,
+                   prefix: str, dtype: torch.dtype) -> Tuple[Dict[str, torch.Tensor], Optional[str]]:
+    kind = layer.kind
+    R = A.shape[0]
+    if kind.name == "conv":
+        conv = layer.base_layer
+        if conv.groups != 1:
+            return {}, f"{name}: grouped convolution (groups={conv.groups}) has no LoRA form"
+        nd = len(conv.kernel_size)
+        A = A.reshape(R, conv.in_channels, *conv.kernel_size)
+        B = B.reshape(B.shape[0], R, *([1] * nd))
+    if kind.name == "embedding":
+        if key_format == "kohya":
+            return {}, f"{name}: embedding layers have no kohya LoRA form"
+        return {f"{prefix}{name}.lora_embedding_A": B.mT.contiguous().to(dtype),
+                f"{prefix}{name}.lora_embedding_B": A.mT.contiguous().to(dtype)}, None
+    if key_format == "kohya":
+        stem = prefix + name.replace(".", "_")
+        return {f"{stem}.lora_down.weight": A.contiguous().to(dtype), f"{stem}.lora_up.weight": B.contiguous().to(dtype),
+                f"{stem}.alpha": torch.tensor(float(R), dtype=dtype)}, None
+    return {f"{prefix}{name}.lora_A.weight": A.contiguous().to(dtype),
+            f"{prefix}{name}.lora_B.weight": B.contiguous().to(dtype)}, None
+
+
+def _pick_adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
+    names = list(adapter_configs(model))
+    if adapter_name is None:
+        if len(names) != 1:
+            raise SVDAdapterError(f"the model has adapters {names}; pass adapter_name= to choose one to export.")
+        return names[0]
+    if adapter_name not in names:
+        raise SVDAdapterError(f"the model has no adapter named {adapter_name!r} (it has {names}).")
+    return adapter_name
+
+
+def export_lora(source: Union[nn.Module, str, os.PathLike], out_path: Optional[Union[str, os.PathLike]] = None, *,
+                base: Optional[nn.Module] = None, rank: Optional[int] = None, key_format: str = "diffusers",
+                adapter_name: Optional[str] = None, prefix: Optional[str] = None,
+                dtype: torch.dtype = torch.float32) -> LoRAExportReport:
+    """Write an SVD adapter as a LoRA file and return the per-layer report.
+
+    source:     an adapted model, or an adapter file (then ``base`` is the model it was trained on).
+    rank:       None = exact (each layer's numerical rank); an int truncates optimally.
+    key_format: "diffusers" (``<prefix><module>.lora_A.weight``; prefix "unet."/"text_encoder." guessed from
+                the model class), "peft" (a folder with adapter_config.json when ``out_path`` has no suffix,
+                loadable with ``PeftModel.from_pretrained``), or "kohya" (``lora_unet_*``/``lora_te_*`` with
+                ``lora_down``/``lora_up``/``alpha`` for A1111 and ComfyUI).
+    VectorFit bias deltas are written as ``lora_B.bias`` (diffusers/peft, PEFT's ``lora_bias``) and reported
+    as dropped for kohya; norm deltas (SVDiff's 1-D recipe) have no LoRA form and are reported as dropped.
+    """
+    if key_format not in KEY_FORMATS:
+        raise SVDAdapterError(f"key_format={key_format!r} is not supported; choose one of {', '.join(KEY_FORMATS)}.")
+    if rank is not None and (not isinstance(rank, int) or rank < 1):
+        raise SVDAdapterError(f"rank={rank!r} must be None (exact) or a positive int.")
+    if not isinstance(source, nn.Module):
+        if base is None:
+            raise SVDAdapterError("exporting an adapter file needs base=<the model it was trained on>.")
+        tmp_name = "svdiff_tools_export"
+        load_adapter(base, source, adapter_name=tmp_name)
+        try:
+            return export_lora(base, out_path, rank=rank, key_format=key_format, adapter_name=tmp_name,
+                               prefix=prefix, dtype=dtype)
+        finally:
+            remove_adapter(base, tmp_name)
+    model = source
+    name = _pick_adapter(model, adapter_name)
+    prefix = _default_prefix(model, key_format) if prefix is None else prefix
+    report = LoRAExportReport(path=None)
+    tensors: Dict[str, torch.Tensor] = {}
+    dropped_total = total_sq = 0.0
+    peft_ranks, has_bias, has_hf_conv1d = {}, False, False
+    for lname, layer in adapter_layers(model):
+        if isinstance(layer, NormDeltaLayer) and name in layer.weight_deltas:
+            report.dropped.append(f"{lname}: norm weight delta (no LoRA form)")
+            continue
+        if not (isinstance(layer, SVDLayer) and name in layer.svd_adapters):
+            continue
+        B, A, lam, R = lora_factors(layer, name, rank)
+        sq = float(lam.pow(2).sum())
+        total_sq += sq
+        bias = layer.svd_adapters[name].bias()
+        if R == 0 and (bias is None or key_format == "kohya"):
+            report.ranks[lname], report.errors[lname] = 0, 0.0
+            if bias is not None:
+                report.dropped.append(f"{lname}: bias delta (kohya LoRA has no bias)")
+            continue
+        if R == 0:  # only a bias delta: a rank-1 pair of zeros carries it
+            B = torch.zeros(B.shape[0], 1, dtype=B.dtype)
+            A = torch.zeros(1, A.shape[1], dtype=A.dtype)
+        layer_tensors, dropped = _layer_tensors(layer, lname, B, A, key_format, prefix, dtype)
+        if dropped:
+            report.dropped.append(dropped)
+            R = 0
+        dropped_sq = float(lam[R:].pow(2).sum())
+        dropped_total += dropped_sq
+        report.ranks[lname] = R
+        report.errors[lname] = math.sqrt(dropped_sq / sq) if sq > 0 else 0.0
+        if dropped:
+            continue
+        if bias is not None:
+            b = (bias.detach().double() * layer.scales[name]).to(dtype)
+            if key_format == "kohya":
+                report.dropped.append(f"{lname}: bias delta (kohya LoRA has no bias)")
+            else:
+                tensors[f"{prefix}{lname}.lora_B.bias"] = b.contiguous()
+                has_bias = True
+        tensors.update(layer_tensors)
+        peft_ranks[lname] = A.shape[0]
+        has_hf_conv1d |= layer.kind.name == "hf_conv1d"
+    report.overall_error = math.sqrt(dropped_total / total_sq) if total_sq > 0 else 0.0
+    if out_path is not None:
+        out = Path(out_path)
+        if key_format == "peft" and not out.suffix:
+            out.mkdir(parents=True, exist_ok=True)
+            config = {
+                "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
+                "r": max(peft_ranks.values(), default=1), "lora_alpha": max(peft_ranks.values(), default=1),
+                "target_modules": sorted(peft_ranks), "rank_pattern": peft_ranks, "alpha_pattern": peft_ranks,
+                "lora_dropout": 0.0, "bias": "none", "lora_bias": has_bias, "fan_in_fan_out": has_hf_conv1d,
+                "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
+            }
+            (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            out = out / "adapter_model.safetensors"
+        metadata = {"format": "pt", "svdiff_tools_export": json.dumps(
+            {"source_method": adapter_configs(model)[name].method, "rank": rank,
+             "overall_relative_error": report.overall_error})}
+        _atomic_save(tensors, metadata, out)
+        report.path = out
+    return report

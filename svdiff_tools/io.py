@@ -1,0 +1,269 @@
+"""Adapter files: one ``.safetensors`` with the trainable tensors and JSON metadata.
+
+Tensors: ``<module name>.<tensor>`` (``delta``, ``values``/``rows``/``cols`` for SVFT, ``bias_delta``,
+``weight_delta`` for norms). Metadata (all strings): ``format``, ``format_version``, ``adapter_name``,
+``config`` (the full `SVDAdapterConfig`), ``conv_reshape``, ``modules`` (per module: kind, weight shape,
+rank, decomposition driver, base-weight fingerprint), ``norm_modules``, ``library_version`` and any
+``extra`` the caller adds. Loading checks everything before touching the model and never unpickles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import SVDAdapterConfig
+from .errors import SVDAdapterError, SVDAdapterFileError
+from .fingerprint import fingerprint, mismatch
+from .layer import NormDeltaLayer, SVDLayer
+from .model import (PlannedAdapter, adapter_configs, adapter_layers, adapter_parameters, inject_planned,
+                    remove_adapter)
+from .module_kinds import is_norm, kind_of
+
+FORMAT = "svdiff-tools.adapter"
+FORMAT_VERSION = 1
+DEFAULT_WEIGHT_NAME = "svd_adapter.safetensors"
+CONV_RESHAPE = "weight.reshape(out_channels, -1): out x (in/groups*prod(kernel)), PyTorch's row-major order"
+RUNTIME_OPTIONS = ("svd_dtype", "forward_mode", "scale")
+
+
+def _atomic_save(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def adapter_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """The tensors and metadata `save_adapter` writes, without writing them."""
+    configs = adapter_configs(model)
+    if adapter_name not in configs:
+        raise SVDAdapterError(f"the model has no adapter named {adapter_name!r} (it has {list(configs)}).")
+    tensors, modules, norms = {}, {}, {}
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, SVDLayer) and adapter_name in layer.svd_adapters:
+            method = layer.svd_adapters[adapter_name]
+            for tname, t in method.state_dict().items():
+                tensors[f"{name}.{tname}"] = t.detach().to("cpu").contiguous()
+            modules[name] = {
+                "kind": layer.kind.name,
+                "weight_shape": list(layer.base_layer.weight.shape),
+                "rank": method.rank,
+                "driver": layer.bases[layer.basis_of[adapter_name]].driver,
+                "svd_rank": layer.bases[layer.basis_of[adapter_name]].svd_rank,
+                "fingerprint": fingerprint(layer.unmerged_weight()),
+            }
+        elif isinstance(layer, NormDeltaLayer) and adapter_name in layer.weight_deltas:
+            tensors[f"{name}.weight_delta"] = layer.weight_deltas[adapter_name].detach().to("cpu").contiguous()
+            norms[name] = {"weight_shape": list(layer.base_layer.weight.shape),
+                           "fingerprint": fingerprint(layer.unmerged_weight())}
+    from . import __version__
+
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "adapter_name": adapter_name,
+        "config": configs[adapter_name].to_json(),
+        "conv_reshape": CONV_RESHAPE,
+        "modules": json.dumps(modules, sort_keys=True),
+        "norm_modules": json.dumps(norms, sort_keys=True),
+        "library_version": __version__,
+    }
+    return tensors, metadata
+
+
+def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default",
+                 extra_metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write ``adapter_name`` to ``path`` (a file, or a folder that gets ``svd_adapter.safetensors``).
+
+    The file is written to a temporary name and renamed into place, so a crash never leaves half a file.
+    """
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / DEFAULT_WEIGHT_NAME
+    tensors, metadata = adapter_state(model, adapter_name)
+    if extra_metadata:
+        metadata["extra"] = json.dumps(extra_metadata, sort_keys=True)
+    _atomic_save(tensors, metadata, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------- reading
+def resolve_path(path: Union[str, os.PathLike]) -> Path:
+    path = Path(path)
+    if path.is_dir():
+        if (path / DEFAULT_WEIGHT_NAME).is_file():
+            return path / DEFAULT_WEIGHT_NAME
+        raise SVDAdapterFileError(f"folder {path} has no {DEFAULT_WEIGHT_NAME}; pass the adapter file itself.")
+    if not path.is_file():
+        raise SVDAdapterFileError(f"adapter file {path} does not exist; check the path.")
+    return path
+
+
+def read_adapter_file(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, with one-sentence errors for unreadable files."""
+    path = resolve_path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise SVDAdapterFileError(
+            f"{path} is not a readable safetensors file ({reason}); it may be truncated, corrupt or in another "
+            "format: re-save or re-download it."
+        ) from None
+    return tensors, metadata
+
+
+def parse_metadata(path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]):
+    """(config, modules, norms, adapter_name) from an adapter file's metadata, or a clear error."""
+    if metadata.get("format") != FORMAT:
+        if any(("lora_A" in k or "lora_down" in k or "lora_up" in k or "lora_B" in k) for k in tensors):
+            raise SVDAdapterFileError(f"{path} is a LoRA file, not an SVD adapter; load it with diffusers' "
+                                      "load_lora_weights or PEFT instead.")
+        raise SVDAdapterFileError(f"{path} is not an svdiff-tools adapter (its metadata has no "
+                                  f"format={FORMAT!r}); save adapters with save_adapter().")
+    try:
+        version = int(metadata.get("format_version", "0"))
+    except ValueError:
+        version = -1
+    if version < 1 or version > FORMAT_VERSION:
+        raise SVDAdapterFileError(f"{path} has adapter format version {metadata.get('format_version')!r}, but this "
+                                  f"svdiff-tools reads version {FORMAT_VERSION}; upgrade svdiff-tools.")
+    try:
+        config = SVDAdapterConfig.from_dict(json.loads(metadata["config"]))
+        modules = json.loads(metadata["modules"])
+        norms = json.loads(metadata.get("norm_modules", "{}"))
+    except SVDAdapterError:
+        raise
+    except Exception as exc:
+        raise SVDAdapterFileError(f"{path} has damaged metadata ({type(exc).__name__}); re-save the adapter.") from None
+    return config, modules, norms, metadata.get("adapter_name", "default")
+
+
+def _check_against_model(path, model: nn.Module, modules: dict, norms: dict, tensors: Dict[str, torch.Tensor],
+                         adapter_name: str) -> None:
+    """Every check that needs no decomposition: names, kinds, shapes, fingerprints, tensor keys."""
+    owned = set()
+    for name, info in modules.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise SVDAdapterFileError(f"{path} adapts module {name}, which this model does not have; it was "
+                                      "trained for another architecture.") from None
+        if isinstance(module, SVDLayer) and adapter_name in module.svd_adapters:
+            raise SVDAdapterError(f"module {name} already has an adapter named {adapter_name!r}; "
+                                  "pass another adapter_name.")
+        base = module.base_layer if isinstance(module, (SVDLayer, NormDeltaLayer)) else module
+        kind = kind_of(base)
+        if kind is None or kind.name != info.get("kind"):
+            raise SVDAdapterFileError(f"{path} expects a {info.get('kind')} layer at {name}, but this model has "
+                                      f"{type(base).__name__}; it was trained for another architecture.")
+        weight = module.unmerged_weight() if isinstance(module, SVDLayer) else base.weight
+        reason = mismatch(info["fingerprint"], weight)
+        if reason is not None:
+            raise SVDAdapterFileError(f"{path} was trained on another base model: module {name} differs ({reason}); "
+                                      "load it into the base model it was trained on.")
+        owned |= {k for k in tensors if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
+    for name, info in norms.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise SVDAdapterFileError(f"{path} adapts norm {name}, which this model does not have; it was trained "
+                                      "for another architecture.") from None
+        base = module.base_layer if isinstance(module, NormDeltaLayer) else module
+        if not is_norm(base):
+            raise SVDAdapterFileError(f"{path} expects a norm layer at {name}; it was trained for another "
+                                      "architecture.")
+        weight = module.unmerged_weight() if isinstance(module, NormDeltaLayer) else base.weight
+        reason = mismatch(info["fingerprint"], weight)
+        if reason is not None:
+            raise SVDAdapterFileError(f"{path} was trained on another base model: norm {name} differs ({reason}); "
+                                      "load it into the base model it was trained on.")
+        key = f"{name}.weight_delta"
+        if key not in tensors or list(tensors[key].shape) != list(base.weight.shape):
+            raise SVDAdapterFileError(f"{path} lacks a well-shaped {key}; the file is damaged: re-save it.")
+        owned.add(key)
+    stray = sorted(set(tensors) - owned)
+    if stray:
+        raise SVDAdapterFileError(f"{path} holds tensor {stray[0]} that belongs to no adapted module; the file is "
+                                  "damaged or foreign: re-save it.")
+
+
+def _tensor_checker(path, tensors: Dict[str, torch.Tensor]):
+    def check(plans: List[PlannedAdapter]) -> None:
+        for plan in plans:
+            method = plan.built[2]
+            expected = method.state_dict()
+            for tname, t in expected.items():
+                key = f"{plan.name}.{tname}"
+                got = tensors.get(key)
+                if got is None or got.shape != t.shape:
+                    have = None if got is None else list(got.shape)
+                    raise SVDAdapterFileError(f"{path}: tensor {key} has shape {have}, expected {list(t.shape)}; "
+                                              "the file is damaged or for another base model.")
+                if torch.is_floating_point(got) and not torch.isfinite(got).all():
+                    raise SVDAdapterFileError(f"{path}: tensor {key} holds NaN or inf; the training run diverged, "
+                                              "use an earlier checkpoint.")
+            if hasattr(method, "rows"):
+                rows, cols = tensors[f"{plan.name}.rows"], tensors[f"{plan.name}.cols"]
+                if rows.numel() and (int(rows.min()) < 0 or int(max(rows.max(), cols.max())) >= method.rank
+                                     or int(cols.min()) < 0):
+                    raise SVDAdapterFileError(f"{path}: SVFT indices of {plan.name} fall outside its rank "
+                                              f"{method.rank}; the file is damaged.")
+    return check
+
+
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None, *,
+                 is_trainable: bool = False, **runtime_options) -> str:
+    """Load an adapter file into ``model`` and return the adapter's name.
+
+    ``runtime_options`` may override ``svd_dtype``, ``forward_mode`` and ``scale``. Everything is
+    checked (format, architecture, base-model fingerprints, tensor shapes) before the model is touched;
+    on any error the model is left exactly as it was.
+    """
+    bad = sorted(set(runtime_options) - set(RUNTIME_OPTIONS))
+    if bad:
+        raise SVDAdapterError(f"load_adapter() got unknown options {bad}; allowed: {', '.join(RUNTIME_OPTIONS)}.")
+    tensors, metadata = read_adapter_file(path)
+    config, modules, norms, stored_name = parse_metadata(path, tensors, metadata)
+    if runtime_options:
+        config = config.replace(**runtime_options)
+    name = adapter_name or stored_name
+    if name in adapter_configs(model):
+        raise SVDAdapterError(f"the model already has an adapter named {name!r}; pass another adapter_name.")
+    _check_against_model(path, model, modules, norms, tensors, name)
+    plans = inject_planned(
+        model, config, name,
+        ranks={n: int(m["rank"]) for n, m in modules.items()},
+        drivers={n: (m["driver"], m.get("svd_rank")) for n, m in modules.items()},
+        norms=list(norms),
+        check_built=_tensor_checker(path, tensors),
+    )
+    try:
+        with torch.no_grad():
+            for plan in plans:
+                method = plan.built[2]
+                method.load_state_dict({t: tensors[f"{plan.name}.{t}"] for t in method.state_dict()})
+            for n in norms:
+                model.get_submodule(n).weight_deltas[name].copy_(tensors[f"{n}.weight_delta"])
+        for p in adapter_parameters(model, name).values():
+            p.requires_grad_(is_trainable)
+    except BaseException:
+        remove_adapter(model, name)
+        raise
+    return name

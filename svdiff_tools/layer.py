@@ -1,0 +1,307 @@
+"""Adapter layers that wrap a frozen base module and carry any number of named adapters.
+
+`SVDLayer` wraps Linear / Conv1d/2d/3d / Embedding / transformers Conv1D. For the live (active,
+unmerged, enabled) adapters ``a`` it computes
+
+    W' = W + sum_a scale_a * U_a M_a V_a^T        b' = b + sum_a scale_a * bias_delta_a
+
+either by *recomposing* the weight (``~ out*in*r`` flops, independent of the token count) or on the
+*factored* path ``y = base(x) + sum_a scale_a * ((x V_a) M_a^T) U_a^T`` (``~ tokens*(out+in)*r``),
+chosen per call by flop count unless the config forces one. ``W`` itself is never rebuilt from the
+factors, so an adapter with ``M = 0`` reproduces the base model bit for bit.
+
+`NormDeltaLayer` wraps LayerNorm / GroupNorm for SVDiff's 1-D recipe: ``gamma' = gamma + sum_a scale_a *
+weight_delta_a``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .methods import SpectralMethod
+from .module_kinds import ModuleKind
+
+
+class SVDBasis(nn.Module):
+    """Fixed factors of one decomposition: ``U`` (out x q), ``S`` (q,), ``V`` (in x q)."""
+
+    def __init__(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, driver: str,
+                 svd_rank: Optional[int] = None):
+        super().__init__()
+        self.driver = driver
+        self.svd_rank = svd_rank
+        self.register_buffer("U", U, persistent=False)
+        self.register_buffer("S", S, persistent=False)
+        self.register_buffer("V", V, persistent=False)
+
+
+class AdapterLayerMixin:
+    """Bookkeeping shared by the adapter layers: scales, active set, merged set, enable/disable.
+
+    Attribute look-ups that the wrapper does not answer fall through to the base module, so code that
+    reads ``layer.weight``, ``layer.in_features`` or ``conv.kernel_size`` keeps working.
+    """
+
+    def _init_bookkeeping(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        self.scales: Dict[str, float] = {}
+        self.active_adapters: List[str] = []
+        self.merged: Dict[str, float] = {}  # name -> scale it was merged with
+        self.adapters_disabled = False
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules", {})
+            if name == "base_layer" or "base_layer" not in modules:
+                raise
+            return getattr(modules["base_layer"], name)
+
+    @property
+    def adapter_names(self) -> List[str]:
+        return list(self.scales)
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The base weight without any merged adapter (what fingerprints describe)."""
+        W = self.base_layer.weight
+        if not self.merged:
+            return W
+        return W.detach().float() - self._merged_weight_delta()
+
+    def live_adapters(self) -> List[str]:
+        if self.adapters_disabled:
+            return []
+        return [n for n in self.active_adapters if n not in self.merged and self.scales[n] != 0.0]
+
+    def set_scale(self, name: str, scale: float) -> None:
+        if name in self.scales:
+            self.scales[name] = float(scale)
+
+    def set_active(self, names: Iterable[str]) -> None:
+        self.active_adapters = [n for n in names if n in self.scales]
+
+    def _forget(self, name: str) -> None:
+        if name in self.merged:
+            self.unmerge([name])
+        self.scales.pop(name, None)
+        self.active_adapters = [n for n in self.active_adapters if n != name]
+
+    def _merge_names(self, names: Optional[Iterable[str]]) -> List[str]:
+        if names is None:
+            names = [n for n in self.active_adapters]
+        return [n for n in names if n in self.scales and n not in self.merged]
+
+    def _unmerge_names(self, names: Optional[Iterable[str]]) -> List[str]:
+        return [n for n in (list(self.merged) if names is None else names) if n in self.merged]
+
+
+class SVDLayer(AdapterLayerMixin, nn.Module):
+    """A frozen Linear/Conv/Embedding plus named spectral adapters (see module docstring)."""
+
+    def __init__(self, base_layer: nn.Module, kind: ModuleKind):
+        nn.Module.__init__(self)
+        self._init_bookkeeping(base_layer)
+        self.kind = kind
+        self.svd_adapters = nn.ModuleDict()
+        self.bases = nn.ModuleDict()
+        self.basis_of: Dict[str, str] = {}
+        self.forward_modes: Dict[str, str] = {}
+
+    # --- adapters ---------------------------------------------------------------------------
+    def add_adapter(self, name: str, method: SpectralMethod, basis_key: str, basis: SVDBasis,
+                    scale: float = 1.0, forward_mode: str = "auto") -> None:
+        if basis_key not in self.bases:
+            self.bases[basis_key] = basis
+        self.svd_adapters[name] = method
+        self.basis_of[name] = basis_key
+        self.scales[name] = float(scale)
+        self.forward_modes[name] = forward_mode
+        self.active_adapters.append(name)
+
+    def remove_adapter(self, name: str) -> None:
+        if name not in self.svd_adapters:
+            return
+        self._forget(name)
+        del self.svd_adapters[name]
+        key = self.basis_of.pop(name)
+        self.forward_modes.pop(name, None)
+        if key not in self.basis_of.values():
+            del self.bases[key]
+
+    def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``U_S`` (out x r) and ``V_S`` (in x r) of adapter ``name``."""
+        basis = self.bases[self.basis_of[name]]
+        r = self.svd_adapters[name].rank
+        return basis.U[:, :r], basis.V[:, :r]
+
+    # --- deltas -----------------------------------------------------------------------------
+    def delta_matrix(self, names: Iterable[str], scales: Optional[Dict[str, float]] = None,
+                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """``sum_a scale_a * U_a M_a V_a^T`` as an (out x in) matrix."""
+        scales = self.scales if scales is None else scales
+        total = None
+        for name in names:
+            U, V = self.factors(name)
+            if dtype is not None:
+                U, V = U.to(dtype), V.to(dtype)
+            term = self.svd_adapters[name].mul_right(U) @ V.mT * scales[name]
+            total = term if total is None else total + term
+        if total is None:
+            w = self.kind.matrix(self.base_layer.weight)
+            total = torch.zeros(w.shape, dtype=dtype or w.dtype, device=w.device)
+        return total
+
+    def delta_bias(self, names: Iterable[str], scales: Optional[Dict[str, float]] = None) -> Optional[torch.Tensor]:
+        scales = self.scales if scales is None else scales
+        total = None
+        for name in names:
+            b = self.svd_adapters[name].bias()
+            if b is not None:
+                total = b * scales[name] if total is None else total + b * scales[name]
+        return total
+
+    # --- forward ------------------------------------------------------------------------------
+    def _use_factored(self, x: torch.Tensor, names: List[str]) -> bool:
+        modes = {self.forward_modes[n] for n in names}
+        if not self.kind.supports_factored() or "recompose" in modes:
+            return False
+        if "factored" in modes:
+            return True
+        out_f, in_f = self.kind.out_features, self.kind.in_features
+        r = sum(self.svd_adapters[n].rank for n in names)
+        tokens = self.kind.tokens(x)
+        training = torch.is_grad_enabled() and any(
+            p.requires_grad for n in names for p in self.svd_adapters[n].parameters()
+        )
+        recompose = out_f * in_f * r + (tokens * out_f * in_f if training else 0)
+        factored = tokens * (out_f + in_f) * r * (3 if training else 1)
+        return factored < recompose
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        names = self.live_adapters()
+        if not names:
+            return self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        bias_delta = self.delta_bias(names)
+        if self._use_factored(x, names):
+            y = base(x, *args, **kwargs)
+            for name in names:
+                U, V = self.factors(name)
+                z = self.kind.channels_last(self.kind.project_in(x, V))
+                z = self.svd_adapters[name].mul_right_t(z) * self.scales[name]
+                y = y + self.kind.project_out(self.kind.channels_back(z), U)
+            if bias_delta is not None:
+                y = self.kind.add_bias(y, bias_delta.to(y.dtype))
+            return y
+        W = base.weight
+        delta = self.delta_matrix(names, dtype=self.bases[self.basis_of[names[0]]].U.dtype)
+        weight = W + self.kind.weight_from_matrix(delta).to(W.dtype)
+        bias = getattr(base, "bias", None)
+        if bias_delta is not None:
+            bias = bias_delta.to(W.dtype) if bias is None else bias + bias_delta.to(bias.dtype)
+        return self.kind.forward(x, weight, bias)
+
+    # --- merge --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self, names: Optional[Iterable[str]] = None) -> List[str]:
+        """``W += scale * U M V^T`` (in float32, then cast back) for each named adapter."""
+        done = []
+        for name in self._merge_names(names):
+            self._add_to_weight(name, self.scales[name], +1.0)
+            self.merged[name] = self.scales[name]
+            done.append(name)
+        return done
+
+    @torch.no_grad()
+    def unmerge(self, names: Optional[Iterable[str]] = None) -> List[str]:
+        """Subtract what `merge` added (with the scale it was merged with)."""
+        done = []
+        for name in self._unmerge_names(names):
+            self._add_to_weight(name, self.merged.pop(name), -1.0)
+            done.append(name)
+        if not self.merged and getattr(self, "_created_bias", False):
+            self.base_layer.bias = None  # the base had no bias: put it back exactly as it was
+            self._created_bias = False
+        return done
+
+    def _merged_weight_delta(self) -> torch.Tensor:
+        return self.kind.weight_from_matrix(self.delta_matrix(list(self.merged), self.merged, torch.float32))
+
+    def _add_to_weight(self, name: str, scale: float, sign: float) -> None:
+        W = self.base_layer.weight
+        delta = self.delta_matrix([name], {name: scale}, dtype=torch.float32)
+        new = W.detach().float() + sign * self.kind.weight_from_matrix(delta)
+        W.data.copy_(new.to(W.dtype))
+        bias = self.delta_bias([name], {name: scale})
+        if bias is not None:
+            base = self.base_layer
+            if base.bias is None:
+                base.bias = nn.Parameter(torch.zeros(bias.shape, dtype=W.dtype, device=W.device),
+                                         requires_grad=False)
+                self._created_bias = True
+            base.bias.data.copy_((base.bias.detach().float() + sign * bias.detach().float()).to(base.bias.dtype))
+
+
+class NormDeltaLayer(AdapterLayerMixin, nn.Module):
+    """LayerNorm / GroupNorm with additive, per-adapter deltas on its weight (gamma)."""
+
+    def __init__(self, base_layer: nn.Module):
+        nn.Module.__init__(self)
+        self._init_bookkeeping(base_layer)
+        self.weight_deltas = nn.ParameterDict()
+
+    def add_adapter(self, name: str, scale: float = 1.0) -> None:
+        w = self.base_layer.weight
+        self.weight_deltas[name] = nn.Parameter(torch.zeros(w.shape, device=w.device))
+        self.scales[name] = float(scale)
+        self.active_adapters.append(name)
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.weight_deltas:
+            self._forget(name)
+            del self.weight_deltas[name]
+
+    def _delta(self, names, scales=None) -> Optional[torch.Tensor]:
+        scales = self.scales if scales is None else scales
+        total = None
+        for n in names:
+            term = self.weight_deltas[n] * scales[n]
+            total = term if total is None else total + term
+        return total
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self._delta(self.live_adapters())
+        base = self.base_layer
+        if delta is None:
+            return base(x)
+        weight = base.weight + delta.to(base.weight.dtype)
+        if isinstance(base, nn.GroupNorm):
+            return F.group_norm(x, base.num_groups, weight, base.bias, base.eps)
+        return F.layer_norm(x, base.normalized_shape, weight, base.bias, base.eps)
+
+    @torch.no_grad()
+    def merge(self, names=None) -> List[str]:
+        done = self._merge_names(names)
+        for n in done:
+            self._shift(self._delta([n]), +1.0)
+            self.merged[n] = self.scales[n]
+        return done
+
+    @torch.no_grad()
+    def unmerge(self, names=None) -> List[str]:
+        done = self._unmerge_names(names)
+        for n in done:
+            self._shift(self._delta([n], {n: self.merged.pop(n)}), -1.0)
+        return done
+
+    def _merged_weight_delta(self) -> torch.Tensor:
+        return self._delta(list(self.merged), self.merged).detach().float()
+
+    def _shift(self, delta: torch.Tensor, sign: float) -> None:
+        w = self.base_layer.weight
+        w.data.copy_((w.detach().float() + sign * delta.detach().float()).to(w.dtype))

@@ -1,0 +1,16 @@
+"""SVDiff (Han et al., 2023): shift every singular value, clipped so that sigma + delta stays >= 0.
+
+``M = diag(relu(sigma + delta) - sigma)``; trainable ``delta`` (r,), r = every non-zero component.
+"""
+
+import torch
+
+from .base import DiagonalDeltaMethod, register
+
+
+@register
+class SVDiff(DiagonalDeltaMethod):
+    name = "svdiff"
+
+    def diag_values(self):
+        return torch.relu(self.sigma + self.delta) - self.sigma

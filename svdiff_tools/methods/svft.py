@@ -1,0 +1,77 @@
+"""SVFT (Lingam et al., 2024): a sparse trainable M over the singular basis.
+
+``M[rows, cols] = values`` with ``values`` (nnz,) trainable, zero at init. Patterns over the r x r grid:
+  plain   the diagonal (nnz = r)
+  banded  |i - j| <= d          (nnz = r(2d+1) - d(d+1), d = svft_offset, capped at r - 1)
+  random  the banded count of positions drawn uniformly without replacement (seeded by svft_seed)
+  top_k   the banded count of positions with the largest alignment |u_i . v_j|, computed on the
+          canonical-sign basis over the first min(out, in) coordinates (exactly u_i . v_j when square)
+The chosen ``rows``/``cols`` are saved with the adapter, so loading never re-derives them.
+"""
+
+import torch
+from torch import nn
+
+from .base import SpectralMethod, register
+
+
+def banded_count(r: int, d: int) -> int:
+    d = min(d, max(r - 1, 0))
+    return r * (2 * d + 1) - d * (d + 1)
+
+
+def pattern_indices(pattern: str, r: int, offset: int, seed: int, U=None, V=None):
+    """(rows, cols) long tensors of the non-zero positions of M, row-major sorted."""
+    if pattern == "plain" or r == 0:
+        idx = torch.arange(r)
+        return idx, idx.clone()
+    count = banded_count(r, offset)
+    if pattern == "banded":
+        i, j = torch.meshgrid(torch.arange(r), torch.arange(r), indexing="ij")
+        mask = (i - j).abs() <= min(offset, r - 1)
+        return i[mask], j[mask]
+    if pattern == "random":
+        gen = torch.Generator().manual_seed(seed)
+        flat = torch.randperm(r * r, generator=gen)[:count]
+    elif pattern == "top_k":
+        k = min(U.shape[0], V.shape[0])
+        align = (U[:k, :r].double().mT @ V[:k, :r].double()).abs().cpu()
+        flat = torch.argsort(align.reshape(-1), descending=True, stable=True)[:count]
+    else:  # pragma: no cover - the config validates patterns
+        raise ValueError(pattern)
+    flat = flat.sort().values
+    return flat // r, flat % r
+
+
+@register
+class SVFT(SpectralMethod):
+    name = "svft"
+
+    def __init__(self, sigma, config, out_features, U=None, V=None):
+        super().__init__(sigma, config, out_features)
+        self.diagonal = config.svft_pattern == "plain"
+        rows, cols = pattern_indices(config.svft_pattern, self.rank, config.svft_offset, config.svft_seed, U, V)
+        self.register_buffer("rows", rows.to(torch.int64))
+        self.register_buffer("cols", cols.to(torch.int64))
+        self.values = nn.Parameter(torch.zeros(rows.shape[0]))
+
+    def diag_values(self):
+        if not self.diagonal:
+            raise RuntimeError("diag_values() is only defined for the plain SVFT pattern")
+        return self.values
+
+    def mul_right(self, X):
+        if self.diagonal:
+            return X * self.values.to(X.dtype)
+        src = X.index_select(-1, self.rows) * self.values.to(X.dtype)
+        return torch.zeros_like(X).index_add(-1, self.cols, src)
+
+    def mul_right_t(self, X):
+        if self.diagonal:
+            return X * self.values.to(X.dtype)
+        src = X.index_select(-1, self.cols) * self.values.to(X.dtype)
+        return torch.zeros_like(X).index_add(-1, self.rows, src)
+
+    def dense(self):
+        M = torch.zeros(self.rank, self.rank, device=self.values.device)
+        return M.index_put((self.rows, self.cols), self.values.float())

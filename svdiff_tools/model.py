@@ -1,0 +1,335 @@
+"""Model-level verbs: inject, merge/unmerge, remove, scales, enable/disable, parameter reports.
+
+`inject_adapter` works in two phases so a failure never leaves a half-patched model: it first plans
+and builds every adapter (decompositions included) off the model, then attaches them all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from . import decomposition as dec
+from .config import SVDAdapterConfig
+from .errors import SVDTargetError
+from .layer import AdapterLayerMixin, NormDeltaLayer, SVDBasis, SVDLayer
+from .methods import SpectralMethod, method_class
+from .module_kinds import ModuleKind, kind_of
+from .targets import norm_modules, resolve_targets
+
+logger = logging.getLogger(__name__)
+CONFIGS_ATTR = "_svd_adapter_configs"
+
+
+# ----------------------------------------------------------------------------------- helpers
+def adapter_layers(model: nn.Module) -> Iterator[Tuple[str, AdapterLayerMixin]]:
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayerMixin):
+            yield name, module
+
+
+def adapter_configs(model: nn.Module) -> Dict[str, SVDAdapterConfig]:
+    """The configs of the adapters injected into ``model``, by name."""
+    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+
+
+def _base(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdapterLayerMixin) else module
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise SVDTargetError("the model itself cannot be replaced in place; wrap the layer in a container, "
+                             "e.g. nn.Sequential(layer), and adapt that.")
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def basis_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Factors live in the compute dtype: half precision stays half, everything else float32/64."""
+    return weight.dtype if weight.dtype in (torch.float16, torch.bfloat16, torch.float64) else torch.float32
+
+
+def basis_key(driver: str, rank: Optional[int], svd_dtype: str) -> str:
+    return f"randomized_r{rank}_{svd_dtype}" if driver == "randomized" else f"full_{svd_dtype}"
+
+
+# ----------------------------------------------------------------------------------- planning
+@dataclass
+class PlannedAdapter:
+    name: str
+    module: nn.Module  # the model's module now (a plain layer or an SVDLayer)
+    kind: ModuleKind
+    shape: Tuple[int, int]
+    rank: Optional[object]  # None / int / float as requested; an int when fixed by a file
+    driver: str  # "full" or "randomized"
+    svd_rank: Optional[int]  # the rank a randomized decomposition is computed for (None when full)
+    built: Optional[Tuple[str, SVDBasis, SpectralMethod]] = None
+
+
+def plan_adapters(model: nn.Module, config: SVDAdapterConfig, adapter_name: str,
+                  ranks: Optional[Dict[str, int]] = None,
+                  drivers: Optional[Dict[str, Tuple[str, Optional[int]]]] = None) -> List[PlannedAdapter]:
+    """Check targets and ranks (cheap, before any SVD). ``ranks`` (from a file) fixes module and rank."""
+    if ranks is not None:
+        targets = [(n, model.get_submodule(n)) for n in ranks]
+    else:
+        targets = resolve_targets(model, config.target_modules, config.exclude_modules)
+    cls = method_class(config.method)
+    plans = []
+    for name, module in targets:
+        if isinstance(module, SVDLayer) and adapter_name in module.svd_adapters:
+            raise SVDTargetError(f"module {name} already has an adapter named {adapter_name!r}; "
+                                 "pick another adapter_name or remove_adapter() it first.")
+        base = _base(module)
+        kind = kind_of(base)
+        shape = tuple(kind.matrix(base.weight).shape)
+        k = min(shape)
+        rank = ranks[name] if ranks is not None else cls.requested_rank(config)
+        if isinstance(rank, int) and rank > k:
+            raise SVDTargetError(f"rank {rank} exceeds min(out, in) = {k} of module {name} (matrix {shape[0]}x"
+                                 f"{shape[1]}); lower --rank or exclude that module.")
+        if drivers is not None:
+            driver, svd_rank = drivers[name]
+        else:
+            driver = dec.resolve_driver(config.svd_driver, rank if isinstance(rank, int) else None, k)
+            svd_rank = rank if driver == "randomized" else None
+        plans.append(PlannedAdapter(name, module, kind, shape, rank, driver, svd_rank))
+    return plans
+
+
+def _choose_rank(requested, S: torch.Tensor, weight_matrix: torch.Tensor, n_valid: int, name: str,
+                 fixed: bool) -> int:
+    if fixed:
+        return int(requested)
+    if requested is None:
+        return n_valid
+    if isinstance(requested, float):
+        total = float(weight_matrix.detach().double().pow(2).sum())
+        if total == 0.0:
+            return 0
+        energy = torch.cumsum(S.double().pow(2), 0) / total
+        r = int(torch.searchsorted(energy, torch.tensor(requested, dtype=torch.float64)).item()) + 1
+        return min(r, n_valid)
+    if requested > n_valid:
+        logger.warning("module %s has numerical rank %d < rank %d; training its top %d components only",
+                       name, n_valid, requested, n_valid)
+    return min(int(requested), n_valid)
+
+
+def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bool) -> None:
+    """Decompose (or reuse the layer's basis) and create the method module, off the model."""
+    base = _base(plan.module)
+    W = plan.kind.matrix(base.weight)
+    key = basis_key(plan.driver, plan.svd_rank, config.svd_dtype)
+    existing = plan.module.bases[key] if isinstance(plan.module, SVDLayer) and key in plan.module.bases else None
+    if existing is not None:
+        basis = existing
+        U, S, V = basis.U, basis.S, basis.V
+    else:
+        d = dec.decompose(W, rank=plan.svd_rank, driver=plan.driver, dtype=config.svd_dtype)
+        dt = basis_dtype(base.weight)
+        basis = SVDBasis(d.U.to(dt), d.S.to(torch.float32), d.V.to(dt), plan.driver, plan.svd_rank)
+        U, S, V = d.U, d.S, d.V
+    n_valid = dec.numerical_rank(S.float(), plan.shape)
+    r = _choose_rank(plan.rank, S, W, n_valid, plan.name, fixed_rank)
+    if r > S.shape[0]:
+        raise SVDTargetError(f"module {plan.name} needs {r} components but its decomposition has {S.shape[0]}.")
+    cls = method_class(config.method)
+    method = cls(S[:r].float(), config, plan.kind.out_features, U[:, :r], V[:, :r])
+    method.to(base.weight.device)
+    plan.built = (key, basis, method)
+
+
+def attach(model: nn.Module, plans: List[PlannedAdapter], config: SVDAdapterConfig, adapter_name: str) -> None:
+    for plan in plans:
+        key, basis, method = plan.built
+        layer = plan.module
+        if not isinstance(layer, SVDLayer):
+            layer = SVDLayer(plan.module, plan.kind)
+            _replace(model, plan.name, layer)
+        layer.add_adapter(adapter_name, method, key, basis, config.scale, config.forward_mode)
+
+
+def attach_norms(model: nn.Module, config: SVDAdapterConfig, adapter_name: str,
+                 names: Optional[Iterable[str]] = None) -> None:
+    pairs = norm_modules(model, config.exclude_modules) if names is None else \
+        [(n, model.get_submodule(n)) for n in names]
+    for name, module in pairs:
+        layer = module
+        if not isinstance(layer, NormDeltaLayer):
+            layer = NormDeltaLayer(module)
+            _replace(model, name, layer)
+        layer.add_adapter(adapter_name, config.scale)
+
+
+# ----------------------------------------------------------------------------------- public verbs
+def inject_adapter(model: nn.Module, config: SVDAdapterConfig, adapter_name: str = "default") -> nn.Module:
+    """Adapt the modules of ``model`` that ``config.target_modules`` matches, in place.
+
+    Afterwards only this adapter's tensors are trainable (the rest of the model is frozen). Returns
+    ``model``. Nothing on the model changes if any target, rank or decomposition fails.
+    """
+    inject_planned(model, config, adapter_name)
+    model.requires_grad_(False)
+    for p in adapter_parameters(model, adapter_name).values():
+        p.requires_grad_(True)
+    return model
+
+
+def inject_planned(model: nn.Module, config: SVDAdapterConfig, adapter_name: str, *,
+                   ranks: Optional[Dict[str, int]] = None,
+                   drivers: Optional[Dict[str, Tuple[str, Optional[int]]]] = None,
+                   norms: Optional[List[str]] = None,
+                   check_built: Optional[Callable[[List[PlannedAdapter]], None]] = None) -> List[PlannedAdapter]:
+    """Plan, build (off the model), optionally check, then attach. ``ranks``/``drivers``/``norms`` pin the
+    modules, ranks and decompositions (as recorded in an adapter file)."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise SVDTargetError(f"adapter_name={adapter_name!r} must be a non-empty string without dots.")
+    if adapter_name in adapter_configs(model):
+        raise SVDTargetError(f"the model already has an adapter named {adapter_name!r}; "
+                             "pick another adapter_name or remove_adapter() it first.")
+    plans = plan_adapters(model, config, adapter_name, ranks, drivers)
+    for plan in plans:  # the expensive part, still off the model
+        build_adapter(plan, config, fixed_rank=ranks is not None)
+    if check_built is not None:
+        check_built(plans)
+    try:
+        attach(model, plans, config, adapter_name)
+        if config.train_norms:
+            attach_norms(model, config, adapter_name, norms)
+        adapter_configs(model)[adapter_name] = config
+    except BaseException:
+        remove_adapter(model, adapter_name)
+        raise
+    return plans
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str) -> Dict[str, nn.Parameter]:
+    """``{"<module>.<tensor>": parameter}`` of one adapter (the names used in adapter files)."""
+    out = {}
+    for name, layer in adapter_layers(model):
+        if isinstance(layer, SVDLayer) and adapter_name in layer.svd_adapters:
+            for pname, p in layer.svd_adapters[adapter_name].named_parameters():
+                out[f"{name}.{pname}"] = p
+        elif isinstance(layer, NormDeltaLayer) and adapter_name in layer.weight_deltas:
+            out[f"{name}.weight_delta"] = layer.weight_deltas[adapter_name]
+    return out
+
+
+def get_adapter_names(model: nn.Module) -> List[str]:
+    return list(adapter_configs(model))
+
+
+def _names(model: nn.Module, adapter_names) -> Optional[List[str]]:
+    if adapter_names is None:
+        return None
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    unknown = [n for n in names if n not in adapter_configs(model)]
+    if unknown:
+        raise SVDTargetError(f"no adapter named {unknown[0]!r}; the model has {get_adapter_names(model)}.")
+    return names
+
+
+def merge_adapter(model: nn.Module, adapter_names=None) -> None:
+    """``W += scale * U M V^T`` for the named (default: active) adapters; inference then costs nothing."""
+    names = _names(model, adapter_names)
+    for _, layer in adapter_layers(model):
+        layer.merge(names)
+
+
+def unmerge_adapter(model: nn.Module, adapter_names=None) -> None:
+    """Subtract merged adapters again (weights return to within float rounding)."""
+    names = _names(model, adapter_names)
+    for _, layer in adapter_layers(model):
+        layer.unmerge(names)
+
+
+def remove_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> None:
+    """Remove one adapter (default: all). Layers left without adapters become the original modules again."""
+    names = [adapter_name] if adapter_name is not None else None
+    for name, layer in list(adapter_layers(model)):
+        for n in (names if names is not None else list(layer.scales)):
+            layer.remove_adapter(n)
+        if not layer.scales:
+            layer.unmerge()
+            _replace(model, name, layer.base_layer)
+    configs = adapter_configs(model)
+    for n in (names if names is not None else list(configs)):
+        configs.pop(n, None)
+
+
+def set_adapter_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
+    _names(model, adapter_name)
+    for _, layer in adapter_layers(model):
+        layer.set_scale(adapter_name, scale)
+
+
+def set_active_adapters(model: nn.Module, adapter_names, weights: Optional[Iterable[float]] = None) -> None:
+    """Make exactly these adapters active, optionally with new scales (one per adapter)."""
+    names = _names(model, adapter_names)
+    weights = list(weights) if weights is not None else None
+    if weights is not None and len(weights) != len(names):
+        raise SVDTargetError(f"got {len(weights)} weights for {len(names)} adapters; pass one weight per adapter.")
+    for _, layer in adapter_layers(model):
+        layer.set_active(names)
+        for n, w in zip(names, weights or []):
+            layer.set_scale(n, w)
+
+
+def enable_adapters(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.adapters_disabled = False
+
+
+def disable_adapters(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.adapters_disabled = True
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """``with adapters_disabled(model):`` runs the base model (unmerged adapters are skipped)."""
+    disable_adapters(model)
+    try:
+        yield model
+    finally:
+        enable_adapters(model)
+
+
+def count_parameters(model: nn.Module) -> Tuple[int, int]:
+    """(trainable, total) parameter counts, adapter layers' frozen factors not included."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    line = f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / max(total, 1):.4f}"
+    print(line)
+    return line
+
+
+def get_parameter_groups(model: nn.Module, lr: float, lr_1d: Optional[float] = None,
+                         weight_decay: float = 0.0) -> List[dict]:
+    """Optimizer groups: spectral/bias deltas at ``lr``; norm (1-D weight) deltas at ``lr_1d``.
+
+    SVDiff's recipe is lr=1e-3 for the matrices and lr_1d=1e-6 for 1-D weights. Weight decay acts on
+    the deltas, so it pulls toward the base model.
+    """
+    matrix, vector = [], []
+    for _, layer in adapter_layers(model):
+        if isinstance(layer, NormDeltaLayer):
+            vector += [p for p in layer.weight_deltas.parameters() if p.requires_grad]
+        else:
+            matrix += [p for p in layer.svd_adapters.parameters() if p.requires_grad]
+    groups = [{"params": matrix, "lr": lr, "weight_decay": weight_decay}]
+    if vector:
+        groups.append({"params": vector, "lr": lr if lr_1d is None else lr_1d, "weight_decay": weight_decay})
+    return groups

@@ -1,0 +1,191 @@
+"""How each supported base module exposes its weight as a matrix and runs with a replaced weight.
+
+Matrix conventions (``out x in``):
+  Linear             weight (out, in)
+  Conv1d/2d/3d       weight.reshape(out, -1): out x (in/groups * prod(kernel)), row-major as PyTorch stores it
+  Embedding          weight (num_embeddings, embedding_dim): each row is a token's vector
+  transformers Conv1D (GPT-2) weight (in, out) -> its transpose
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+try:  # GPT-2 style layers; transformers is a dependency, but keep the core importable without it
+    from transformers.pytorch_utils import Conv1D as HFConv1D
+except Exception:  # pragma: no cover
+    HFConv1D = None
+
+
+class ModuleKind:
+    name = "base"
+    has_channels_last_bias = True  # bias adds on the last dim (Linear) or dim 1 (conv)
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    # --- shapes -------------------------------------------------------------------------
+    def matrix(self, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def weight_from_matrix(self, matrix: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:
+        return self.matrix(self.module.weight).shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.matrix(self.module.weight).shape[1]
+
+    # --- compute ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def supports_factored(self) -> bool:
+        return False
+
+    def tokens(self, x: torch.Tensor) -> int:
+        return max(1, x.numel() // max(1, self.in_features))
+
+    def add_bias(self, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return y + bias
+
+
+class LinearKind(ModuleKind):
+    name = "linear"
+
+    def matrix(self, weight):
+        return weight
+
+    def weight_from_matrix(self, matrix):
+        return matrix
+
+    def forward(self, x, weight, bias):
+        return F.linear(x, weight, bias)
+
+    def supports_factored(self):
+        return True
+
+    def project_in(self, x, V):  # (..., in) -> (..., r)
+        return F.linear(x, V.mT.to(x.dtype))
+
+    def project_out(self, z, U):  # (..., r) -> (..., out)
+        return F.linear(z, U.to(z.dtype))
+
+    def channels_last(self, z):
+        return z
+
+    def channels_back(self, z):
+        return z
+
+
+class HFConv1DKind(LinearKind):
+    name = "hf_conv1d"
+
+    def matrix(self, weight):
+        return weight.mT
+
+    def weight_from_matrix(self, matrix):
+        return matrix.mT
+
+    def forward(self, x, weight, bias):
+        out = torch.matmul(x, weight)
+        return out if bias is None else out + bias
+
+
+class ConvKind(ModuleKind):
+    name = "conv"
+
+    def matrix(self, weight):
+        return weight.reshape(weight.shape[0], -1)
+
+    def weight_from_matrix(self, matrix):
+        return matrix.reshape(self.module.weight.shape)
+
+    def forward(self, x, weight, bias):
+        return self.module._conv_forward(x, weight, bias)
+
+    def supports_factored(self):
+        m = self.module
+        return m.groups == 1 and m.padding_mode == "zeros"
+
+    def tokens(self, x):
+        m = self.module
+        spatial = x.shape[-len(m.kernel_size):]
+        per_item = 1
+        for size, stride in zip(spatial, m.stride):
+            per_item *= max(1, math.ceil(size / stride))
+        batch = x.numel() // max(1, m.in_channels * math.prod(spatial))
+        return max(1, batch * per_item)
+
+    def add_bias(self, y, bias):
+        return y + bias.reshape(1, -1, *([1] * (y.dim() - 2)))
+
+    def _conv(self, x, weight, **kwargs):
+        fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.module.kernel_size)]
+        return fn(x, weight, None, **kwargs)
+
+    def project_in(self, x, V):  # (B, in, *sp) -> (B, r, *sp')
+        m = self.module
+        kernel = V.mT.to(x.dtype).reshape(V.shape[1], m.in_channels, *m.kernel_size)
+        return self._conv(x, kernel, stride=m.stride, padding=m.padding, dilation=m.dilation)
+
+    def project_out(self, z, U):  # (B, r, *sp) -> (B, out, *sp)
+        nd = len(self.module.kernel_size)
+        return self._conv(z, U.to(z.dtype).reshape(U.shape[0], U.shape[1], *([1] * nd)))
+
+    def channels_last(self, z):
+        return z.movedim(1, -1)
+
+    def channels_back(self, z):
+        return z.movedim(-1, 1)
+
+
+class EmbeddingKind(ModuleKind):
+    name = "embedding"
+    has_channels_last_bias = False
+
+    def matrix(self, weight):
+        return weight
+
+    def weight_from_matrix(self, matrix):
+        return matrix
+
+    @property
+    def out_features(self):
+        return self.module.num_embeddings
+
+    @property
+    def in_features(self):
+        return self.module.embedding_dim
+
+    def forward(self, x, weight, bias):
+        m = self.module
+        return F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+
+
+def kind_of(module: nn.Module) -> Optional[ModuleKind]:
+    """The `ModuleKind` for a supported module, else None."""
+    if isinstance(module, nn.Linear):
+        return LinearKind(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return ConvKind(module)
+    if isinstance(module, nn.Embedding):
+        return EmbeddingKind(module)
+    if HFConv1D is not None and isinstance(module, HFConv1D):
+        return HFConv1DKind(module)
+    return None
+
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, NORM_TYPES) and getattr(module, "weight", None) is not None
