@@ -75,6 +75,8 @@ def _default_prefix(model: nn.Module, key_format: str) -> str:
     if key_format == "kohya":
         if "UNet" in cls or (is_diffusers and "Transformer" in cls):
             return "lora_unet_"
+        if "CLIPText" in cls and not hasattr(model, "text_model"):
+            return "lora_te_text_model_"  # transformers >= 5 dropped the level A1111 names keep
         return "lora_te_" if "Text" in cls or "CLIP" in cls or "T5" in cls else "lora_"
     if key_format == "peft":
         return "base_model.model."

@@ -10,6 +10,7 @@ rank, decomposition driver, base-weight fingerprint), ``norm_modules``, ``librar
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -33,6 +34,7 @@ FORMAT_VERSION = 1
 DEFAULT_WEIGHT_NAME = "svd_adapter.safetensors"
 CONV_RESHAPE = "weight.reshape(out_channels, -1): out x (in/groups*prod(kernel)), PyTorch's row-major order"
 RUNTIME_OPTIONS = ("svd_dtype", "forward_mode", "scale")
+logger = logging.getLogger(__name__)
 
 
 def _atomic_save(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], path: Path) -> None:
@@ -64,6 +66,7 @@ def adapter_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Dict
                 "rank": method.rank,
                 "driver": layer.bases[layer.basis_of[adapter_name]].driver,
                 "svd_rank": layer.bases[layer.basis_of[adapter_name]].svd_rank,
+                "weight_dtype": str(layer.bases[layer.basis_of[adapter_name]].weight_dtype).replace("torch.", ""),
                 "fingerprint": fingerprint(layer.unmerged_weight()),
             }
         elif isinstance(layer, NormDeltaLayer) and adapter_name in layer.weight_deltas:
@@ -228,6 +231,25 @@ def _tensor_checker(path, tensors: Dict[str, torch.Tensor]):
     return check
 
 
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def _warn_on_lossy_basis(model: nn.Module, config: SVDAdapterConfig, weight_dtypes: dict) -> None:
+    """A basis computed from a less precise weight than at training time is rotated by the rounding;
+    diagonal methods barely notice, off-diagonal SVFT entries do."""
+    if config.method != "svft" or config.svft_pattern == "plain":
+        return
+    for name, trained in weight_dtypes.items():
+        module = model.get_submodule(name)
+        weight = getattr(module, "base_layer", module).weight
+        if trained is not None and torch.finfo(weight.dtype).eps > torch.finfo(trained).eps:
+            logger.warning("adapter was trained on %s weights but %s is %s: its off-diagonal SVFT entries act on a "
+                           "slightly rotated basis; load the model in %s for exact outputs.",
+                           str(trained).replace("torch.", ""), name, str(weight.dtype).replace("torch.", ""),
+                           str(trained).replace("torch.", ""))
+            return
+
+
 def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None, *,
                  is_trainable: bool = False, **runtime_options) -> str:
     """Load an adapter file into ``model`` and return the adapter's name.
@@ -247,10 +269,13 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     if name in adapter_configs(model):
         raise SVDAdapterError(f"the model already has an adapter named {name!r}; pass another adapter_name.")
     _check_against_model(path, model, modules, norms, tensors, name)
+    weight_dtypes = {n: _DTYPES.get(m.get("weight_dtype")) for n, m in modules.items()}
+    _warn_on_lossy_basis(model, config, weight_dtypes)
     plans = inject_planned(
         model, config, name,
         ranks={n: int(m["rank"]) for n, m in modules.items()},
         drivers={n: (m["driver"], m.get("svd_rank")) for n, m in modules.items()},
+        weight_dtypes=weight_dtypes,
         norms=list(norms),
         check_built=_tensor_checker(path, tensors),
     )

@@ -30,10 +30,11 @@ class SVDBasis(nn.Module):
     """Fixed factors of one decomposition: ``U`` (out x q), ``S`` (q,), ``V`` (in x q)."""
 
     def __init__(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, driver: str,
-                 svd_rank: Optional[int] = None):
+                 svd_rank: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None):
         super().__init__()
         self.driver = driver
         self.svd_rank = svd_rank
+        self.weight_dtype = weight_dtype  # dtype of the weight matrix that was decomposed
         self.register_buffer("U", U, persistent=False)
         self.register_buffer("S", S, persistent=False)
         self.register_buffer("V", V, persistent=False)

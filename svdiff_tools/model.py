@@ -69,12 +69,14 @@ class PlannedAdapter:
     rank: Optional[object]  # None / int / float as requested; an int when fixed by a file
     driver: str  # "full" or "randomized"
     svd_rank: Optional[int]  # the rank a randomized decomposition is computed for (None when full)
+    weight_dtype: Optional[torch.dtype] = None  # decompose the weight as this dtype (from a file)
     built: Optional[Tuple[str, SVDBasis, SpectralMethod]] = None
 
 
 def plan_adapters(model: nn.Module, config: SVDAdapterConfig, adapter_name: str,
                   ranks: Optional[Dict[str, int]] = None,
-                  drivers: Optional[Dict[str, Tuple[str, Optional[int]]]] = None) -> List[PlannedAdapter]:
+                  drivers: Optional[Dict[str, Tuple[str, Optional[int]]]] = None,
+                  weight_dtypes: Optional[Dict[str, torch.dtype]] = None) -> List[PlannedAdapter]:
     """Check targets and ranks (cheap, before any SVD). ``ranks`` (from a file) fixes module and rank."""
     if ranks is not None:
         targets = [(n, model.get_submodule(n)) for n in ranks]
@@ -99,7 +101,8 @@ def plan_adapters(model: nn.Module, config: SVDAdapterConfig, adapter_name: str,
         else:
             driver = dec.resolve_driver(config.svd_driver, rank if isinstance(rank, int) else None, k)
             svd_rank = rank if driver == "randomized" else None
-        plans.append(PlannedAdapter(name, module, kind, shape, rank, driver, svd_rank))
+        plans.append(PlannedAdapter(name, module, kind, shape, rank, driver, svd_rank,
+                                    (weight_dtypes or {}).get(name)))
     return plans
 
 
@@ -122,11 +125,22 @@ def _choose_rank(requested, S: torch.Tensor, weight_matrix: torch.Tensor, n_vali
     return min(int(requested), n_valid)
 
 
+def decomposed_matrix(kind: ModuleKind, weight: torch.Tensor, trained_dtype: Optional[torch.dtype]) -> torch.Tensor:
+    """The matrix to decompose. An adapter trained on a lower-precision copy of this weight (say bf16 while
+    the model is now fp32) is decomposed from the weight rounded to that dtype, which restores the exact
+    training basis; the other way round the basis differs by the rounding (see `load_adapter`)."""
+    W = kind.matrix(weight)
+    if trained_dtype is not None and trained_dtype != W.dtype and W.dtype.is_floating_point and \
+            torch.finfo(trained_dtype).eps > torch.finfo(W.dtype).eps:
+        W = W.to(trained_dtype)
+    return W
+
+
 def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bool) -> None:
     """Decompose (or reuse the layer's basis) and create the method module, off the model."""
     base = _base(plan.module)
-    W = plan.kind.matrix(base.weight)
-    key = basis_key(plan.driver, plan.svd_rank, config.svd_dtype)
+    W = decomposed_matrix(plan.kind, base.weight, plan.weight_dtype)
+    key = basis_key(plan.driver, plan.svd_rank, config.svd_dtype) + f"_{str(W.dtype).split('.')[-1]}"
     existing = plan.module.bases[key] if isinstance(plan.module, SVDLayer) and key in plan.module.bases else None
     if existing is not None:
         basis = existing
@@ -134,7 +148,7 @@ def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bo
     else:
         d = dec.decompose(W, rank=plan.svd_rank, driver=plan.driver, dtype=config.svd_dtype)
         dt = basis_dtype(base.weight)
-        basis = SVDBasis(d.U.to(dt), d.S.to(torch.float32), d.V.to(dt), plan.driver, plan.svd_rank)
+        basis = SVDBasis(d.U.to(dt), d.S.to(torch.float32), d.V.to(dt), plan.driver, plan.svd_rank, W.dtype)
         U, S, V = d.U, d.S, d.V
     n_valid = dec.numerical_rank(S.float(), plan.shape)
     r = _choose_rank(plan.rank, S, W, n_valid, plan.name, fixed_rank)
@@ -185,6 +199,7 @@ def inject_adapter(model: nn.Module, config: SVDAdapterConfig, adapter_name: str
 def inject_planned(model: nn.Module, config: SVDAdapterConfig, adapter_name: str, *,
                    ranks: Optional[Dict[str, int]] = None,
                    drivers: Optional[Dict[str, Tuple[str, Optional[int]]]] = None,
+                   weight_dtypes: Optional[Dict[str, torch.dtype]] = None,
                    norms: Optional[List[str]] = None,
                    check_built: Optional[Callable[[List[PlannedAdapter]], None]] = None) -> List[PlannedAdapter]:
     """Plan, build (off the model), optionally check, then attach. ``ranks``/``drivers``/``norms`` pin the
@@ -194,7 +209,7 @@ def inject_planned(model: nn.Module, config: SVDAdapterConfig, adapter_name: str
     if adapter_name in adapter_configs(model):
         raise SVDTargetError(f"the model already has an adapter named {adapter_name!r}; "
                              "pick another adapter_name or remove_adapter() it first.")
-    plans = plan_adapters(model, config, adapter_name, ranks, drivers)
+    plans = plan_adapters(model, config, adapter_name, ranks, drivers, weight_dtypes)
     for plan in plans:  # the expensive part, still off the model
         build_adapter(plan, config, fixed_rank=ranks is not None)
     if check_built is not None:

@@ -98,5 +98,5 @@ def randomize_adapter(model: nn.Module, adapter_name: str = "default", seed: int
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))

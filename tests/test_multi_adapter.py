@@ -1,0 +1,112 @@
+"""Several named adapters per layer, scales, activation, enable/disable, and training behaviour."""
+
+import copy
+
+import pytest
+import torch
+
+import svdiff_tools as st
+from svdiff_tools.model import adapter_layers
+
+from conftest import MODEL_CASES
+from reference import randomize_adapter, reference_model, rel_err, to_double
+
+UNET = next(c for c in MODEL_CASES if c.name == "unet")
+
+
+def _two_adapters():
+    base = UNET.build(0)
+    model = copy.deepcopy(base)
+    st.inject_adapter(model, st.SVDAdapterConfig(method="svdiff", target_modules="unet-attention"), "a")
+    st.inject_adapter(model, st.SVDAdapterConfig(method="svft", svft_pattern="banded", target_modules="unet",
+                                                 svd_dtype="float64"), "b")
+    randomize_adapter(model, "a", seed=1)
+    randomize_adapter(model, "b", seed=2)
+    return base, model
+
+
+def test_two_adapters_with_weights_match_reference():
+    base, model = _two_adapters()
+    st.set_active_adapters(model, ["a", "b"], weights=[0.5, -1.5])
+    ref = reference_model(base, model, adapter_names=("a", "b"))
+    with torch.no_grad():
+        expected = UNET.forward(ref, to_double(UNET.inputs()))
+    assert rel_err(UNET.run(model), expected) < 3e-4
+    # only "b", at its own scale
+    st.set_active_adapters(model, ["b"])
+    ref_b = reference_model(base, model, adapter_names=("b",))
+    with torch.no_grad():
+        expected_b = UNET.forward(ref_b, to_double(UNET.inputs()))
+    assert rel_err(UNET.run(model), expected_b) < 5e-6
+
+
+def test_scale_zero_disable_and_context_manager_give_the_base():
+    base, model = _two_adapters()
+    out_base = UNET.run(base)
+    with st.adapters_disabled(model):
+        assert torch.equal(UNET.run(model), out_base)
+    assert not torch.equal(UNET.run(model), out_base)
+    st.set_adapter_scale(model, "a", 0.0)
+    st.set_adapter_scale(model, "b", 0.0)
+    assert torch.equal(UNET.run(model), out_base)
+
+
+def test_merge_one_adapter_keeps_the_other_live_and_remove_one():
+    base, model = _two_adapters()
+    out = UNET.run(model)
+    st.merge_adapter(model, ["a"])
+    assert rel_err(UNET.run(model), out) < 1e-5
+    st.unmerge_adapter(model)
+    st.remove_adapter(model, "a")
+    assert st.get_adapter_names(model) == ["b"]
+    assert all("a" not in getattr(layer, "scales", {}) for _, layer in adapter_layers(model))
+    st.set_active_adapters(model, ["b"])
+    ref_b = reference_model(base, model, adapter_names=("b",))
+    with torch.no_grad():
+        expected_b = UNET.forward(ref_b, to_double(UNET.inputs()))
+    assert rel_err(UNET.run(model), expected_b) < 5e-6
+    st.remove_adapter(model)  # "a" went through merge/unmerge: equal up to float rounding
+    torch.testing.assert_close(UNET.run(model), UNET.run(base), rtol=0, atol=1e-6)
+
+
+def test_shared_basis_between_adapters_of_one_layer():
+    _, model = _two_adapters()
+    layer = model.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert set(layer.svd_adapters) == {"a", "b"}
+    assert len(layer.bases) == 2  # "b" asked for float64 decompositions, "a" for float32
+    st.inject_adapter(model, st.SVDAdapterConfig(method="vectorfit", target_modules="unet-attention"), "c")
+    assert len(layer.bases) == 2  # "c" reuses "a"'s float32 basis
+
+
+def test_wrapped_layers_keep_their_attributes():
+    _, model = _two_adapters()
+    layer = model.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
+    assert layer.in_features == 16 and layer.weight is layer.base_layer.weight
+    conv = model.get_submodule("down_blocks.0.resnets.0.conv1")
+    assert conv.kernel_size == (3, 3)
+
+
+@pytest.mark.parametrize("method", ["svdiff", "svfit", "svft", "vectorfit"])
+def test_training_step_updates_only_the_adapter(method):
+    base = UNET.build(0)
+    model = copy.deepcopy(base)
+    st.inject_adapter(model, st.SVDAdapterConfig(method=method, target_modules="unet", train_norms=method == "svdiff"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".svd_adapters.default." in n or ".weight_deltas.default" in n for n in trainable)
+    groups = st.get_parameter_groups(model, lr=1e-3, lr_1d=1e-6)
+    assert [g["lr"] for g in groups] == ([1e-3, 1e-6] if method == "svdiff" else [1e-3])
+    opt = torch.optim.Adam(groups)
+    sample, t, ehs = UNET.inputs()
+    frozen_before = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    model.train()
+    losses = []
+    for _ in range(5):
+        loss = model(sample, t, encoder_hidden_states=ehs).sample.pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n
