@@ -158,16 +158,27 @@ def parse_metadata(path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, s
     return config, modules, norms, metadata.get("adapter_name", "default")
 
 
+def _module_at(path, model: nn.Module, name: str, what: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        raise SVDAdapterFileError(f"{path} adapts {what} {name}, which this model does not have; it was trained "
+                                  "for another architecture.") from None
+
+
+def _check_fingerprint(path, name: str, info: dict, weight: torch.Tensor, what: str) -> None:
+    reason = mismatch(info["fingerprint"], weight)
+    if reason is not None:
+        raise SVDAdapterFileError(f"{path} was trained on another base model: {what} {name} differs ({reason}); "
+                                  "load it into the base model it was trained on.")
+
+
 def _check_against_model(path, model: nn.Module, modules: dict, norms: dict, tensors: Dict[str, torch.Tensor],
                          adapter_name: str) -> None:
     """Every check that needs no decomposition: names, kinds, shapes, fingerprints, tensor keys."""
     owned = set()
     for name, info in modules.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise SVDAdapterFileError(f"{path} adapts module {name}, which this model does not have; it was "
-                                      "trained for another architecture.") from None
+        module = _module_at(path, model, name, "module")
         if isinstance(module, SVDLayer) and adapter_name in module.svd_adapters:
             raise SVDAdapterError(f"module {name} already has an adapter named {adapter_name!r}; "
                                   "pass another adapter_name.")
@@ -176,27 +187,20 @@ def _check_against_model(path, model: nn.Module, modules: dict, norms: dict, ten
         if kind is None or kind.name != info.get("kind"):
             raise SVDAdapterFileError(f"{path} expects a {info.get('kind')} layer at {name}, but this model has "
                                       f"{type(base).__name__}; it was trained for another architecture.")
-        weight = module.unmerged_weight() if isinstance(module, SVDLayer) else base.weight
-        reason = mismatch(info["fingerprint"], weight)
-        if reason is not None:
-            raise SVDAdapterFileError(f"{path} was trained on another base model: module {name} differs ({reason}); "
-                                      "load it into the base model it was trained on.")
+        if info.get("driver") not in ("full", "randomized"):
+            raise SVDAdapterFileError(f"{path} names an unknown decomposition {info.get('driver')!r} for {name}; "
+                                      "upgrade svdiff-tools or re-save the adapter.")
+        _check_fingerprint(path, name, info, module.unmerged_weight() if isinstance(module, SVDLayer)
+                           else base.weight, "module")
         owned |= {k for k in tensors if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
     for name, info in norms.items():
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            raise SVDAdapterFileError(f"{path} adapts norm {name}, which this model does not have; it was trained "
-                                      "for another architecture.") from None
+        module = _module_at(path, model, name, "norm")
         base = module.base_layer if isinstance(module, NormDeltaLayer) else module
         if not is_norm(base):
             raise SVDAdapterFileError(f"{path} expects a norm layer at {name}; it was trained for another "
                                       "architecture.")
-        weight = module.unmerged_weight() if isinstance(module, NormDeltaLayer) else base.weight
-        reason = mismatch(info["fingerprint"], weight)
-        if reason is not None:
-            raise SVDAdapterFileError(f"{path} was trained on another base model: norm {name} differs ({reason}); "
-                                      "load it into the base model it was trained on.")
+        _check_fingerprint(path, name, info, module.unmerged_weight() if isinstance(module, NormDeltaLayer)
+                           else base.weight, "norm")
         key = f"{name}.weight_delta"
         if key not in tensors or list(tensors[key].shape) != list(base.weight.shape):
             raise SVDAdapterFileError(f"{path} lacks a well-shaped {key}; the file is damaged: re-save it.")
