@@ -155,7 +155,9 @@ def export_lora(source: Union[nn.Module, str, os.PathLike], out_path: Optional[U
     report = LoRAExportReport(path=None)
     tensors: Dict[str, torch.Tensor] = {}
     dropped_total = total_sq = 0.0
-    peft_ranks, has_bias, has_hf_conv1d = {}, False, False
+    peft_ranks, has_hf_conv1d = {}, False
+    bias_keys: List[str] = []
+    has_embedding = False
     for lname, layer in adapter_layers(model):
         if isinstance(layer, NormDeltaLayer) and name in layer.weight_deltas:
             report.dropped.append(f"{lname}: norm weight delta (no LoRA form)")
@@ -190,10 +192,16 @@ def export_lora(source: Union[nn.Module, str, os.PathLike], out_path: Optional[U
                 report.dropped.append(f"{lname}: bias delta (kohya LoRA has no bias)")
             else:
                 tensors[f"{prefix}{lname}.lora_B.bias"] = b.contiguous()
-                has_bias = True
+                bias_keys.append(lname)
         tensors.update(layer_tensors)
         peft_ranks[lname] = A.shape[0]
         has_hf_conv1d |= layer.kind.name == "hf_conv1d"
+        has_embedding |= layer.kind.name == "embedding"
+    if key_format == "peft" and bias_keys and has_embedding:  # PEFT's lora_bias rejects Embedding targets
+        for lname in bias_keys:
+            del tensors[f"{prefix}{lname}.lora_B.bias"]
+            report.dropped.append(f"{lname}: bias delta (PEFT cannot combine lora_bias with Embedding targets)")
+        bias_keys = []
     report.overall_error = math.sqrt(dropped_total / total_sq) if total_sq > 0 else 0.0
     if out_path is not None:
         out = Path(out_path)
@@ -203,7 +211,7 @@ def export_lora(source: Union[nn.Module, str, os.PathLike], out_path: Optional[U
                 "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
                 "r": max(peft_ranks.values(), default=1), "lora_alpha": max(peft_ranks.values(), default=1),
                 "target_modules": sorted(peft_ranks), "rank_pattern": peft_ranks, "alpha_pattern": peft_ranks,
-                "lora_dropout": 0.0, "bias": "none", "lora_bias": has_bias, "fan_in_fan_out": has_hf_conv1d,
+                "lora_dropout": 0.0, "bias": "none", "lora_bias": bool(bias_keys), "fan_in_fan_out": has_hf_conv1d,
                 "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
             }
             (out / "adapter_config.json").write_text(json.dumps(config, indent=2))

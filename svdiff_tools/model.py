@@ -155,7 +155,8 @@ def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bo
     if r > S.shape[0]:
         raise SVDTargetError(f"module {plan.name} needs {r} components but its decomposition has {S.shape[0]}.")
     cls = method_class(config.method)
-    method = cls(S[:r].float(), config, plan.kind.out_features, U[:, :r], V[:, :r])
+    out_features = plan.kind.out_features if plan.kind.has_channels_last_bias else None
+    method = cls(S[:r].float(), config, out_features, U[:, :r], V[:, :r])
     method.to(base.weight.device)
     plan.built = (key, basis, method)
 

@@ -24,7 +24,7 @@ except Exception:  # pragma: no cover
 
 class ModuleKind:
     name = "base"
-    has_channels_last_bias = True  # bias adds on the last dim (Linear) or dim 1 (conv)
+    has_channels_last_bias = True  # the layer has a bias slot: last dim (Linear) or dim 1 (conv)
 
     def __init__(self, module: nn.Module):
         self.module = module

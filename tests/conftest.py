@@ -77,6 +77,17 @@ def _tiny_clip():
                                         num_hidden_layers=2, vocab_size=64, max_position_embeddings=16))
 
 
+def _embedding_model():
+    return nn.Sequential(nn.Embedding(30, 12), nn.Linear(12, 8))
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2Model
+
+    return GPT2Model(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=40, n_positions=16,
+                                attn_pdrop=0.0, embd_pdrop=0.0, resid_pdrop=0.0))
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
@@ -95,6 +106,12 @@ MODEL_CASES = [
         "clip_text", _seeded(_tiny_clip), lambda: (torch.randint(0, 64, (2, 7), generator=_gen(5)),),
         "text-encoder", lambda m, x: m(input_ids=x[0]).last_hidden_state,
     ),
+    # nn.Embedding as a target (the token table itself is decomposed)
+    ModelCase("embedding", _seeded(_embedding_model), lambda: (torch.randint(0, 30, (3, 5), generator=_gen(6)),),
+              ["0", "1"]),
+    # transformers' GPT-2 Conv1D layers, which store their weight as (in, out)
+    ModelCase("gpt2_conv1d", _seeded(_tiny_gpt2), lambda: (torch.randint(0, 40, (2, 6), generator=_gen(7)),),
+              "all-linear", lambda m, x: m(input_ids=x[0]).last_hidden_state),
 ]
 
 

@@ -34,12 +34,14 @@ class SpectralMethod(nn.Module):
     name: ClassVar[str] = ""
     diagonal: ClassVar[bool] = True
 
-    def __init__(self, sigma: torch.Tensor, config: SVDAdapterConfig, out_features: int,
+    def __init__(self, sigma: torch.Tensor, config: SVDAdapterConfig, out_features: Optional[int],
                  U: Optional[torch.Tensor] = None, V: Optional[torch.Tensor] = None):
+        """sigma (r,): the adapted singular values; out_features: size of a bias delta (None: the layer has
+        no bias slot, e.g. an Embedding); U (out x r), V (in x r): the basis, for patterns that need it."""
         super().__init__()
         self.rank = int(sigma.shape[0])
         self.register_buffer("sigma", sigma.detach().to(torch.float32).clone(), persistent=False)
-        if config.trains_bias:
+        if config.trains_bias and out_features is not None:
             self.bias_delta = nn.Parameter(torch.zeros(out_features))
         else:
             self.bias_delta = None
