@@ -1,10 +1,14 @@
 """Adapter files: one ``.safetensors`` with the trainable tensors and JSON metadata.
 
-Tensors: ``<module name>.<tensor>`` (``delta``, ``values``/``rows``/``cols`` for SVFT, ``bias_delta``,
-``weight_delta`` for norms). Metadata (all strings): ``format``, ``format_version``, ``adapter_name``,
-``config`` (the full `SVDAdapterConfig`), ``conv_reshape``, ``modules`` (per module: kind, weight shape,
-rank, decomposition driver, base-weight fingerprint), ``norm_modules``, ``library_version`` and any
-``extra`` the caller adds. Loading checks everything before touching the model and never unpickles.
+One file holds one adapter for one model or for several components of a pipeline.
+
+Tensors: ``[<component>.]<module name>.<tensor>`` (``delta``, ``values``/``rows``/``cols`` for SVFT,
+``bias_delta``, ``weight_delta`` for norms); a bare model is the component ``""`` (no prefix).
+Metadata (all strings): ``format``, ``format_version``, ``adapter_name``, ``library_version``,
+``conv_reshape`` and ``components``: JSON ``{component: {"config": the full SVDAdapterConfig, "modules":
+{name: kind, weight shape, rank, decomposition driver and rank, decomposed weight dtype, base-weight
+fingerprint}, "norm_modules": {...}}}``, plus any ``extra`` the caller adds. Loading checks everything
+before touching a model and never unpickles.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -25,8 +30,8 @@ from .config import SVDAdapterConfig
 from .errors import SVDAdapterError, SVDAdapterFileError
 from .fingerprint import fingerprint, mismatch
 from .layer import NormDeltaLayer, SVDLayer
-from .model import (PlannedAdapter, adapter_configs, adapter_layers, adapter_parameters, inject_planned,
-                    remove_adapter)
+from .model import (PlannedAdapter, adapter_configs, adapter_layers, adapter_parameters, attach_planned,
+                    build_planned, remove_adapter)
 from .module_kinds import is_norm, kind_of
 
 FORMAT = "svdiff-tools.adapter"
@@ -49,8 +54,8 @@ def _atomic_save(tensors: Dict[str, torch.Tensor], metadata: Dict[str, str], pat
             os.remove(tmp)
 
 
-def adapter_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
-    """The tensors and metadata `save_adapter` writes, without writing them."""
+def component_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors, metadata entry) of one adapter of one model, as `save_adapter` writes them."""
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise SVDAdapterError(f"the model has no adapter named {adapter_name!r} (it has {list(configs)}).")
@@ -58,34 +63,48 @@ def adapter_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Dict
     for name, layer in adapter_layers(model):
         if isinstance(layer, SVDLayer) and adapter_name in layer.svd_adapters:
             method = layer.svd_adapters[adapter_name]
+            basis = layer.bases[layer.basis_of[adapter_name]]
             for tname, t in method.state_dict().items():
                 tensors[f"{name}.{tname}"] = t.detach().to("cpu").contiguous()
             modules[name] = {
                 "kind": layer.kind.name,
                 "weight_shape": list(layer.base_layer.weight.shape),
                 "rank": method.rank,
-                "driver": layer.bases[layer.basis_of[adapter_name]].driver,
-                "svd_rank": layer.bases[layer.basis_of[adapter_name]].svd_rank,
-                "weight_dtype": str(layer.bases[layer.basis_of[adapter_name]].weight_dtype).replace("torch.", ""),
+                "driver": basis.driver,
+                "svd_rank": basis.svd_rank,
+                "weight_dtype": str(basis.weight_dtype).replace("torch.", ""),
                 "fingerprint": fingerprint(layer.unmerged_weight()),
             }
         elif isinstance(layer, NormDeltaLayer) and adapter_name in layer.weight_deltas:
             tensors[f"{name}.weight_delta"] = layer.weight_deltas[adapter_name].detach().to("cpu").contiguous()
             norms[name] = {"weight_shape": list(layer.base_layer.weight.shape),
                            "fingerprint": fingerprint(layer.unmerged_weight())}
+    return tensors, {"config": configs[adapter_name].to_dict(), "modules": modules, "norm_modules": norms}
+
+
+def write_adapter_file(path: Union[str, os.PathLike], components: Dict[str, Tuple[Dict[str, torch.Tensor], dict]],
+                       adapter_name: str, extra_metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Write ``{component: (tensors, entry)}`` to one file (atomically). ``path`` may be a folder."""
     from . import __version__
 
+    path = Path(path)
+    if path.is_dir() or not path.suffix:
+        path = path / DEFAULT_WEIGHT_NAME
+    tensors = {}
+    for comp, (comp_tensors, _) in components.items():
+        tensors.update({(f"{comp}.{k}" if comp else k): v for k, v in comp_tensors.items()})
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "adapter_name": adapter_name,
-        "config": configs[adapter_name].to_json(),
         "conv_reshape": CONV_RESHAPE,
-        "modules": json.dumps(modules, sort_keys=True),
-        "norm_modules": json.dumps(norms, sort_keys=True),
+        "components": json.dumps({comp: entry for comp, (_, entry) in components.items()}, sort_keys=True),
         "library_version": __version__,
     }
-    return tensors, metadata
+    if extra_metadata:
+        metadata["extra"] = json.dumps(extra_metadata, sort_keys=True)
+    _atomic_save(tensors, metadata, path)
+    return path
 
 
 def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: str = "default",
@@ -94,14 +113,7 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
 
     The file is written to a temporary name and renamed into place, so a crash never leaves half a file.
     """
-    path = Path(path)
-    if path.is_dir() or not path.suffix:
-        path = path / DEFAULT_WEIGHT_NAME
-    tensors, metadata = adapter_state(model, adapter_name)
-    if extra_metadata:
-        metadata["extra"] = json.dumps(extra_metadata, sort_keys=True)
-    _atomic_save(tensors, metadata, path)
-    return path
+    return write_adapter_file(path, {"": component_state(model, adapter_name)}, adapter_name, extra_metadata)
 
 
 # ----------------------------------------------------------------------------------- reading
@@ -132,8 +144,19 @@ def read_adapter_file(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Te
     return tensors, metadata
 
 
-def parse_metadata(path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]):
-    """(config, modules, norms, adapter_name) from an adapter file's metadata, or a clear error."""
+@dataclass
+class ComponentEntry:
+    """One component of an adapter file: its config, module records and (unprefixed) tensors."""
+
+    config: SVDAdapterConfig
+    modules: dict
+    norms: dict
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def parse_components(path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str]
+                     ) -> Tuple[Dict[str, ComponentEntry], str]:
+    """({component: entry}, adapter_name) from an adapter file, or a one-sentence error."""
     if metadata.get("format") != FORMAT:
         if any(("lora_A" in k or "lora_down" in k or "lora_up" in k or "lora_B" in k) for k in tensors):
             raise SVDAdapterFileError(f"{path} is a LoRA file, not an SVD adapter; load it with diffusers' "
@@ -148,14 +171,20 @@ def parse_metadata(path, tensors: Dict[str, torch.Tensor], metadata: Dict[str, s
         raise SVDAdapterFileError(f"{path} has adapter format version {metadata.get('format_version')!r}, but this "
                                   f"svdiff-tools reads version {FORMAT_VERSION}; upgrade svdiff-tools.")
     try:
-        config = SVDAdapterConfig.from_dict(json.loads(metadata["config"]))
-        modules = json.loads(metadata["modules"])
-        norms = json.loads(metadata.get("norm_modules", "{}"))
+        raw = json.loads(metadata["components"])
+        entries = {comp: ComponentEntry(SVDAdapterConfig.from_dict(e["config"]), dict(e["modules"]),
+                                        dict(e.get("norm_modules", {}))) for comp, e in raw.items()}
     except SVDAdapterError:
         raise
     except Exception as exc:
         raise SVDAdapterFileError(f"{path} has damaged metadata ({type(exc).__name__}); re-save the adapter.") from None
-    return config, modules, norms, metadata.get("adapter_name", "default")
+    for key, value in tensors.items():
+        comp = next((c for c in entries if c and key.startswith(c + ".")), "" if "" in entries else None)
+        if comp is None:
+            raise SVDAdapterFileError(f"{path} holds tensor {key} that belongs to no component; the file is damaged "
+                                      "or foreign: re-save it.")
+        entries[comp].tensors[key[len(comp) + 1:] if comp else key] = value
+    return entries, metadata.get("adapter_name", "default")
 
 
 def _module_at(path, model: nn.Module, name: str, what: str) -> nn.Module:
@@ -211,28 +240,26 @@ def _check_against_model(path, model: nn.Module, modules: dict, norms: dict, ten
                                   "damaged or foreign: re-save it.")
 
 
-def _tensor_checker(path, tensors: Dict[str, torch.Tensor]):
-    def check(plans: List[PlannedAdapter]) -> None:
-        for plan in plans:
-            method = plan.built[2]
-            expected = method.state_dict()
-            for tname, t in expected.items():
-                key = f"{plan.name}.{tname}"
-                got = tensors.get(key)
-                if got is None or got.shape != t.shape:
-                    have = None if got is None else list(got.shape)
-                    raise SVDAdapterFileError(f"{path}: tensor {key} has shape {have}, expected {list(t.shape)}; "
-                                              "the file is damaged or for another base model.")
-                if torch.is_floating_point(got) and not torch.isfinite(got).all():
-                    raise SVDAdapterFileError(f"{path}: tensor {key} holds NaN or inf; the training run diverged, "
-                                              "use an earlier checkpoint.")
-            if hasattr(method, "rows"):
-                rows, cols = tensors[f"{plan.name}.rows"], tensors[f"{plan.name}.cols"]
-                if rows.numel() and (int(rows.min()) < 0 or int(max(rows.max(), cols.max())) >= method.rank
-                                     or int(cols.min()) < 0):
-                    raise SVDAdapterFileError(f"{path}: SVFT indices of {plan.name} fall outside its rank "
-                                              f"{method.rank}; the file is damaged.")
-    return check
+def _check_tensors(path, plans: List[PlannedAdapter], tensors: Dict[str, torch.Tensor]) -> None:
+    """The file's tensors against the freshly built methods: present, well-shaped, finite, in range."""
+    for plan in plans:
+        method = plan.built[2]
+        for tname, t in method.state_dict().items():
+            key = f"{plan.name}.{tname}"
+            got = tensors.get(key)
+            if got is None or got.shape != t.shape:
+                have = None if got is None else list(got.shape)
+                raise SVDAdapterFileError(f"{path}: tensor {key} has shape {have}, expected {list(t.shape)}; "
+                                          "the file is damaged or for another base model.")
+            if torch.is_floating_point(got) and not torch.isfinite(got).all():
+                raise SVDAdapterFileError(f"{path}: tensor {key} holds NaN or inf; the training run diverged, "
+                                          "use an earlier checkpoint.")
+        if hasattr(method, "rows"):
+            rows, cols = tensors[f"{plan.name}.rows"], tensors[f"{plan.name}.cols"]
+            if rows.numel() and (min(int(rows.min()), int(cols.min())) < 0
+                                 or max(int(rows.max()), int(cols.max())) >= method.rank):
+                raise SVDAdapterFileError(f"{path}: SVFT indices of {plan.name} fall outside its rank "
+                                          f"{method.rank}; the file is damaged.")
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -254,45 +281,71 @@ def _warn_on_lossy_basis(model: nn.Module, config: SVDAdapterConfig, weight_dtyp
             return
 
 
-def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None, *,
-                 is_trainable: bool = False, **runtime_options) -> str:
-    """Load an adapter file into ``model`` and return the adapter's name.
+@dataclass
+class PreparedLoad:
+    """An adapter checked and built for one model, not yet attached: `commit` attaches it."""
 
-    ``runtime_options`` may override ``svd_dtype``, ``forward_mode`` and ``scale``. Everything is
-    checked (format, architecture, base-model fingerprints, tensor shapes) before the model is touched;
-    on any error the model is left exactly as it was.
-    """
+    model: nn.Module
+    name: str
+    config: SVDAdapterConfig
+    plans: List[PlannedAdapter]
+    entry: ComponentEntry
+    is_trainable: bool
+
+    def commit(self) -> str:
+        attach_planned(self.model, self.plans, self.config, self.name, list(self.entry.norms))
+        try:
+            with torch.no_grad():
+                for plan in self.plans:
+                    method = plan.built[2]
+                    method.load_state_dict({t: self.entry.tensors[f"{plan.name}.{t}"] for t in method.state_dict()})
+                for n in self.entry.norms:
+                    self.model.get_submodule(n).weight_deltas[self.name].copy_(self.entry.tensors[f"{n}.weight_delta"])
+            for p in adapter_parameters(self.model, self.name).values():
+                p.requires_grad_(self.is_trainable)
+        except BaseException:
+            remove_adapter(self.model, self.name)
+            raise
+        return self.name
+
+
+def prepare_load(model: nn.Module, entry: ComponentEntry, name: str, path, runtime_options: dict,
+                 is_trainable: bool = False) -> PreparedLoad:
+    """Every check and every decomposition for loading ``entry`` into ``model``, without touching it."""
     bad = sorted(set(runtime_options) - set(RUNTIME_OPTIONS))
     if bad:
-        raise SVDAdapterError(f"load_adapter() got unknown options {bad}; allowed: {', '.join(RUNTIME_OPTIONS)}.")
-    tensors, metadata = read_adapter_file(path)
-    config, modules, norms, stored_name = parse_metadata(path, tensors, metadata)
-    if runtime_options:
-        config = config.replace(**runtime_options)
-    name = adapter_name or stored_name
+        raise SVDAdapterError(f"load options {bad} are unknown; allowed: {', '.join(RUNTIME_OPTIONS)}.")
+    config = entry.config.replace(**runtime_options) if runtime_options else entry.config
     if name in adapter_configs(model):
         raise SVDAdapterError(f"the model already has an adapter named {name!r}; pass another adapter_name.")
-    _check_against_model(path, model, modules, norms, tensors, name)
-    weight_dtypes = {n: _DTYPES.get(m.get("weight_dtype")) for n, m in modules.items()}
+    _check_against_model(path, model, entry.modules, entry.norms, entry.tensors, name)
+    weight_dtypes = {n: _DTYPES.get(m.get("weight_dtype")) for n, m in entry.modules.items()}
     _warn_on_lossy_basis(model, config, weight_dtypes)
-    plans = inject_planned(
-        model, config, name,
-        ranks={n: int(m["rank"]) for n, m in modules.items()},
-        drivers={n: (m["driver"], m.get("svd_rank")) for n, m in modules.items()},
-        weight_dtypes=weight_dtypes,
-        norms=list(norms),
-        check_built=_tensor_checker(path, tensors),
-    )
-    try:
-        with torch.no_grad():
-            for plan in plans:
-                method = plan.built[2]
-                method.load_state_dict({t: tensors[f"{plan.name}.{t}"] for t in method.state_dict()})
-            for n in norms:
-                model.get_submodule(n).weight_deltas[name].copy_(tensors[f"{n}.weight_delta"])
-        for p in adapter_parameters(model, name).values():
-            p.requires_grad_(is_trainable)
-    except BaseException:
-        remove_adapter(model, name)
-        raise
-    return name
+    plans = build_planned(model, config, name,
+                          ranks={n: int(m["rank"]) for n, m in entry.modules.items()},
+                          drivers={n: (m["driver"], m.get("svd_rank")) for n, m in entry.modules.items()},
+                          weight_dtypes=weight_dtypes)
+    _check_tensors(path, plans, entry.tensors)
+    return PreparedLoad(model, name, config, plans, entry, is_trainable)
+
+
+def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: Optional[str] = None, *,
+                 component: Optional[str] = None, is_trainable: bool = False, **runtime_options) -> str:
+    """Load an adapter file into ``model`` and return the adapter's name.
+
+    ``component`` picks one part of a pipeline adapter file ("unet", "text_encoder", ...).
+    ``runtime_options`` may override ``svd_dtype``, ``forward_mode`` and ``scale``. Everything is checked
+    (format, architecture, base-model fingerprints, tensor shapes) before the model is touched; on any
+    error the model is left exactly as it was.
+    """
+    tensors, metadata = read_adapter_file(path)
+    entries, stored_name = parse_components(path, tensors, metadata)
+    if component is None:
+        if "" not in entries:
+            raise SVDAdapterError(f"{path} is a pipeline adapter with components {sorted(entries)}; load it with "
+                                  "pipe.load_svd_adapter(), or pass component= to load one part.")
+        component = ""
+    elif component not in entries:
+        raise SVDAdapterError(f"{path} has no component {component!r}; it has {sorted(entries)}.")
+    return prepare_load(model, entries[component], adapter_name or stored_name, path, runtime_options,
+                        is_trainable).commit()

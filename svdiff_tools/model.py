@@ -190,21 +190,19 @@ def inject_adapter(model: nn.Module, config: SVDAdapterConfig, adapter_name: str
     Afterwards only this adapter's tensors are trainable (the rest of the model is frozen). Returns
     ``model``. Nothing on the model changes if any target, rank or decomposition fails.
     """
-    inject_planned(model, config, adapter_name)
+    attach_planned(model, build_planned(model, config, adapter_name), config, adapter_name)
     model.requires_grad_(False)
     for p in adapter_parameters(model, adapter_name).values():
         p.requires_grad_(True)
     return model
 
 
-def inject_planned(model: nn.Module, config: SVDAdapterConfig, adapter_name: str, *,
-                   ranks: Optional[Dict[str, int]] = None,
-                   drivers: Optional[Dict[str, Tuple[str, Optional[int]]]] = None,
-                   weight_dtypes: Optional[Dict[str, torch.dtype]] = None,
-                   norms: Optional[List[str]] = None,
-                   check_built: Optional[Callable[[List[PlannedAdapter]], None]] = None) -> List[PlannedAdapter]:
-    """Plan, build (off the model), optionally check, then attach. ``ranks``/``drivers``/``norms`` pin the
-    modules, ranks and decompositions (as recorded in an adapter file)."""
+def build_planned(model: nn.Module, config: SVDAdapterConfig, adapter_name: str, *,
+                  ranks: Optional[Dict[str, int]] = None,
+                  drivers: Optional[Dict[str, Tuple[str, Optional[int]]]] = None,
+                  weight_dtypes: Optional[Dict[str, torch.dtype]] = None) -> List[PlannedAdapter]:
+    """Plan and build every adapter off the model (decompositions included). ``ranks``/``drivers``/
+    ``weight_dtypes`` pin the modules, ranks and decompositions as recorded in an adapter file."""
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise SVDTargetError(f"adapter_name={adapter_name!r} must be a non-empty string without dots.")
     if adapter_name in adapter_configs(model):
@@ -213,8 +211,12 @@ def inject_planned(model: nn.Module, config: SVDAdapterConfig, adapter_name: str
     plans = plan_adapters(model, config, adapter_name, ranks, drivers, weight_dtypes)
     for plan in plans:  # the expensive part, still off the model
         build_adapter(plan, config, fixed_rank=ranks is not None)
-    if check_built is not None:
-        check_built(plans)
+    return plans
+
+
+def attach_planned(model: nn.Module, plans: List[PlannedAdapter], config: SVDAdapterConfig, adapter_name: str,
+                   norms: Optional[List[str]] = None) -> None:
+    """Attach built adapters; on any failure (even an interrupt) the adapter is removed again."""
     try:
         attach(model, plans, config, adapter_name)
         if config.train_norms:
@@ -223,7 +225,6 @@ def inject_planned(model: nn.Module, config: SVDAdapterConfig, adapter_name: str
     except BaseException:
         remove_adapter(model, adapter_name)
         raise
-    return plans
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> Dict[str, nn.Parameter]:

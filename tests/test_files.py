@@ -105,7 +105,7 @@ def test_refusals(saved, tmp_path, case):
     elif case == "version":
         bad, match = _rewrite(path, tmp_path / "v.safetensors", format_version="99"), "upgrade svdiff-tools"
     elif case == "metadata":
-        bad, match = _rewrite(path, tmp_path / "m.safetensors", modules="{not json"), "damaged metadata"
+        bad, match = _rewrite(path, tmp_path / "m.safetensors", components="{not json"), "damaged metadata"
     elif case == "stray":
         bad = _rewrite(path, tmp_path / "s.safetensors", tensors=dict(tensors, **{"conv_in.extra": torch.zeros(1)}))
         match = "holds tensor conv_in.extra that belongs to no adapted module"
@@ -121,7 +121,7 @@ def test_refusals(saved, tmp_path, case):
         bad = _rewrite(path, tmp_path / "i.safetensors", tensors=dict(tensors, **{rows: tensors[rows] + 1000}))
         match = "SVFT indices .* fall outside its rank"
     else:
-        bad, match, kwargs = path, "unknown options \\['rank'\\]", {"rank": 3}
+        bad, match, kwargs = path, "load options \\['rank'\\] are unknown", {"rank": 3}
     with pytest.raises(st.SVDAdapterError, match=match) as info:
         st.load_adapter(target, bad, **kwargs)
     assert "\n" not in str(info.value)
@@ -195,10 +195,10 @@ def test_metadata_is_complete(saved):
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
     assert meta["format"] == "svdiff-tools.adapter" and meta["format_version"] == "1"
-    config = json.loads(meta["config"])
-    assert config["method"] == "svft" and config["svft_pattern"] == "banded"
-    modules = json.loads(meta["modules"])
-    info = modules["down_blocks.0.resnets.0.conv1"]
+    entry = json.loads(meta["components"])[""]
+    assert entry["config"]["method"] == "svft" and entry["config"]["svft_pattern"] == "banded"
+    info = entry["modules"]["down_blocks.0.resnets.0.conv1"]
     assert info["kind"] == "conv" and info["weight_shape"] == [16, 16, 3, 3]
+    assert info["weight_dtype"] == "float32" and info["driver"] == "full"
     assert set(info["fingerprint"]) == {"shape", "norm", "sum", "samples"}
     assert "out_channels, -1" in meta["conv_reshape"]
