@@ -25,3 +25,7 @@ __all__ = [
     "print_trainable_parameters", "remove_adapter", "save_adapter", "set_active_adapters", "set_adapter_scale",
     "unmerge_adapter",
 ]
+
+from . import loaders as _loaders
+
+_loaders.install()  # pipe.load_svd_adapter(...) and friends on every diffusers DiffusionPipeline

@@ -90,7 +90,7 @@ def _layer_tensors(layer: SVDLayer, name: str, B: torch.Tensor, A: torch.Tensor,
     kind = layer.kind
     R = A.shape[0]
     if kind.name == "conv":
-        conv = layer.base_layer
+        conv = layer.base_module
         if conv.groups != 1:
             return {}, f"{name}: grouped convolution (groups={conv.groups}) has no LoRA form"
         nd = len(conv.kernel_size)
@@ -120,18 +120,104 @@ def _pick_adapter(model: nn.Module, adapter_name: Optional[str]) -> str:
     return adapter_name
 
 
-def export_lora(source: Union[nn.Module, str, os.PathLike], out_path: Optional[Union[str, os.PathLike]] = None, *,
-                base: Optional[nn.Module] = None, rank: Optional[int] = None, key_format: str = "diffusers",
-                adapter_name: Optional[str] = None, prefix: Optional[str] = None,
+@dataclass
+class _Collected:
+    tensors: Dict[str, torch.Tensor] = field(default_factory=dict)
+    peft_ranks: Dict[str, int] = field(default_factory=dict)
+    bias_keys: List[str] = field(default_factory=list)
+    has_hf_conv1d: bool = False
+    has_embedding: bool = False
+    total_sq: float = 0.0
+    dropped_sq: float = 0.0
+
+
+def _collect(model: nn.Module, name: str, rank: Optional[int], key_format: str, prefix: str, dtype: torch.dtype,
+             report: LoRAExportReport, out: _Collected, label: str = "") -> None:
+    """Add one model's LoRA tensors (keys start with ``prefix``) to ``out`` and its rows to ``report``."""
+    for lname, layer in adapter_layers(model):
+        shown = label + lname
+        if isinstance(layer, NormDeltaLayer) and name in layer.weight_deltas:
+            report.dropped.append(f"{shown}: norm weight delta (no LoRA form)")
+            continue
+        if not (isinstance(layer, SVDLayer) and name in layer.svd_adapters):
+            continue
+        B, A, lam, R = lora_factors(layer, name, rank)
+        sq = float(lam.pow(2).sum())
+        out.total_sq += sq
+        bias = layer.svd_adapters[name].bias()
+        if R == 0 and (bias is None or key_format == "kohya"):
+            report.ranks[shown], report.errors[shown] = 0, 0.0
+            if bias is not None:
+                report.dropped.append(f"{shown}: bias delta (kohya LoRA has no bias)")
+            continue
+        if R == 0:  # only a bias delta: a rank-1 pair of zeros carries it
+            B = torch.zeros(B.shape[0], 1, dtype=B.dtype)
+            A = torch.zeros(1, A.shape[1], dtype=A.dtype)
+        layer_tensors, dropped = _layer_tensors(layer, lname, B, A, key_format, prefix, dtype)
+        if dropped:
+            report.dropped.append(label + dropped)
+            R = 0
+        dropped_sq = float(lam[R:].pow(2).sum())
+        out.dropped_sq += dropped_sq
+        report.ranks[shown] = R
+        report.errors[shown] = math.sqrt(dropped_sq / sq) if sq > 0 else 0.0
+        if dropped:
+            continue
+        if bias is not None:
+            b = (bias.detach().double() * layer.scales[name]).to(dtype)
+            if key_format == "kohya":
+                report.dropped.append(f"{shown}: bias delta (kohya LoRA has no bias)")
+            else:
+                out.tensors[f"{prefix}{lname}.lora_B.bias"] = b.contiguous()
+                out.bias_keys.append(f"{prefix}{lname}.lora_B.bias")
+        out.tensors.update(layer_tensors)
+        out.peft_ranks[lname] = A.shape[0]
+        out.has_hf_conv1d |= layer.kind.name == "hf_conv1d"
+        out.has_embedding |= layer.kind.name == "embedding"
+
+
+def _pipeline_prefix(pipe, component: str, model: nn.Module, key_format: str) -> str:
+    if key_format == "diffusers":
+        return component + "."
+    if component in ("unet", "transformer"):
+        return "lora_unet_" if component == "unet" else "lora_transformer_"
+    te = {"text_encoder": "lora_te1_" if getattr(pipe, "text_encoder_2", None) is not None else "lora_te_",
+          "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}[component]
+    return te + ("text_model_" if "CLIPText" in type(model).__name__ and not hasattr(model, "text_model") else "")
+
+
+def _pad_kohya_to_uniform_rank(tensors: Dict[str, torch.Tensor]) -> None:
+    """Zero-pad every pair to the largest rank R with alpha = R, so the LoRA scaling alpha/rank is 1 whatever
+    alpha a consumer falls back to (diffusers' kohya conversion drops some SD 1.5 attn2 alphas)."""
+    downs = [k for k in tensors if k.endswith(".lora_down.weight")]
+    R = max((tensors[k].shape[0] for k in downs), default=0)
+    for k in downs:
+        stem = k[: -len(".lora_down.weight")]
+        down, up = tensors[k], tensors[f"{stem}.lora_up.weight"]
+        pad = R - down.shape[0]
+        if pad:
+            tensors[k] = torch.cat([down, down.new_zeros((pad,) + tuple(down.shape[1:]))])
+            tensors[f"{stem}.lora_up.weight"] = torch.cat([up, up.new_zeros((up.shape[0], pad) + tuple(up.shape[2:]))], 1)
+        tensors[f"{stem}.alpha"] = torch.tensor(float(R), dtype=tensors[f"{stem}.alpha"].dtype)
+
+
+def _is_pipeline(obj) -> bool:
+    return hasattr(obj, "components") and hasattr(obj, "load_svd_adapter") and not isinstance(obj, nn.Module)
+
+
+def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, base=None, rank: Optional[int] = None,
+                key_format: str = "diffusers", adapter_name: Optional[str] = None, prefix: Optional[str] = None,
                 dtype: torch.dtype = torch.float32) -> LoRAExportReport:
     """Write an SVD adapter as a LoRA file and return the per-layer report.
 
-    source:     an adapted model, or an adapter file (then ``base`` is the model it was trained on).
+    source:     an adapted model, an adapted diffusers pipeline (one file, component prefixes), or an adapter
+                file (then ``base`` is the model or pipeline it was trained on; it is left as it was).
     rank:       None = exact (each layer's numerical rank); an int truncates optimally.
-    key_format: "diffusers" (``<prefix><module>.lora_A.weight``; prefix "unet."/"text_encoder." guessed from
-                the model class), "peft" (a folder with adapter_config.json when ``out_path`` has no suffix,
-                loadable with ``PeftModel.from_pretrained``), or "kohya" (``lora_unet_*``/``lora_te_*`` with
-                ``lora_down``/``lora_up``/``alpha`` for A1111 and ComfyUI).
+    key_format: "diffusers" (``<component>.<module>.lora_A.weight``; for a bare model the prefix "unet."/
+                "text_encoder." is guessed from its class), "peft" (a folder with adapter_config.json when
+                ``out_path`` has no suffix, loadable with ``PeftModel.from_pretrained``), or "kohya"
+                (``lora_unet_*``, ``lora_te_*``/``lora_te1_*``/``lora_te2_*`` with ``lora_down``/``lora_up``/
+                ``alpha``, for A1111 and ComfyUI).
     VectorFit bias deltas are written as ``lora_B.bias`` (diffusers/peft, PEFT's ``lora_bias``) and reported
     as dropped for kohya; norm deltas (SVDiff's 1-D recipe) have no LoRA form and are reported as dropped.
     """
@@ -139,86 +225,71 @@ def export_lora(source: Union[nn.Module, str, os.PathLike], out_path: Optional[U
         raise SVDAdapterError(f"key_format={key_format!r} is not supported; choose one of {', '.join(KEY_FORMATS)}.")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise SVDAdapterError(f"rank={rank!r} must be None (exact) or a positive int.")
-    if not isinstance(source, nn.Module):
+    if not isinstance(source, nn.Module) and not _is_pipeline(source):
         if base is None:
-            raise SVDAdapterError("exporting an adapter file needs base=<the model it was trained on>.")
+            raise SVDAdapterError("exporting an adapter file needs base=<the model or pipeline it was trained on>.")
         tmp_name = "svdiff_tools_export"
-        load_adapter(base, source, adapter_name=tmp_name)
+        if _is_pipeline(base):
+            base.load_svd_adapter(source, adapter_name=tmp_name)
+        else:
+            load_adapter(base, source, adapter_name=tmp_name)
         try:
             return export_lora(base, out_path, rank=rank, key_format=key_format, adapter_name=tmp_name,
                                prefix=prefix, dtype=dtype)
         finally:
-            remove_adapter(base, tmp_name)
-    model = source
-    name = _pick_adapter(model, adapter_name)
-    prefix = _default_prefix(model, key_format) if prefix is None else prefix
-    report = LoRAExportReport(path=None)
-    tensors: Dict[str, torch.Tensor] = {}
-    dropped_total = total_sq = 0.0
-    peft_ranks, has_hf_conv1d = {}, False
-    bias_keys: List[str] = []
-    has_embedding = False
-    for lname, layer in adapter_layers(model):
-        if isinstance(layer, NormDeltaLayer) and name in layer.weight_deltas:
-            report.dropped.append(f"{lname}: norm weight delta (no LoRA form)")
-            continue
-        if not (isinstance(layer, SVDLayer) and name in layer.svd_adapters):
-            continue
-        B, A, lam, R = lora_factors(layer, name, rank)
-        sq = float(lam.pow(2).sum())
-        total_sq += sq
-        bias = layer.svd_adapters[name].bias()
-        if R == 0 and (bias is None or key_format == "kohya"):
-            report.ranks[lname], report.errors[lname] = 0, 0.0
-            if bias is not None:
-                report.dropped.append(f"{lname}: bias delta (kohya LoRA has no bias)")
-            continue
-        if R == 0:  # only a bias delta: a rank-1 pair of zeros carries it
-            B = torch.zeros(B.shape[0], 1, dtype=B.dtype)
-            A = torch.zeros(1, A.shape[1], dtype=A.dtype)
-        layer_tensors, dropped = _layer_tensors(layer, lname, B, A, key_format, prefix, dtype)
-        if dropped:
-            report.dropped.append(dropped)
-            R = 0
-        dropped_sq = float(lam[R:].pow(2).sum())
-        dropped_total += dropped_sq
-        report.ranks[lname] = R
-        report.errors[lname] = math.sqrt(dropped_sq / sq) if sq > 0 else 0.0
-        if dropped:
-            continue
-        if bias is not None:
-            b = (bias.detach().double() * layer.scales[name]).to(dtype)
-            if key_format == "kohya":
-                report.dropped.append(f"{lname}: bias delta (kohya LoRA has no bias)")
+            if _is_pipeline(base):
+                base.delete_svd_adapters(tmp_name)
             else:
-                tensors[f"{prefix}{lname}.lora_B.bias"] = b.contiguous()
-                bias_keys.append(lname)
-        tensors.update(layer_tensors)
-        peft_ranks[lname] = A.shape[0]
-        has_hf_conv1d |= layer.kind.name == "hf_conv1d"
-        has_embedding |= layer.kind.name == "embedding"
-    if key_format == "peft" and bias_keys and has_embedding:  # PEFT's lora_bias rejects Embedding targets
-        for lname in bias_keys:
-            del tensors[f"{prefix}{lname}.lora_B.bias"]
-            report.dropped.append(f"{lname}: bias delta (PEFT cannot combine lora_bias with Embedding targets)")
-        bias_keys = []
-    report.overall_error = math.sqrt(dropped_total / total_sq) if total_sq > 0 else 0.0
+                remove_adapter(base, tmp_name)
+    report = LoRAExportReport(path=None)
+    out = _Collected()
+    if _is_pipeline(source):
+        if key_format == "peft":
+            raise SVDAdapterError("a pipeline exports as key_format='diffusers' or 'kohya'; 'peft' is per model.")
+        from .loaders import pipeline_components
+
+        parts = {c: m for c, m in pipeline_components(source).items() if adapter_configs(m)}
+        names = {n for m in parts.values() for n in adapter_configs(m)}
+        name = adapter_name or (next(iter(names)) if len(names) == 1 else None)
+        if name is None or name not in names:
+            raise SVDAdapterError(f"the pipeline has SVD adapters {sorted(names)}; pass adapter_name= to choose one.")
+        for comp, model in parts.items():
+            if name in adapter_configs(model):
+                _collect(model, name, rank, key_format, _pipeline_prefix(source, comp, model, key_format), dtype,
+                         report, out, label=f"{comp}.")
+        method = next(adapter_configs(m)[name].method for m in parts.values() if name in adapter_configs(m))
+    else:
+        model = source
+        name = _pick_adapter(model, adapter_name)
+        prefix = _default_prefix(model, key_format) if prefix is None else prefix
+        _collect(model, name, rank, key_format, prefix, dtype, report, out)
+        method = adapter_configs(model)[name].method
+    if key_format == "peft" and out.bias_keys and out.has_embedding:  # PEFT's lora_bias rejects Embedding targets
+        for key in out.bias_keys:
+            del out.tensors[key]
+            module = key[len(prefix):-len(".lora_B.bias")]
+            report.dropped.append(f"{module}: bias delta (PEFT cannot combine lora_bias with Embedding targets)")
+        out.bias_keys = []
+    if key_format == "kohya":
+        _pad_kohya_to_uniform_rank(out.tensors)
+    report.overall_error = math.sqrt(out.dropped_sq / out.total_sq) if out.total_sq > 0 else 0.0
     if out_path is not None:
-        out = Path(out_path)
-        if key_format == "peft" and not out.suffix:
-            out.mkdir(parents=True, exist_ok=True)
+        path = Path(out_path)
+        if key_format == "peft" and not path.suffix:
+            path.mkdir(parents=True, exist_ok=True)
+            ranks = out.peft_ranks
             config = {
                 "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
-                "r": max(peft_ranks.values(), default=1), "lora_alpha": max(peft_ranks.values(), default=1),
-                "target_modules": sorted(peft_ranks), "rank_pattern": peft_ranks, "alpha_pattern": peft_ranks,
-                "lora_dropout": 0.0, "bias": "none", "lora_bias": bool(bias_keys), "fan_in_fan_out": has_hf_conv1d,
-                "init_lora_weights": True, "use_dora": False, "modules_to_save": None,
+                "r": max(ranks.values(), default=1), "lora_alpha": max(ranks.values(), default=1),
+                "target_modules": sorted(ranks), "rank_pattern": ranks, "alpha_pattern": ranks,
+                "lora_dropout": 0.0, "bias": "none", "lora_bias": bool(out.bias_keys),
+                "fan_in_fan_out": out.has_hf_conv1d, "init_lora_weights": True, "use_dora": False,
+                "modules_to_save": None,
             }
-            (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
-            out = out / "adapter_model.safetensors"
+            (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            path = path / "adapter_model.safetensors"
         metadata = {"format": "pt", "svdiff_tools_export": json.dumps(
-            {"source_method": adapter_configs(model)[name].method, "rank": rank,
-             "overall_relative_error": report.overall_error})}
-        _atomic_save(tensors, metadata, out)
-        report.path = out
+            {"source_method": method, "rank": rank, "overall_relative_error": report.overall_error})}
+        _atomic_save(out.tensors, metadata, path)
+        report.path = path
     return report

@@ -68,7 +68,7 @@ def component_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Di
                 tensors[f"{name}.{tname}"] = t.detach().to("cpu").contiguous()
             modules[name] = {
                 "kind": layer.kind.name,
-                "weight_shape": list(layer.base_layer.weight.shape),
+                "weight_shape": list(layer.base_module.weight.shape),
                 "rank": method.rank,
                 "driver": basis.driver,
                 "svd_rank": basis.svd_rank,
@@ -77,7 +77,7 @@ def component_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Di
             }
         elif isinstance(layer, NormDeltaLayer) and adapter_name in layer.weight_deltas:
             tensors[f"{name}.weight_delta"] = layer.weight_deltas[adapter_name].detach().to("cpu").contiguous()
-            norms[name] = {"weight_shape": list(layer.base_layer.weight.shape),
+            norms[name] = {"weight_shape": list(layer.base_module.weight.shape),
                            "fingerprint": fingerprint(layer.unmerged_weight())}
     return tensors, {"config": configs[adapter_name].to_dict(), "modules": modules, "norm_modules": norms}
 
@@ -211,7 +211,7 @@ def _check_against_model(path, model: nn.Module, modules: dict, norms: dict, ten
         if isinstance(module, SVDLayer) and adapter_name in module.svd_adapters:
             raise SVDAdapterError(f"module {name} already has an adapter named {adapter_name!r}; "
                                   "pass another adapter_name.")
-        base = module.base_layer if isinstance(module, (SVDLayer, NormDeltaLayer)) else module
+        base = module.base_module if isinstance(module, (SVDLayer, NormDeltaLayer)) else module
         kind = kind_of(base)
         if kind is None or kind.name != info.get("kind"):
             raise SVDAdapterFileError(f"{path} expects a {info.get('kind')} layer at {name}, but this model has "
@@ -224,7 +224,7 @@ def _check_against_model(path, model: nn.Module, modules: dict, norms: dict, ten
         owned |= {k for k in tensors if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
     for name, info in norms.items():
         module = _module_at(path, model, name, "norm")
-        base = module.base_layer if isinstance(module, NormDeltaLayer) else module
+        base = module.base_module if isinstance(module, NormDeltaLayer) else module
         if not is_norm(base):
             raise SVDAdapterFileError(f"{path} expects a norm layer at {name}; it was trained for another "
                                       "architecture.")
@@ -272,7 +272,7 @@ def _warn_on_lossy_basis(model: nn.Module, config: SVDAdapterConfig, weight_dtyp
         return
     for name, trained in weight_dtypes.items():
         module = model.get_submodule(name)
-        weight = getattr(module, "base_layer", module).weight
+        weight = getattr(module, "base_module", module).weight
         if trained is not None and torch.finfo(weight.dtype).eps > torch.finfo(trained).eps:
             logger.warning("adapter was trained on %s weights but %s is %s: its off-diagonal SVFT entries act on a "
                            "slightly rotated basis; load the model in %s for exact outputs.",

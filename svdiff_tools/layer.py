@@ -40,6 +40,12 @@ class SVDBasis(nn.Module):
         self.register_buffer("V", V, persistent=False)
 
 
+# PEFT's tuner-layer protocol: diffusers and PEFT probe for these names (``hasattr(m, "base_layer")``) to find
+# LoRA layers. Delegating them to a LoRA layer inside our wrapper would make them treat ours as theirs.
+NOT_DELEGATED = frozenset({"base_module", "base_layer", "get_base_layer", "lora_A", "lora_B", "scaling",
+                           "merged_adapters", "active_adapter", "disable_adapters"})
+
+
 class AdapterLayerMixin:
     """Bookkeeping shared by the adapter layers: scales, active set, merged set, enable/disable.
 
@@ -47,21 +53,22 @@ class AdapterLayerMixin:
     reads ``layer.weight``, ``layer.in_features`` or ``conv.kernel_size`` keeps working.
     """
 
-    def _init_bookkeeping(self, base_layer: nn.Module) -> None:
-        self.base_layer = base_layer
+    def _init_bookkeeping(self, base_module: nn.Module) -> None:
+        self.base_module = base_module
         self.scales: Dict[str, float] = {}
         self.active_adapters: List[str] = []
         self.merged: Dict[str, float] = {}  # name -> scale it was merged with
         self.adapters_disabled = False
+        self.call_scale = 1.0  # per-call multiplier (diffusers' cross_attention_kwargs={"scale": s})
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             modules = self.__dict__.get("_modules", {})
-            if name == "base_layer" or "base_layer" not in modules:
+            if name in NOT_DELEGATED or "base_module" not in modules:
                 raise
-            return getattr(modules["base_layer"], name)
+            return getattr(modules["base_module"], name)
 
     @property
     def adapter_names(self) -> List[str]:
@@ -69,7 +76,7 @@ class AdapterLayerMixin:
 
     def unmerged_weight(self) -> torch.Tensor:
         """The base weight without any merged adapter (what fingerprints describe)."""
-        W = self.base_layer.weight
+        W = self.base_module.weight
         if not self.merged:
             return W
         return W.detach().float() - self._merged_weight_delta()
@@ -78,6 +85,10 @@ class AdapterLayerMixin:
         if self.adapters_disabled:
             return []
         return [n for n in self.active_adapters if n not in self.merged and self.scales[n] != 0.0]
+
+    def live_scales(self) -> Dict[str, float]:
+        """Scale of each live adapter for this call: its own scale times the per-call multiplier."""
+        return {n: self.scales[n] * self.call_scale for n in self.live_adapters()}
 
     def set_scale(self, name: str, scale: float) -> None:
         if name in self.scales:
@@ -104,9 +115,9 @@ class AdapterLayerMixin:
 class SVDLayer(AdapterLayerMixin, nn.Module):
     """A frozen Linear/Conv/Embedding plus named spectral adapters (see module docstring)."""
 
-    def __init__(self, base_layer: nn.Module, kind: ModuleKind):
+    def __init__(self, base_module: nn.Module, kind: ModuleKind):
         nn.Module.__init__(self)
-        self._init_bookkeeping(base_layer)
+        self._init_bookkeeping(base_module)
         self.kind = kind
         self.svd_adapters = nn.ModuleDict()
         self.bases = nn.ModuleDict()
@@ -153,7 +164,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
             term = self.svd_adapters[name].mul_right(U) @ V.mT * scales[name]
             total = term if total is None else total + term
         if total is None:
-            w = self.kind.matrix(self.base_layer.weight)
+            w = self.kind.matrix(self.base_module.weight)
             total = torch.zeros(w.shape, dtype=dtype or w.dtype, device=w.device)
         return total
 
@@ -184,23 +195,28 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         return factored < recompose
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        names = self.live_adapters()
+        scales = self.live_scales()
+        names = list(scales)
         if not names:
-            return self.base_layer(x, *args, **kwargs)
-        base = self.base_layer
-        bias_delta = self.delta_bias(names)
+            return self.base_module(x, *args, **kwargs)
+        base = self.base_module
+        bias_delta = self.delta_bias(names, scales)
         if self._use_factored(x, names):
             y = base(x, *args, **kwargs)
             for name in names:
                 U, V = self.factors(name)
                 z = self.kind.channels_last(self.kind.project_in(x, V))
-                z = self.svd_adapters[name].mul_right_t(z) * self.scales[name]
+                z = self.svd_adapters[name].mul_right_t(z) * scales[name]
                 y = y + self.kind.project_out(self.kind.channels_back(z), U)
             if bias_delta is not None:
                 y = self.kind.add_bias(y, bias_delta.to(y.dtype))
             return y
-        W = base.weight
-        delta = self.delta_matrix(names, dtype=self.bases[self.basis_of[names[0]]].U.dtype)
+        W = self.kind.module.weight
+        delta = self.delta_matrix(names, scales, dtype=self.bases[self.basis_of[names[0]]].U.dtype)
+        if self.kind.stacked:  # a LoRA layer underneath: add our term to its output, f(x; D) is linear in D
+            extra = None if bias_delta is None else bias_delta.to(W.dtype)
+            return base(x, *args, **kwargs) + self.kind.forward(x, self.kind.weight_from_matrix(delta).to(W.dtype),
+                                                                extra)
         weight = W + self.kind.weight_from_matrix(delta).to(W.dtype)
         bias = getattr(base, "bias", None)
         if bias_delta is not None:
@@ -209,12 +225,13 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
 
     # --- merge --------------------------------------------------------------------------------
     @torch.no_grad()
-    def merge(self, names: Optional[Iterable[str]] = None) -> List[str]:
-        """``W += scale * U M V^T`` (in float32, then cast back) for each named adapter."""
+    def merge(self, names: Optional[Iterable[str]] = None, factor: float = 1.0) -> List[str]:
+        """``W += factor * scale * U M V^T`` (in float32, then cast back) for each named adapter."""
         done = []
         for name in self._merge_names(names):
-            self._add_to_weight(name, self.scales[name], +1.0)
-            self.merged[name] = self.scales[name]
+            scale = self.scales[name] * factor
+            self._add_to_weight(name, scale, +1.0)
+            self.merged[name] = scale
             done.append(name)
         return done
 
@@ -226,7 +243,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
             self._add_to_weight(name, self.merged.pop(name), -1.0)
             done.append(name)
         if not self.merged and getattr(self, "_created_bias", False):
-            self.base_layer.bias = None  # the base had no bias: put it back exactly as it was
+            self.kind.module.bias = None  # the base had no bias: put it back exactly as it was
             self._created_bias = False
         return done
 
@@ -234,13 +251,13 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         return self.kind.weight_from_matrix(self.delta_matrix(list(self.merged), self.merged, torch.float32))
 
     def _add_to_weight(self, name: str, scale: float, sign: float) -> None:
-        W = self.base_layer.weight
+        W = self.kind.module.weight
         delta = self.delta_matrix([name], {name: scale}, dtype=torch.float32)
         new = W.detach().float() + sign * self.kind.weight_from_matrix(delta)
         W.data.copy_(new.to(W.dtype))
         bias = self.delta_bias([name], {name: scale})
         if bias is not None:
-            base = self.base_layer
+            base = self.kind.module
             if base.bias is None:
                 base.bias = nn.Parameter(torch.zeros(bias.shape, dtype=W.dtype, device=W.device),
                                          requires_grad=False)
@@ -251,13 +268,13 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
 class NormDeltaLayer(AdapterLayerMixin, nn.Module):
     """LayerNorm / GroupNorm with additive, per-adapter deltas on its weight (gamma)."""
 
-    def __init__(self, base_layer: nn.Module):
+    def __init__(self, base_module: nn.Module):
         nn.Module.__init__(self)
-        self._init_bookkeeping(base_layer)
+        self._init_bookkeeping(base_module)
         self.weight_deltas = nn.ParameterDict()
 
     def add_adapter(self, name: str, scale: float = 1.0) -> None:
-        w = self.base_layer.weight
+        w = self.base_module.weight
         self.weight_deltas[name] = nn.Parameter(torch.zeros(w.shape, device=w.device))
         self.scales[name] = float(scale)
         self.active_adapters.append(name)
@@ -276,8 +293,9 @@ class NormDeltaLayer(AdapterLayerMixin, nn.Module):
         return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        delta = self._delta(self.live_adapters())
-        base = self.base_layer
+        scales = self.live_scales()
+        delta = self._delta(list(scales), scales)
+        base = self.base_module
         if delta is None:
             return base(x)
         weight = base.weight + delta.to(base.weight.dtype)
@@ -286,11 +304,11 @@ class NormDeltaLayer(AdapterLayerMixin, nn.Module):
         return F.layer_norm(x, base.normalized_shape, weight, base.bias, base.eps)
 
     @torch.no_grad()
-    def merge(self, names=None) -> List[str]:
+    def merge(self, names=None, factor: float = 1.0) -> List[str]:
         done = self._merge_names(names)
         for n in done:
-            self._shift(self._delta([n]), +1.0)
-            self.merged[n] = self.scales[n]
+            self.merged[n] = self.scales[n] * factor
+            self._shift(self._delta([n], self.merged), +1.0)
         return done
 
     @torch.no_grad()
@@ -304,5 +322,5 @@ class NormDeltaLayer(AdapterLayerMixin, nn.Module):
         return self._delta(list(self.merged), self.merged).detach().float()
 
     def _shift(self, delta: torch.Tensor, sign: float) -> None:
-        w = self.base_layer.weight
+        w = self.base_module.weight
         w.data.copy_((w.detach().float() + sign * delta.detach().float()).to(w.dtype))

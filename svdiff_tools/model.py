@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from . import call_scale
 from . import decomposition as dec
 from .config import SVDAdapterConfig
 from .errors import SVDTargetError
@@ -39,7 +40,7 @@ def adapter_configs(model: nn.Module) -> Dict[str, SVDAdapterConfig]:
 
 
 def _base(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdapterLayerMixin) else module
+    return module.base_module if isinstance(module, AdapterLayerMixin) else module
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -225,6 +226,8 @@ def attach_planned(model: nn.Module, plans: List[PlannedAdapter], config: SVDAda
     except BaseException:
         remove_adapter(model, adapter_name)
         raise
+    if call_scale.is_diffusers_model(model):
+        call_scale.install_model_hooks(model)
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> Dict[str, nn.Parameter]:
@@ -253,11 +256,12 @@ def _names(model: nn.Module, adapter_names) -> Optional[List[str]]:
     return names
 
 
-def merge_adapter(model: nn.Module, adapter_names=None) -> None:
-    """``W += scale * U M V^T`` for the named (default: active) adapters; inference then costs nothing."""
+def merge_adapter(model: nn.Module, adapter_names=None, scale: float = 1.0) -> None:
+    """``W += scale * adapter_scale * U M V^T`` for the named (default: active) adapters; inference then
+    costs nothing. `unmerge_adapter` subtracts exactly what was added."""
     names = _names(model, adapter_names)
     for _, layer in adapter_layers(model):
-        layer.merge(names)
+        layer.merge(names, factor=scale)
 
 
 def unmerge_adapter(model: nn.Module, adapter_names=None) -> None:
@@ -275,10 +279,12 @@ def remove_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> None
             layer.remove_adapter(n)
         if not layer.scales:
             layer.unmerge()
-            _replace(model, name, layer.base_layer)
+            _replace(model, name, layer.base_module)
     configs = adapter_configs(model)
     for n in (names if names is not None else list(configs)):
         configs.pop(n, None)
+    if not configs:
+        call_scale.remove_model_hooks(model)
 
 
 def set_adapter_scale(model: nn.Module, adapter_name: str, scale: float) -> None:

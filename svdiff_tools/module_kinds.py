@@ -25,6 +25,7 @@ except Exception:  # pragma: no cover
 class ModuleKind:
     name = "base"
     has_channels_last_bias = True  # the layer has a bias slot: last dim (Linear) or dim 1 (conv)
+    stacked = False  # the wrapped module is a PEFT tuner layer around the real one
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -171,17 +172,34 @@ class EmbeddingKind(ModuleKind):
         return F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
 
 
+def _peft_base(module: nn.Module) -> nn.Module:
+    """The plain layer inside a PEFT tuner layer (a LoRA loaded with ``load_lora_weights``), else itself."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except Exception:  # pragma: no cover
+        return module
+    return module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+
+
 def kind_of(module: nn.Module) -> Optional[ModuleKind]:
-    """The `ModuleKind` for a supported module, else None."""
-    if isinstance(module, nn.Linear):
-        return LinearKind(module)
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return ConvKind(module)
-    if isinstance(module, nn.Embedding):
-        return EmbeddingKind(module)
-    if HFConv1D is not None and isinstance(module, HFConv1D):
-        return HFConv1DKind(module)
-    return None
+    """The `ModuleKind` for a supported module (seen through a PEFT LoRA layer), else None.
+
+    ``kind.stacked`` is True when ``module`` is such a tuner layer: its output is more than ``x W^T``, so an
+    adapter on top must add its own term instead of replacing the weight.
+    """
+    inner = _peft_base(module)
+    if isinstance(inner, nn.Linear):
+        kind = LinearKind(inner)
+    elif isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        kind = ConvKind(inner)
+    elif isinstance(inner, nn.Embedding):
+        kind = EmbeddingKind(inner)
+    elif HFConv1D is not None and isinstance(inner, HFConv1D):
+        kind = HFConv1DKind(inner)
+    else:
+        return None
+    kind.stacked = inner is not module
+    return kind
 
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)

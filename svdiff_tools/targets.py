@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Iterable, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Tuple, Union
 
 from torch import nn
 
@@ -40,15 +40,31 @@ def _matches(name: str, spec: Union[str, List[str]]) -> bool:
     return any(name == t or name.endswith("." + t) for t in spec)
 
 
-def adaptable_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """(name, module) of every supported module, seeing an `SVDLayer` as the module it wraps."""
-    out = []
+def _is_wrapper(module: nn.Module) -> bool:
+    """Our adapter layers and PEFT tuner layers (a LoRA from ``load_lora_weights``) hide their insides."""
+    if isinstance(module, AdapterLayerMixin):
+        return True
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(module, BaseTunerLayer)
+
+
+def outer_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """``named_modules()`` without the insides of adapter wrappers (their base layers, LoRA matrices)."""
+    hidden: List[str] = []
     for name, module in model.named_modules():
-        if ".base_layer" in f".{name}." or name.endswith("base_layer"):
+        if any(name.startswith(h + ".") for h in hidden):
             continue
-        if isinstance(module, SVDLayer) or kind_of(module) is not None:
-            out.append((name, module))
-    return out
+        if _is_wrapper(module):
+            hidden.append(name)
+        yield name, module
+
+
+def adaptable_modules(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """(name, module) of every supported module, seeing wrappers as the module they wrap."""
+    return [(n, m) for n, m in outer_modules(model) if isinstance(m, SVDLayer) or kind_of(m) is not None]
 
 
 def _output_head_names(model: nn.Module) -> set:
@@ -66,7 +82,7 @@ def _output_head_names(model: nn.Module) -> set:
 
 
 def _base_of(module: nn.Module) -> nn.Module:
-    return module.base_layer if isinstance(module, AdapterLayerMixin) else module
+    return module.base_module if isinstance(module, AdapterLayerMixin) else module
 
 
 def _nearest(spec: Union[str, List[str]], names: Iterable[str]) -> str:
@@ -118,9 +134,7 @@ def resolve_targets(model: nn.Module, target_modules, exclude_modules=None) -> L
 def norm_modules(model: nn.Module, exclude_modules=None) -> List[Tuple[str, nn.Module]]:
     """Every LayerNorm/GroupNorm with an affine weight (SVDiff's 1-D deltas), seeing wrappers through."""
     out = []
-    for name, module in model.named_modules():
-        if ".base_layer" in f".{name}." or name.endswith("base_layer"):
-            continue
+    for name, module in outer_modules(model):
         if is_norm(_base_of(module)):
             if exclude_modules and _matches(name, exclude_modules if isinstance(exclude_modules, str)
                                             else list(exclude_modules)):

@@ -61,7 +61,7 @@ def delta64(layer: SVDLayer, adapter_name: str, scale: float | None = None) -> t
     """scale * U_S M V_S^T in float64 for one adapted layer."""
     method = layer.svd_adapters[adapter_name]
     scale = layer.scales[adapter_name] if scale is None else scale
-    U, S, V = canonical_svd64(weight_matrix(layer.base_layer))
+    U, S, V = canonical_svd64(weight_matrix(layer.base_module))
     r = method.rank
     return scale * U[:, :r] @ middle64(method, S) @ V[:, :r].T
 

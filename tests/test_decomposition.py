@@ -68,7 +68,7 @@ def test_auto_driver_picks_randomized_for_small_top_r_and_records_it(tmp_path):
     assert layer.bases[layer.basis_of["default"]].driver == "randomized"
     randomize_adapter(model)
     path = st.save_adapter(model, tmp_path / "a.safetensors")
-    fresh = nn.Sequential(copy.deepcopy(layer.base_layer))
+    fresh = nn.Sequential(copy.deepcopy(layer.base_module))
     st.load_adapter(fresh, path)
     x = torch.randn(3, 64)
     assert torch.equal(fresh(x), model(x))
@@ -92,7 +92,7 @@ def test_rank_deficient_weights_are_masked():
     assert torch.isfinite(out).all()
     # the update stays inside the weight's row and column spaces
     D = model[0].delta_matrix(["default"]).detach().double()
-    W = model[0].base_layer.weight.detach().double()
+    W = model[0].base_module.weight.detach().double()
     P = torch.linalg.pinv(W) @ W  # projector on the row space
     assert (D - D @ P).norm() / D.norm() < 1e-5
     # the zero layer gets no update at all

@@ -71,7 +71,7 @@ def test_float32_decomposition_within_perturbation_bound(model_case, method_kwar
     for name, layer in adapter_layers(model):
         if not isinstance(layer, SVDLayer):
             continue
-        S = torch.linalg.svdvals(weight_matrix(layer.base_layer))
+        S = torch.linalg.svdvals(weight_matrix(layer.base_module))
         gap = float((S[:-1] - S[1:]).min()) if S.numel() > 1 else float(S[0])
         bound = 10 * eps * float(S[0]) / max(gap, 1e-30) + 1e-5
         err = rel_err(layer.delta_matrix(["default"]).detach(), delta64(layer, "default"))
@@ -93,11 +93,11 @@ def test_merge_unmerge_remove(model_case, method_kwargs):
     st.unmerge_adapter(model)
     for name, layer in adapter_layers(model):
         orig = base.get_submodule(name)
-        torch.testing.assert_close(layer.base_layer.weight, orig.weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(layer.base_module.weight, orig.weight, rtol=0, atol=1e-6)
         if getattr(orig, "bias", None) is None:
-            assert getattr(layer.base_layer, "bias", None) is None
+            assert getattr(layer.base_module, "bias", None) is None
         else:
-            torch.testing.assert_close(layer.base_layer.bias, orig.bias, rtol=0, atol=1e-6)
+            torch.testing.assert_close(layer.base_module.bias, orig.bias, rtol=0, atol=1e-6)
     assert rel_err(model_case.run(model), unmerged) < 1e-6
     st.remove_adapter(model)
     assert [type(m) for m in model.modules()] == [type(m) for m in base.modules()]

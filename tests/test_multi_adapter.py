@@ -81,7 +81,7 @@ def test_shared_basis_between_adapters_of_one_layer():
 def test_wrapped_layers_keep_their_attributes():
     _, model = _two_adapters()
     layer = model.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q")
-    assert layer.in_features == 16 and layer.weight is layer.base_layer.weight
+    assert layer.in_features == 16 and layer.weight is layer.base_module.weight
     conv = model.get_submodule("down_blocks.0.resnets.0.conv1")
     assert conv.kernel_size == (3, 3)
 
