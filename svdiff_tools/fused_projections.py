@@ -72,14 +72,9 @@ def _wrap_fused(attn: nn.Module) -> None:
             setattr(attn, fused, FusedSVDProjection(layer, parts))
 
 
-def install() -> None:
-    """Wrap diffusers' ``Attention.fuse_projections`` once (idempotent)."""
-    try:
-        from diffusers.models.attention_processor import Attention
-    except Exception:  # pragma: no cover
-        return
-    original = Attention.fuse_projections
-    if getattr(original, "_svd_wrapped", False):
+def _wrap_method(cls) -> None:
+    original = cls.__dict__.get("fuse_projections")
+    if original is None or getattr(original, "_svd_wrapped", False):
         return
 
     def fuse_projections(self, *args, **kwargs):
@@ -89,4 +84,19 @@ def install() -> None:
 
     fuse_projections._svd_wrapped = True
     fuse_projections.__doc__ = original.__doc__
-    Attention.fuse_projections = fuse_projections
+    cls.fuse_projections = fuse_projections
+
+
+def install() -> None:
+    """Wrap ``fuse_projections`` of diffusers' attention classes once (idempotent): the classic `Attention`
+    (UNets, SD3) and `AttentionModuleMixin` (Flux and newer transformers)."""
+    try:
+        from diffusers.models.attention_processor import Attention
+    except Exception:  # pragma: no cover
+        return
+    _wrap_method(Attention)
+    try:
+        from diffusers.models.attention import AttentionModuleMixin
+    except Exception:  # pragma: no cover - older diffusers
+        return
+    _wrap_method(AttentionModuleMixin)

@@ -22,7 +22,10 @@ PRESETS = {
     "unet-attention": UNET_ATTENTION,
     # attention + resnets + the transformer blocks' projections and feed-forwards
     "unet": UNET_ATTENTION + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "proj_in", "proj_out",
-                              "ff.net.0.proj", "ff.net.2", "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
+                              "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp",
+                              "conv1", "conv2", "conv_shortcut", "time_emb_proj"],
+    # the same for the transformer denoisers of SD3 and Flux
+    "transformer": None,
     # CLIP / T5-style text encoders
     "text-encoder": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2", "q", "k", "v", "o", "wi", "wi_0",
                      "wi_1", "wo"],
@@ -100,6 +103,8 @@ def resolve_targets(model: nn.Module, target_modules, exclude_modules=None) -> L
     candidates = adaptable_modules(model)
     if target_modules is None:
         target_modules = "all"
+    if target_modules == "transformer":
+        target_modules = "unet"
     preset = target_modules if isinstance(target_modules, str) and target_modules in PRESETS else None
     if preset in ("all", "all-linear"):
         heads = _output_head_names(model) | {n for n, _ in candidates if n.split(".")[-1] in OUTPUT_HEADS}

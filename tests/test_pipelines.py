@@ -1,6 +1,7 @@
 """diffusers integration on tiny pipelines of the real architectures: SD 1.x, SD 2.x (v-prediction), SDXL."""
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from svdiff_tools.tiny import tiny_pipeline
 
 from reference import randomize_adapter
 
-KINDS = ["sd15", "sd2", "sdxl"]
+KINDS = ["sd15", "sd2", "sdxl", "sd3", "flux"]
 
 
 @pytest.fixture(scope="module")
@@ -27,16 +28,26 @@ def pipes():
 
 
 def run(pipe, **kwargs):
+    if "max_sequence_length" in inspect.signature(pipe.__call__).parameters:
+        kwargs.setdefault("max_sequence_length", 16)
     return pipe("a photo of sks dog", num_inference_steps=2, height=32, width=32, output_type="np",
                 generator=torch.Generator().manual_seed(0), **kwargs).images
 
 
-def adapt(pipe, name="default", seed=0, unet_kwargs=None, te_kwargs=None):
+def scale_kwargs(pipe, scale):
+    key = "joint_attention_kwargs" if hasattr(pipe, "transformer") else "cross_attention_kwargs"
+    return {key: {"scale": scale}}
+
+
+def adapt(pipe, name="default", seed=0, unet_kwargs=None, te_kwargs=None, components=None):
     """Inject into the denoiser and every text encoder, with random 'trained' values."""
     for comp, model in pipeline_components(pipe).items():
-        kwargs = (unet_kwargs or dict(method="svft", svft_pattern="banded")) if comp == "unet" else \
+        if components is not None and comp not in components:
+            continue
+        denoiser = comp in ("unet", "transformer")
+        kwargs = (unet_kwargs or dict(method="svft", svft_pattern="banded")) if denoiser else \
             (te_kwargs or dict(method="vectorfit"))
-        st.inject_adapter(model, st.SVDAdapterConfig(target_modules="unet" if comp == "unet" else "text-encoder",
+        st.inject_adapter(model, st.SVDAdapterConfig(target_modules=comp if denoiser else "text-encoder",
                                                      **kwargs), name)
         randomize_adapter(model, name, seed=seed, magnitude=0.3)
     return pipe
@@ -78,10 +89,9 @@ def test_save_load_same_images_and_scales(trained):
     assert set(pipe.get_list_svd_adapters()) == set(pipeline_components(pipe))
     np.testing.assert_allclose(run(pipe), expected, atol=1e-6)
     # per-call strength: 0 is the base model exactly, 1 the adapter, 0.5 equals an adapter weight of 0.5
-    key = "cross_attention_kwargs"
-    np.testing.assert_array_equal(run(pipe, **{key: {"scale": 0.0}}), base_images)
-    np.testing.assert_allclose(run(pipe, **{key: {"scale": 1.0}}), expected, atol=1e-6)
-    half = run(pipe, **{key: {"scale": 0.5}})
+    np.testing.assert_array_equal(run(pipe, **scale_kwargs(pipe, 0.0)), base_images)
+    np.testing.assert_allclose(run(pipe, **scale_kwargs(pipe, 1.0)), expected, atol=1e-6)
+    half = run(pipe, **scale_kwargs(pipe, 0.5))
     assert np.abs(half - expected).max() > 1e-3 and np.abs(half - base_images).max() > 1e-3
     pipe.set_svd_adapters(["default"], [0.5])
     np.testing.assert_allclose(run(pipe), half, atol=1e-6)
@@ -111,21 +121,24 @@ def test_fuse_unfuse_unload_and_disable(trained):
     np.testing.assert_allclose(run(pipe), base_images, atol=1e-5)
 
 
-@pytest.mark.parametrize("trained", ["sd15", "sdxl"], indirect=True)
+@pytest.mark.parametrize("trained", ["sd15", "sdxl", "sd3", "flux"], indirect=True)
 def test_attention_processors(trained):
     kind, base, source, path = trained
     expected = run(source)
     adapted = copy.deepcopy(base)
     adapted.load_svd_adapter(path)
-    adapted.unet.set_attn_processor(AttnProcessor())
+    denoiser = adapted.unet if hasattr(adapted, "unet") else adapted.transformer
+    if hasattr(adapted, "unet"):
+        denoiser.set_attn_processor(AttnProcessor())
+        np.testing.assert_allclose(run(adapted), expected, atol=1e-5)
+        denoiser.set_attn_processor(AttnProcessor2_0())
+        np.testing.assert_allclose(run(adapted), expected, atol=1e-5)
+    fuser = adapted if hasattr(adapted, "fuse_qkv_projections") else denoiser  # SD3/Flux: on the transformer
+    fuser.fuse_qkv_projections()
+    assert any(type(m).__name__ == "FusedSVDProjection" for m in denoiser.modules())
     np.testing.assert_allclose(run(adapted), expected, atol=1e-5)
-    adapted.unet.set_attn_processor(AttnProcessor2_0())
-    np.testing.assert_allclose(run(adapted), expected, atol=1e-5)
-    adapted.fuse_qkv_projections()
-    assert any(type(m).__name__ == "FusedSVDProjection" for m in adapted.unet.modules())
-    np.testing.assert_allclose(run(adapted), expected, atol=1e-5)
-    np.testing.assert_array_equal(run(adapted, cross_attention_kwargs={"scale": 0.0}), run(base))
-    adapted.unfuse_qkv_projections()
+    np.testing.assert_array_equal(run(adapted, **scale_kwargs(adapted, 0.0)), run(base))
+    fuser.unfuse_qkv_projections()
     np.testing.assert_allclose(run(adapted), expected, atol=1e-5)
 
 
@@ -196,17 +209,19 @@ def test_lora_coexistence(pipes, tmp_path):
     np.testing.assert_allclose(run(pipe), run(svd_only), atol=2e-5)
 
 
-@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
-@pytest.mark.parametrize("key_format", ["diffusers", "kohya"])
+@pytest.mark.parametrize("kind,key_format", [("sd15", "diffusers"), ("sd15", "kohya"), ("sdxl", "diffusers"),
+                                              ("sdxl", "kohya"), ("sd3", "diffusers"), ("flux", "diffusers")])
 def test_exported_lora_reproduces_images_through_load_lora_weights(pipes, tmp_path, kind, key_format):
+    # diffusers' Flux loader reads LoRA for the transformer and the CLIP text encoder, not for T5
+    components = ("transformer", "text_encoder") if kind == "flux" else None
     adapted = adapt(copy.deepcopy(pipes[kind]), unet_kwargs=dict(method="svfit", rank=3),
-                    te_kwargs=dict(method="svdiff"))
+                    te_kwargs=dict(method="svdiff"), components=components)
     path = tmp_path / "adapter.safetensors"
     adapted.save_svd_adapter(path)
     pipe = copy.deepcopy(pipes[kind])
     out = tmp_path / f"{key_format}.safetensors"
     report = st.export_lora(path, out, base=pipe, key_format=key_format)  # from the file, base left clean
-    assert not any(isinstance(m, st.SVDLayer) for m in pipe.unet.modules())
+    assert not any(isinstance(m, st.SVDLayer) for c in pipeline_components(pipe).values() for m in c.modules())
     assert report.overall_error < 1e-5 and report.dropped == []
     pipe.load_lora_weights(str(out))
     np.testing.assert_allclose(run(pipe), run(adapted), atol=2e-5)
