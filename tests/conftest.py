@@ -142,3 +142,13 @@ def method_kwargs(request) -> dict:
 
 def fresh_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU-only tests (marked ``gpu``) are skipped where no CUDA device exists, e.g. in CI."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
