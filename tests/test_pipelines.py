@@ -269,3 +269,26 @@ def test_bad_inputs_leave_the_pipeline_untouched(pipes, tmp_path, case):
     if case == "name_taken":
         pipe.__dict__.pop("encode_prompt")  # installed by the first, successful load
     assert unchanged(pipe, snap)
+
+
+@pytest.mark.parametrize("variant", ["StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"])
+def test_img2img_and_inpaint_variants(pipes, tmp_path, variant):
+    import diffusers
+    from PIL import Image
+
+    base = pipes["sd15"]
+    path = adapt(copy.deepcopy(base)).save_svd_adapter(tmp_path)
+    cls = getattr(diffusers, variant)
+    plain, pipe = cls(**copy.deepcopy(base).components), cls(**copy.deepcopy(base).components)
+    for p in (plain, pipe):
+        p.set_progress_bar_config(disable=True)
+    pipe.load_svd_adapter(path)
+    image = Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8"))
+    extra = {"mask_image": Image.new("L", (32, 32), 255)} if "Inpaint" in variant else {}
+
+    def call(p, **kw):
+        return p("a sks dog", image=image, num_inference_steps=4, strength=0.9, height=32, width=32,
+                 output_type="np", generator=torch.Generator().manual_seed(0), **extra, **kw).images
+
+    assert np.abs(call(pipe) - call(plain)).max() > 1e-3
+    np.testing.assert_array_equal(call(pipe, cross_attention_kwargs={"scale": 0.0}), call(plain))
