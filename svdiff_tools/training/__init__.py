@@ -1,0 +1,1 @@
+"""The DreamBooth trainer's pieces: flags, data, checkpoints, model card."""

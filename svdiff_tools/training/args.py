@@ -1,0 +1,222 @@
+"""Command-line flags of `train_dreambooth.py`: diffusers' DreamBooth-LoRA flag set plus the methods' own.
+
+`validate` checks everything that needs no model (paths, images, numbers, flag combinations) so that bad
+input fails before any weight is loaded, with one sentence and no output written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import List, Optional
+
+from ..config import METHODS, SVFT_PATTERNS
+from ..targets import PRESETS
+
+EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "example_subject"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+ALL_METHODS = METHODS + ("lora", "pissa")
+# Learning-rate defaults and where they come from.
+DEFAULT_LR = {
+    "svdiff": 1e-3,      # SVDiff paper (Han et al. 2023): 1e-3 for the spectral shifts
+    "svfit": 1e-3,       # SVFit trains singular values like SVDiff; same scale
+    "svft": 5e-3,        # SVFT paper (Lingam et al. 2024): ~5e-2 for plain, ~5e-3 for banded (see below)
+    "vectorfit": 1e-3,   # VectorFit paper (Hegde et al. 2025) DreamBooth setting
+    "lora": 1e-4,        # diffusers' train_dreambooth_lora.py default
+    "pissa": 1e-4,       # as LoRA
+}
+SVFT_PLAIN_LR = 5e-2
+
+
+class TrainingInputError(ValueError):
+    """Bad flags or data, found before any model is loaded."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="DreamBooth with spectral adapters (SVDiff, SVFit, SVFT, VectorFit) or, for comparison, "
+                    "PEFT LoRA / PiSSA. With no model or data flags it trains the embedded tiny Stable Diffusion "
+                    "on the shipped example subject, offline.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    m = p.add_argument_group("method")
+    m.add_argument("--method", choices=ALL_METHODS, default="svfit", help="adapter method")
+    m.add_argument("--rank", type=float, default=None,
+                   help="svfit: top-r (int) or energy fraction in (0, 1); svft: top-r truncation; lora/pissa: rank "
+                        "(default 4). svdiff and vectorfit train every singular value.")
+    m.add_argument("--target_modules", default=None,
+                   help=f"comma-separated module names, a regex, or a preset ({', '.join(PRESETS)}); default: "
+                        "'unet' for spectral methods, 'unet-attention' for lora/pissa")
+    m.add_argument("--svft_pattern", choices=SVFT_PATTERNS, default="banded")
+    m.add_argument("--svft_offset", type=int, default=2, help="SVFT band offset d (banded/random/top_k counts)")
+    m.add_argument("--avf_k", type=int, default=0, help="VectorFit: vectors frozen per interval (0 = no AVF)")
+    m.add_argument("--avf_interval", type=int, default=50, help="VectorFit: steps between AVF re-selections")
+    m.add_argument("--train_norms", action="store_true", help="SVDiff recipe: also train norm (1-D) weight deltas")
+    m.add_argument("--learning_rate_1d", type=float, default=1e-6,
+                   help="learning rate of 1-D (norm) deltas; SVDiff paper: 1e-6")
+    m.add_argument("--export_lora_rank", type=int, default=None,
+                   help="also write pytorch_lora_weights.safetensors at this rank (0 = exact)")
+
+    d = p.add_argument_group("model and data")
+    d.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="hub id or local folder; default: the embedded tiny Stable Diffusion (offline)")
+    d.add_argument("--revision", default=None)
+    d.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
+    d.add_argument("--pretrained_vae_model_name_or_path", default=None)
+    d.add_argument("--instance_data_dir", default=None, help="subject images; default: the shipped example toy")
+    d.add_argument("--instance_prompt", default=None, help="default: 'a photo of sks toy' for the example data")
+    d.add_argument("--class_data_dir", default=None)
+    d.add_argument("--class_prompt", default=None)
+    d.add_argument("--with_prior_preservation", action="store_true")
+    d.add_argument("--prior_loss_weight", type=float, default=1.0)
+    d.add_argument("--num_class_images", type=int, default=100)
+    d.add_argument("--sample_batch_size", type=int, default=4)
+    d.add_argument("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None)
+    d.add_argument("--resolution", type=int, default=None, help="default: 512, or 32 for the embedded model")
+    d.add_argument("--center_crop", action="store_true")
+    d.add_argument("--random_flip", action="store_true")
+    d.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    t = p.add_argument_group("training")
+    t.add_argument("--train_text_encoder", action="store_true")
+    t.add_argument("--text_encoder_lr", type=float, default=None, help="default: --learning_rate")
+    t.add_argument("--train_batch_size", type=int, default=1)
+    t.add_argument("--max_train_steps", type=int, default=None, help="default: 400, or 12 for the embedded model")
+    t.add_argument("--num_train_epochs", type=int, default=1, help="used when --max_train_steps is not set")
+    t.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    t.add_argument("--gradient_checkpointing", action="store_true")
+    t.add_argument("--learning_rate", type=float, default=None,
+                   help="default per method: svdiff/svfit/vectorfit 1e-3 (papers), svft 5e-2 plain / 5e-3 banded "
+                        "(SVFT paper), lora/pissa 1e-4 (diffusers)")
+    t.add_argument("--scale_lr", action="store_true")
+    t.add_argument("--lr_scheduler", default="constant",
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    t.add_argument("--lr_warmup_steps", type=int, default=0)
+    t.add_argument("--lr_num_cycles", type=int, default=1)
+    t.add_argument("--use_8bit_adam", action="store_true", help="needs bitsandbytes (pip install svdiff-tools[bnb])")
+    t.add_argument("--adam_beta1", type=float, default=0.9)
+    t.add_argument("--adam_beta2", type=float, default=0.999)
+    t.add_argument("--adam_weight_decay", type=float, default=0.0, help="acts on the deltas: pulls toward the base")
+    t.add_argument("--adam_epsilon", type=float, default=1e-8)
+    t.add_argument("--max_grad_norm", type=float, default=1.0)
+    t.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR loss weighting (5.0 is common)")
+    t.add_argument("--noise_offset", type=float, default=0.0)
+    t.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: Accelerate's config; frozen weights use it, trainable tensors stay float32")
+    t.add_argument("--allow_tf32", action="store_true")
+    t.add_argument("--enable_xformers_memory_efficient_attention", action="store_true")
+    t.add_argument("--cache_latents", action="store_true", help="encode every image with the VAE once")
+    t.add_argument("--seed", type=int, default=None)
+
+    o = p.add_argument_group("output, checkpoints, validation")
+    o.add_argument("--output_dir", default="svd-dreambooth-model")
+    o.add_argument("--checkpointing_steps", type=int, default=500)
+    o.add_argument("--checkpoints_total_limit", type=int, default=None)
+    o.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    o.add_argument("--validation_prompt", default=None, help="default: the instance prompt")
+    o.add_argument("--num_validation_images", type=int, default=2)
+    o.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (default: only at the end)")
+    o.add_argument("--report_to", default="none", help="tensorboard, wandb, all or none")
+    o.add_argument("--logging_dir", default="logs")
+    o.add_argument("--push_to_hub", action="store_true")
+    o.add_argument("--hub_model_id", default=None)
+    o.add_argument("--hub_token", default=None)
+    return p
+
+
+def list_images(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    fill_defaults(args)
+    validate(args)
+    return args
+
+
+def fill_defaults(args: argparse.Namespace) -> None:
+    embedded = args.pretrained_model_name_or_path is None
+    args.embedded_model = embedded
+    if args.instance_data_dir is None:
+        args.instance_data_dir = str(EXAMPLE_DATA)
+        args.instance_prompt = args.instance_prompt or "a photo of sks toy"
+    if args.resolution is None:
+        args.resolution = 32 if embedded else 512
+    if args.max_train_steps is None and embedded:
+        args.max_train_steps = 12
+    if args.learning_rate is None:
+        plain = args.method == "svft" and args.svft_pattern == "plain"
+        args.learning_rate = SVFT_PLAIN_LR if plain else DEFAULT_LR[args.method]
+    if args.target_modules is None:
+        args.target_modules = "unet-attention" if args.method in ("lora", "pissa") else "unet"
+    elif "," in args.target_modules:
+        args.target_modules = [t.strip() for t in args.target_modules.split(",") if t.strip()]
+    if args.rank is not None and float(args.rank).is_integer() and args.rank >= 1:
+        args.rank = int(args.rank)
+    if args.method in ("lora", "pissa") and args.rank is None:
+        args.rank = 4
+    if args.validation_prompt is None:
+        args.validation_prompt = args.instance_prompt
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Raise `TrainingInputError` on the first problem found."""
+    def fail(msg: str) -> None:
+        raise TrainingInputError(msg)
+
+    if not args.instance_prompt:
+        fail("--instance_prompt is required with your own --instance_data_dir, e.g. 'a photo of sks dog'.")
+    folder = Path(args.instance_data_dir)
+    if not folder.is_dir():
+        fail(f"--instance_data_dir {folder} does not exist; point it at a folder of subject images.")
+    if not list_images(folder):
+        fail(f"--instance_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add 3-20 photos.")
+    if args.resolution <= 0 or args.resolution % 8:
+        fail(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples by 8).")
+    if args.with_prior_preservation:
+        if not args.class_prompt:
+            fail("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'.")
+        if not args.class_data_dir:
+            fail("--with_prior_preservation needs --class_data_dir (missing class images are generated there).")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
+                 "sample_batch_size", "num_validation_images", "avf_interval"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1.")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        fail("--max_train_steps must be at least 1.")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        fail("--checkpoints_total_limit must be at least 1.")
+    if args.export_lora_rank is not None and args.export_lora_rank < 0:
+        fail("--export_lora_rank must be 0 (exact) or a positive rank.")
+    if args.method in METHODS:
+        from ..config import SVDAdapterConfig
+        from ..errors import SVDConfigError
+
+        try:
+            spectral_config(args)
+        except SVDConfigError as exc:
+            fail(str(exc))
+        assert SVDAdapterConfig  # imported for the check above
+    elif isinstance(args.rank, float) or (args.rank is not None and args.rank < 1):
+        fail(f"--rank {args.rank} must be a positive int for {args.method}.")
+    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
+        path = Path(args.resume_from_checkpoint)
+        if not path.is_dir() and not (Path(args.output_dir) / path).is_dir():
+            fail(f"--resume_from_checkpoint {path} does not exist; pass a checkpoint-N folder or 'latest'.")
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception:
+            fail("--use_8bit_adam needs bitsandbytes: pip install 'svdiff-tools[bnb]' (or drop the flag).")
+
+
+def spectral_config(args: argparse.Namespace, train_text_encoder: bool = False):
+    """The `SVDAdapterConfig` for the UNet (or, with ``train_text_encoder``, the text encoders)."""
+    from ..config import SVDAdapterConfig
+
+    rank = args.rank if args.method in ("svfit", "svft") else None
+    return SVDAdapterConfig(
+        method=args.method, rank=rank,
+        target_modules="text-encoder" if train_text_encoder else args.target_modules,
+        svft_pattern=args.svft_pattern, svft_offset=args.svft_offset, avf_k=args.avf_k,
+        avf_interval=args.avf_interval, train_norms=args.train_norms and not train_text_encoder)
