@@ -459,107 +459,106 @@ def train(args) -> int:
                                                             if isinstance(v, (int, float, str, bool))})
     last_good = resume_path
     accum_index = 0
-    bar = tqdm(total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process)
-    unet.train()
-    if args.train_text_encoder:
-        text_encoder.train()
-    for epoch in range(first_epoch, num_epochs):
-        sampler.set_epoch(epoch)
-        batches = itertools.islice(loader, skip_batches, None)
-        skip_batches = 0
-        for batch in batches:
-            with accelerator.accumulate(unet):
-                # noise depends only on (seed, step, micro-batch within the step, process): resumable
-                gen = torch.Generator().manual_seed(seed * 1_000_003 + global_step * 997 + accum_index
-                                                    + 7919 * accelerator.process_index)
-                accum_index += 1
-                pixels = batch["pixel_values"]
-                if args.with_prior_preservation:
-                    pixels = torch.cat([pixels, batch["class_pixel_values"]])
-                with torch.no_grad():
-                    latents = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist.sample(gen)
-                latents = latents * vae.config.scaling_factor
-                noise = torch.randn(latents.shape, generator=gen).to(latents)
-                if args.noise_offset:
-                    noise = noise + args.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(latents)
-                timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                          generator=gen).to(latents.device)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                n_inst = batch["pixel_values"].shape[0]
-                if instance_embeds is not None:
-                    embeds = instance_embeds.expand(n_inst, -1, -1)
+    with tqdm(total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process) as bar:
+        unet.train()
+        if args.train_text_encoder:
+            text_encoder.train()
+        for epoch in range(first_epoch, num_epochs):
+            sampler.set_epoch(epoch)
+            batches = itertools.islice(loader, skip_batches, None)
+            skip_batches = 0
+            for batch in batches:
+                with accelerator.accumulate(unet):
+                    # noise depends only on (seed, step, micro-batch within the step, process): resumable
+                    gen = torch.Generator().manual_seed(seed * 1_000_003 + global_step * 997 + accum_index
+                                                        + 7919 * accelerator.process_index)
+                    accum_index += 1
+                    pixels = batch["pixel_values"]
                     if args.with_prior_preservation:
-                        embeds = torch.cat([embeds, class_embeds.expand(n_inst, -1, -1)])
-                else:
-                    prompts = [args.instance_prompt] * n_inst + ([args.class_prompt] * n_inst
-                                                                 if args.with_prior_preservation else [])
-                    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                                    truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
-                    embeds = text_encoder(ids)[0]
-                pred = unet(noisy, timesteps, embeds.to(weight_dtype)).sample
-                if noise_scheduler.config.prediction_type == "v_prediction":
-                    target = noise_scheduler.get_velocity(latents, noise, timesteps)
-                else:
-                    target = noise
-                if args.with_prior_preservation:
-                    pred, pred_prior = pred.chunk(2)
-                    target, target_prior = target.chunk(2)
-                    prior_loss = F.mse_loss(pred_prior.float(), target_prior.float())
-                if args.snr_gamma is None:
-                    loss = F.mse_loss(pred.float(), target.float())
-                else:
-                    snr = compute_snr(noise_scheduler, timesteps[: pred.shape[0]])
-                    w = torch.minimum(snr, args.snr_gamma * torch.ones_like(snr)) / snr
+                        pixels = torch.cat([pixels, batch["class_pixel_values"]])
+                    with torch.no_grad():
+                        latents = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist.sample(gen)
+                    latents = latents * vae.config.scaling_factor
+                    noise = torch.randn(latents.shape, generator=gen).to(latents)
+                    if args.noise_offset:
+                        noise = noise + args.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(latents)
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                              generator=gen).to(latents.device)
+                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                    n_inst = batch["pixel_values"].shape[0]
+                    if instance_embeds is not None:
+                        embeds = instance_embeds.expand(n_inst, -1, -1)
+                        if args.with_prior_preservation:
+                            embeds = torch.cat([embeds, class_embeds.expand(n_inst, -1, -1)])
+                    else:
+                        prompts = [args.instance_prompt] * n_inst + ([args.class_prompt] * n_inst
+                                                                     if args.with_prior_preservation else [])
+                        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                                        truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
+                        embeds = text_encoder(ids)[0]
+                    pred = unet(noisy, timesteps, embeds.to(weight_dtype)).sample
                     if noise_scheduler.config.prediction_type == "v_prediction":
-                        w = w * snr / (snr + 1)
-                    loss = (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
-                if args.with_prior_preservation:
-                    loss = loss + args.prior_loss_weight * prior_loss
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(
-                        f"the loss became {loss.item()} at step {global_step}; lower --learning_rate or use "
-                        f"--mixed_precision no. The last good checkpoint is {last_good or 'none (no checkpoint yet)'}.")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                                args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            accum_index = 0
-            global_step += 1
-            if avf is not None:
-                avf.step()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
-            if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
-                if not all(torch.isfinite(t).all() for t in adapter_tensors(args, raw_unet, raw_te).values()):
-                    raise TrainingDiverged(
-                        f"the adapter became NaN/inf at step {global_step}; lower --learning_rate. The last good "
-                        f"checkpoint is {last_good or 'none (no checkpoint yet)'}.")
-                avf_state = avf.state_dict() if avf else None
-                last_good = checkpoints.save(
-                    output_dir, global_step, lambda d: accelerator.save_state(str(d)),
-                    lambda d: avf_state and save_file(avf_state["initial"], str(d / "avf_initial.safetensors")),
-                    {"method": args.method, "avf": {k: avf_state[k] for k in ("steps", "frozen")}} if avf
-                    else {"method": args.method},
-                    accelerator.is_main_process, accelerator.wait_for_everyone, args.checkpoints_total_limit)
-            if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                from diffusers import StableDiffusionPipeline
+                        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+                    else:
+                        target = noise
+                    if args.with_prior_preservation:
+                        pred, pred_prior = pred.chunk(2)
+                        target, target_prior = target.chunk(2)
+                        prior_loss = F.mse_loss(pred_prior.float(), target_prior.float())
+                    if args.snr_gamma is None:
+                        loss = F.mse_loss(pred.float(), target.float())
+                    else:
+                        snr = compute_snr(noise_scheduler, timesteps[: pred.shape[0]])
+                        w = torch.minimum(snr, args.snr_gamma * torch.ones_like(snr)) / snr
+                        if noise_scheduler.config.prediction_type == "v_prediction":
+                            w = w * snr / (snr + 1)
+                        loss = (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+                    if args.with_prior_preservation:
+                        loss = loss + args.prior_loss_weight * prior_loss
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(
+                            f"the loss became {loss.item()} at step {global_step}; lower --learning_rate or use "
+                            f"--mixed_precision no. The last good checkpoint is {last_good or 'none (no checkpoint yet)'}.")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                    args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if not accelerator.sync_gradients:
+                    continue
+                accum_index = 0
+                global_step += 1
+                if avf is not None:
+                    avf.step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+                accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
+                if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
+                    if not all(torch.isfinite(t).all() for t in adapter_tensors(args, raw_unet, raw_te).values()):
+                        raise TrainingDiverged(
+                            f"the adapter became NaN/inf at step {global_step}; lower --learning_rate. The last good "
+                            f"checkpoint is {last_good or 'none (no checkpoint yet)'}.")
+                    avf_state = avf.state_dict() if avf else None
+                    last_good = checkpoints.save(
+                        output_dir, global_step, lambda d: accelerator.save_state(str(d)),
+                        lambda d: avf_state and save_file(avf_state["initial"], str(d / "avf_initial.safetensors")),
+                        {"method": args.method, "avf": {k: avf_state[k] for k in ("steps", "frozen")}} if avf
+                        else {"method": args.method},
+                        accelerator.is_main_process, accelerator.wait_for_everyone, args.checkpoints_total_limit)
+                if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
+                    from diffusers import StableDiffusionPipeline
 
-                pipe = StableDiffusionPipeline.from_pretrained(base, unet=raw_unet, text_encoder=raw_te, vae=vae,
-                                                               safety_checker=None, torch_dtype=weight_dtype)
-                render_validation(args, pipe, global_step, output_dir / "validation", accelerator)
-                unet.train()
-            maybe_die(global_step)
+                    pipe = StableDiffusionPipeline.from_pretrained(base, unet=raw_unet, text_encoder=raw_te, vae=vae,
+                                                                   safety_checker=None, torch_dtype=weight_dtype)
+                    render_validation(args, pipe, global_step, output_dir / "validation", accelerator)
+                    unet.train()
+                maybe_die(global_step)
+                if global_step >= max_steps:
+                    break
             if global_step >= max_steps:
                 break
-        if global_step >= max_steps:
-            break
-    bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         files = save_final_adapter(args, base, raw_unet, raw_te, output_dir, pissa_init)

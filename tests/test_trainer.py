@@ -1,0 +1,213 @@
+"""train_dreambooth.py on the embedded tiny model: every method, outputs, resume after SIGKILL, DDP, bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import svdiff_tools  # noqa: F401
+from svdiff_tools.tiny import tiny_pipeline_path
+from svdiff_tools.training.args import EXAMPLE_DATA
+from svdiff_tools.training.data import open_rgb
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "train_dreambooth.py")
+sys.path.insert(0, str(ROOT))
+import train_dreambooth  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _tiny_model_dir(tmp_path_factory):
+    os.environ["SVDIFF_TOOLS_TINY_DIR"] = str(tmp_path_factory.mktemp("tiny_models"))
+    tiny_pipeline_path("sd15")  # built once per worker, then loaded with from_pretrained like a hub model
+
+
+def launch(args, cwd, accelerate=True, env=None, processes=1):
+    launcher = ["accelerate", "launch", "--mixed_precision", "no"]
+    launcher += ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    cmd = (launcher if accelerate else [sys.executable]) + [SCRIPT] + args
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, **(env or {})))
+
+
+def render(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a photo of sks toy", num_inference_steps=4, height=32, width=32, output_type="np",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def base_pipe():
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(str(tiny_pipeline_path("sd15")), safety_checker=None)
+
+
+def test_readme_main_job(tmp_path):
+    result = launch(["--method", "svfit"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "svd-dreambooth-model"
+    assert {"svd_adapter.safetensors", "README.md", "grid.png", "validation"} <= {p.name for p in out.iterdir()}
+    assert "done: svd-dreambooth-model/svd_adapter.safetensors" in result.stdout
+    card = (out / "README.md").read_text()
+    assert "method: `svfit`" in card and "trainable parameters" in card and "grid.png" in card
+    pipe = base_pipe()
+    before = render(pipe)
+    pipe.load_svd_adapter(out)
+    assert np.abs(render(pipe) - before).max() > 1e-4
+    assert not any(p.name.startswith(".checkpoint") for p in out.iterdir())
+
+
+@pytest.mark.parametrize("method_args", [
+    ["--method", "svdiff", "--train_norms"],
+    ["--method", "svft", "--svft_pattern", "banded", "--svft_offset", "1", "--export_lora_rank", "0"],
+    ["--method", "vectorfit", "--avf_k", "2", "--avf_interval", "2"],
+    ["--method", "lora", "--rank", "2"],
+    ["--method", "pissa", "--rank", "2"],
+], ids=lambda a: a[1])
+def test_every_method_trains_and_reloads(tmp_path, method_args):
+    result = launch(method_args + ["--max_train_steps", "3", "--learning_rate", "5e-2", "--output_dir", "out",
+                                   "--seed", "1"], tmp_path, accelerate=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    pipe = base_pipe()
+    before = render(pipe)
+    if method_args[1] in ("lora", "pissa"):
+        pipe.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
+    else:
+        pipe.load_svd_adapter(out / "svd_adapter.safetensors")
+    assert np.abs(render(pipe) - before).max() > 1e-4
+    if "--export_lora_rank" in method_args:
+        lora = base_pipe()
+        lora.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
+        np.testing.assert_allclose(render(lora), render(pipe), atol=2e-5)
+
+
+def test_text_encoder_training_and_prior_preservation(tmp_path):
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(class_dir / "mine.png")
+    before = (class_dir / "mine.png").read_bytes()
+    result = launch(["--method", "svdiff", "--train_text_encoder", "--with_prior_preservation", "--class_prompt",
+                     "a photo of a toy", "--class_data_dir", str(class_dir), "--num_class_images", "3",
+                     "--max_train_steps", "2", "--output_dir", "out"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list(class_dir.glob("*.png"))) == 3 and (class_dir / "mine.png").read_bytes() == before
+    tensors = load_file(str(tmp_path / "out" / "svd_adapter.safetensors"))
+    assert any(k.startswith("text_encoder.") for k in tensors) and any(k.startswith("unet.") for k in tensors)
+
+
+def test_kill_and_resume_equals_uninterrupted(tmp_path):
+    common = ["--method", "vectorfit", "--avf_k", "2", "--avf_interval", "2", "--max_train_steps", "6",
+              "--checkpointing_steps", "3", "--seed", "3", "--random_flip", "--gradient_accumulation_steps", "2"]
+    straight = launch(common + ["--output_dir", "a"], tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    killed = launch(common + ["--output_dir", "b"], tmp_path, env={"SVDIFF_TOOLS_KILL_AFTER_STEP": "4"})
+    assert killed.returncode != 0
+    assert [p.name for p in (tmp_path / "b").iterdir() if p.name.startswith("checkpoint")] == ["checkpoint-3"]
+    assert not (tmp_path / "b" / "svd_adapter.safetensors").exists()
+    resumed = launch(common + ["--output_dir", "b", "--resume_from_checkpoint", "latest"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from b/checkpoint-3 at step 3" in resumed.stderr
+    a, b = (load_file(str(tmp_path / d / "svd_adapter.safetensors")) for d in ("a", "b"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_half_written_checkpoint_is_never_picked(tmp_path):
+    from svdiff_tools.training import checkpoints
+
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / checkpoints.STATE_FILE).write_text('{"global_step": 2}')
+    (tmp_path / ".checkpoint-4.tmp").mkdir()  # a kill during the write of checkpoint 4
+    (tmp_path / "checkpoint-6").mkdir()  # a folder without state (not ours): ignored
+    assert checkpoints.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-2"
+
+
+def test_two_processes(tmp_path):
+    result = launch(["--method", "svfit", "--max_train_steps", "2", "--checkpointing_steps", "1",
+                     "--output_dir", "out"], tmp_path, processes=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "svfit on 2 process(es)" in result.stderr
+    assert (tmp_path / "out" / "svd_adapter.safetensors").is_file() and (tmp_path / "out" / "checkpoint-1").is_dir()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    result = launch(["--method", "svdiff", "--learning_rate", "1e30", "--max_train_steps", "8",
+                     "--checkpointing_steps", "1", "--output_dir", "out"], tmp_path, accelerate=False)
+    assert result.returncode == 3, result.stderr[-2000:]
+    err = result.stderr.strip().splitlines()[-1]
+    assert err.startswith("error: the ") and "lower --learning_rate" in err and "last good checkpoint" in err
+    out = tmp_path / "out"
+    assert not (out / "svd_adapter.safetensors").exists()
+    for ckpt in out.glob("checkpoint-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "adapter_state.safetensors")).values())
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--instance_data_dir", "missing", "--instance_prompt", "x"], "does not exist"),
+    (["--instance_data_dir", "empty", "--instance_prompt", "x"], "holds no images"),
+    (["--instance_data_dir", "corrupt", "--instance_prompt", "x"], "image corrupt/bad.png cannot be read"),
+    (["--instance_data_dir", "empty"], "--instance_prompt is required"),
+    (["--resolution", "30"], "--resolution 30 must be a positive multiple of 8"),
+    (["--with_prior_preservation", "--class_data_dir", "c"], "needs --class_prompt"),
+    (["--target_modules", "to_qq"], "matched no .*nearest names: .*to_q"),
+    (["--method", "svfit", "--rank", "999"], "rank 999 exceeds min"),
+    (["--method", "svdiff", "--avf_k", "2"], "belongs to method='vectorfit'"),
+    (["--resume_from_checkpoint", "checkpoint-7"], "does not exist; pass a checkpoint-N folder or 'latest'"),
+    (["--use_8bit_adam"], "needs bitsandbytes"),
+])
+def test_bad_input_fails_before_any_model_loads(tmp_path, monkeypatch, capsys, extra, match):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    Image.new("RGB", (16, 16)).save(tmp_path / "corrupt" / "good.png")
+    (tmp_path / "corrupt" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    if "--use_8bit_adam" in extra:
+        pytest.importorskip("torch")  # the check only fires where bitsandbytes is absent
+        if __import__("importlib").util.find_spec("bitsandbytes"):
+            pytest.skip("bitsandbytes is installed")
+    loaded = []
+    monkeypatch.setattr("diffusers.UNet2DConditionModel.from_pretrained", lambda *a, **k: loaded.append(1))
+    code = train_dreambooth.main(extra + ["--output_dir", "out"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error: ") and "\n" not in err
+    import re
+
+    assert re.search(match, err), err
+    assert not loaded and not (tmp_path / "out").exists()
+
+
+def test_unknown_method_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        train_dreambooth.main(["--method", "dora"])
+    assert info.value.code == 2 and "invalid choice: 'dora'" in capsys.readouterr().err
+
+
+def test_help_is_complete(capsys):
+    with pytest.raises(SystemExit):
+        train_dreambooth.main(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--pretrained_model_name_or_path", "--with_prior_preservation", "--snr_gamma", "--svft_pattern",
+                 "--avf_k", "--learning_rate_1d", "--export_lora_rank", "--checkpoints_total_limit", "--push_to_hub"):
+        assert flag in text
+    assert "SVFT paper" in text and "SVDiff paper" in text
+
+
+def test_images_of_every_mode_are_handled(tmp_path):
+    Image.new("L", (20, 10), 128).save(tmp_path / "gray.png")
+    Image.new("RGBA", (10, 10), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    Image.new("CMYK", (10, 10), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    img = Image.new("RGB", (20, 10), (0, 0, 255))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: the upright image is 10 x 20
+    img.save(tmp_path / "rotated.jpg", exif=exif)
+    assert open_rgb(tmp_path / "gray.png").mode == "RGB"
+    assert open_rgb(tmp_path / "clear.png").getpixel((0, 0)) == (255, 255, 255)  # transparent -> white
+    assert open_rgb(tmp_path / "cmyk.jpg").mode == "RGB"
+    assert open_rgb(tmp_path / "rotated.jpg").size == (10, 20)
+    assert EXAMPLE_DATA.is_dir() and len(list(EXAMPLE_DATA.glob("*.png"))) >= 3
