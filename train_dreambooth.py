@@ -13,7 +13,6 @@ images and grid.png, README.md (model card), checkpoint-N/ folders. Stable Diffu
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import math
@@ -44,21 +43,32 @@ def resolve_base(args) -> str:
     return args.pretrained_model_name_or_path
 
 
-def check_base(base: str) -> None:
-    """Refuse bases this trainer does not handle yet, before loading any weight."""
-    index = Path(base) / "model_index.json"
-    if index.is_file():
-        cls = json.loads(index.read_text()).get("_class_name", "")
-        if "XL" in cls or "3" in cls or "Flux" in cls:
-            raise TrainingInputError(f"{base} is a {cls}; this trainer version handles Stable Diffusion 1.x/2.x bases.")
+def pipeline_class_name(args, base: str) -> str:
+    """The base's pipeline class from its model_index.json; refuses families this trainer does not handle."""
+    from diffusers import DiffusionPipeline
+
+    try:
+        cls = DiffusionPipeline.load_config(base, revision=args.revision).get("_class_name", "")
+    except Exception as exc:
+        raise TrainingInputError(f"{base} is not a diffusers model folder or reachable hub id "
+                                 f"({type(exc).__name__}); check --pretrained_model_name_or_path.") from None
+    if "3" in cls or "Flux" in cls:
+        raise TrainingInputError(f"{base} is a {cls}; this trainer handles Stable Diffusion 1.x/2.x and SDXL bases.")
+    return cls
 
 
-def check_targets(args, base: str) -> None:
+def text_encoder_classes(sdxl: bool) -> dict:
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return {"text_encoder": CLIPTextModel, **({"text_encoder_2": CLIPTextModelWithProjection} if sdxl else {})}
+
+
+def check_targets(args, base: str, sdxl: bool) -> None:
     """Targets and ranks against a weightless UNet (and text encoder) built from the configs, so a bad
     --target_modules or --rank fails before any weight is loaded."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig
 
     from svdiff_tools.errors import SVDAdapterError
     from svdiff_tools.model import plan_adapters
@@ -68,18 +78,17 @@ def check_targets(args, base: str) -> None:
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder="unet",
                                                                                  revision=args.revision))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(base, subfolder="text_encoder",
-                                                                    revision=args.revision)) \
-            if args.train_text_encoder else None
+        encoders = [cls(CLIPTextConfig.from_pretrained(base, subfolder=name, revision=args.revision))
+                    for name, cls in text_encoder_classes(sdxl).items()] if args.train_text_encoder else []
     try:
         if args.method in ("lora", "pissa"):
             resolve_targets(unet, args.target_modules)
-            if text_encoder is not None:
-                resolve_targets(text_encoder, "text-encoder")
+            for encoder in encoders:
+                resolve_targets(encoder, "text-encoder")
         else:
             plan_adapters(unet, spectral_config(args), "default")
-            if text_encoder is not None:
-                plan_adapters(text_encoder, spectral_config(args, train_text_encoder=True), "default")
+            for encoder in encoders:
+                plan_adapters(encoder, spectral_config(args, train_text_encoder=True), "default")
     except SVDAdapterError as exc:
         raise TrainingInputError(str(exc)) from None
 
@@ -97,9 +106,8 @@ def weight_dtype_of(accelerator) -> torch.dtype:
     return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
 
-def generate_class_images(args, base: str, accelerator, weight_dtype) -> None:
+def generate_class_images(args, base: str, pipeline_cls: str, accelerator, weight_dtype) -> None:
     """Top up --class_data_dir to --num_class_images with the base model (never regenerates)."""
-    from diffusers import StableDiffusionPipeline
     from tqdm.auto import tqdm
 
     from svdiff_tools.training.args import list_images
@@ -111,8 +119,7 @@ def generate_class_images(args, base: str, accelerator, weight_dtype) -> None:
         return
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         args.prior_generation_precision, weight_dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(base, torch_dtype=dtype, revision=args.revision,
-                                                   variant=args.variant, safety_checker=None)
+    pipe = load_pipeline(args, base, pipeline_cls, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
     start = len(list_images(folder))
@@ -130,7 +137,7 @@ def generate_class_images(args, base: str, accelerator, weight_dtype) -> None:
     del pipe
 
 
-def inject(args, unet, text_encoder):
+def inject(args, unet, encoders: dict):
     """Adapters on the UNet (and text encoder); returns a function giving the trainable tensors by name."""
     if args.method in ("lora", "pissa"):
         from peft import LoraConfig
@@ -144,8 +151,9 @@ def inject(args, unet, text_encoder):
 
         unet.add_adapter(lora_config(unet, args.target_modules))
         if args.train_text_encoder:
-            text_encoder.add_adapter(lora_config(text_encoder, "text-encoder"))
-        for model in (unet, text_encoder):
+            for encoder in encoders.values():
+                encoder.add_adapter(lora_config(encoder, "text-encoder"))
+        for model in (unet, *encoders.values()):
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
@@ -155,14 +163,15 @@ def inject(args, unet, text_encoder):
 
     st.inject_adapter(unet, spectral_config(args))
     if args.train_text_encoder:
-        st.inject_adapter(text_encoder, spectral_config(args, train_text_encoder=True))
+        for encoder in encoders.values():
+            st.inject_adapter(encoder, spectral_config(args, train_text_encoder=True))
 
 
 def trainable_parameters(models) -> dict:
     return {f"{i}.{n}": p for i, m in enumerate(models) for n, p in m.named_parameters() if p.requires_grad}
 
 
-def make_optimizer(args, unet, text_encoder):
+def make_optimizer(args, unet, encoders: dict):
     import svdiff_tools as st
 
     lr = args.learning_rate
@@ -170,12 +179,14 @@ def make_optimizer(args, unet, text_encoder):
     if args.method in ("lora", "pissa"):
         groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": lr}]
         if args.train_text_encoder:
-            groups.append({"params": [p for p in text_encoder.parameters() if p.requires_grad], "lr": te_lr})
+            groups += [{"params": [p for p in e.parameters() if p.requires_grad], "lr": te_lr}
+                       for e in encoders.values()]
     else:
         groups = st.get_parameter_groups(unet, lr, lr_1d=args.learning_rate_1d, weight_decay=args.adam_weight_decay)
         if args.train_text_encoder:
-            groups += [dict(g, lr=te_lr) for g in st.get_parameter_groups(text_encoder, te_lr,
-                                                                          weight_decay=args.adam_weight_decay)]
+            for encoder in encoders.values():
+                groups += [dict(g, lr=te_lr) for g in st.get_parameter_groups(encoder, te_lr,
+                                                                              weight_decay=args.adam_weight_decay)]
     if args.use_8bit_adam:
         import bitsandbytes as bnb
 
@@ -187,14 +198,14 @@ def make_optimizer(args, unet, text_encoder):
 
 
 # ----------------------------------------------------------------------------------- adapter files
-def adapter_tensors(args, unet, text_encoder) -> dict:
+def adapter_tensors(args, unet, encoders: dict) -> dict:
     """The trainable state of the run (for checkpoints), by name."""
     from peft.utils import get_peft_model_state_dict
 
     import svdiff_tools as st
 
     out = {}
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+    for prefix, model in (("unet", unet), *encoders.items()):
         if args.method in ("lora", "pissa"):
             if prefix == "unet" or args.train_text_encoder:
                 out.update({f"{prefix}.{k}": v for k, v in get_peft_model_state_dict(model).items()})
@@ -203,12 +214,12 @@ def adapter_tensors(args, unet, text_encoder) -> dict:
     return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
 
-def restore_adapter_tensors(args, unet, text_encoder, tensors: dict) -> None:
+def restore_adapter_tensors(args, unet, encoders: dict, tensors: dict) -> None:
     from peft.utils import set_peft_model_state_dict
 
     import svdiff_tools as st
 
-    for prefix, model in (("unet", unet), ("text_encoder", text_encoder)):
+    for prefix, model in (("unet", unet), *encoders.items()):
         part = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
         if not part:
             continue
@@ -221,19 +232,20 @@ def restore_adapter_tensors(args, unet, text_encoder, tensors: dict) -> None:
                     params[name].copy_(value)
 
 
-def save_final_adapter(args, base, unet, text_encoder, output_dir: Path, pissa_init=None) -> list:
+def save_final_adapter(args, base, unet, encoders: dict, output_dir: Path, pipeline_cls: str,
+                       pissa_init=None) -> list:
     """svd_adapter.safetensors (or the LoRA file for lora/pissa), plus the optional LoRA export."""
     import svdiff_tools as st
     from svdiff_tools.io import component_state, write_adapter_file
 
     written = []
     if args.method in ("lora", "pissa"):
-        from diffusers import StableDiffusionPipeline
+        import diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
         if args.train_text_encoder:
-            layers["text_encoder_lora_layers"] = get_peft_model_state_dict(text_encoder)
+            layers.update({f"{name}_lora_layers": get_peft_model_state_dict(e) for name, e in encoders.items()})
         if pissa_init is not None:  # W_res + BA = W + (BA - B0 A0): a rank-2r LoRA on the original weights
             for key, sd in layers.items():
                 for k in [k for k in sd if ".lora_A." in k]:
@@ -241,24 +253,28 @@ def save_final_adapter(args, base, unet, text_encoder, output_dir: Path, pissa_i
                     A0, B0 = pissa_init[key][k], pissa_init[key][kb]
                     sd[k] = torch.cat([sd[k], A0.to(sd[k].dtype)], 0)
                     sd[kb] = torch.cat([sd[kb], -B0.to(sd[kb].dtype)], 1)
-        StableDiffusionPipeline.save_lora_weights(output_dir, safe_serialization=True, **layers)
+        getattr(diffusers, pipeline_cls).save_lora_weights(output_dir, safe_serialization=True, **layers)
         return [output_dir / LORA_FILE]
     parts = {"unet": component_state(unet, "default")}
     if args.train_text_encoder:
-        parts["text_encoder"] = component_state(text_encoder, "default")
-    extra = {"pipeline_class": "StableDiffusionPipeline", "base_model": base, "trainer": "train_dreambooth.py"}
+        parts.update({name: component_state(e, "default") for name, e in encoders.items()})
+    extra = {"pipeline_class": pipeline_cls, "base_model": base, "trainer": "train_dreambooth.py"}
     written.append(write_adapter_file(output_dir, parts, "default", extra))
     if args.export_lora_rank is not None:
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, revision=args.revision,
-                                                       variant=args.variant)
+        pipe = load_pipeline(args, base, pipeline_cls)
         report = st.export_lora(written[0], output_dir / LORA_FILE, base=pipe,
                                 rank=args.export_lora_rank or None)
         logger.info("exported LoRA (rank %s): overall relative error %.3e", args.export_lora_rank or "exact",
                     report.overall_error)
         written.append(output_dir / LORA_FILE)
     return written
+
+
+def load_pipeline(args, base: str, pipeline_cls: str, **components):
+    from diffusers import DiffusionPipeline
+
+    extra = {} if "XL" in pipeline_cls else {"safety_checker": None}
+    return DiffusionPipeline.from_pretrained(base, revision=args.revision, variant=args.variant, **extra, **components)
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -283,16 +299,14 @@ def render_validation(args, pipe, step: int, folder: Path, accelerator=None):
     return images
 
 
-def final_check_and_card(args, base: str, files: list, output_dir: Path, trainable: int, steps: int) -> Path:
+def final_check_and_card(args, base: str, files: list, output_dir: Path, trainable: int, steps: int,
+                         pipeline_cls: str) -> Path:
     """Reload the saved adapter into a fresh base pipeline, render the final images, write the model card."""
-    from diffusers import StableDiffusionPipeline
-
     import svdiff_tools  # noqa: F401
     from svdiff_tools.images import labelled_grid
     from svdiff_tools.training.card import write_model_card
 
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, revision=args.revision,
-                                                   variant=args.variant)
+    pipe = load_pipeline(args, base, pipeline_cls)
     if args.method in ("lora", "pissa"):
         pipe.load_lora_weights(str(output_dir), weight_name=LORA_FILE)
     else:
@@ -317,7 +331,7 @@ def train(args) -> int:
     from diffusers.training_utils import compute_snr
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import AutoTokenizer
 
     from svdiff_tools.avf import AdaptiveVectorFreezing
     from svdiff_tools.training import checkpoints
@@ -326,8 +340,9 @@ def train(args) -> int:
     output_dir = Path(args.output_dir)
     instance_images = load_folder(Path(args.instance_data_dir))  # corrupt files fail here, before any model
     base = resolve_base(args)
-    check_base(base)
-    check_targets(args, base)
+    pipeline_cls = pipeline_class_name(args, base)
+    sdxl = "XL" in pipeline_cls
+    check_targets(args, base, sdxl)
     resume_path = checkpoints.resolve_resume(output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" and resume_path is None:
         raise TrainingInputError(f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist.")
@@ -355,18 +370,21 @@ def train(args) -> int:
     class_images = []
     if args.with_prior_preservation:
         if accelerator.is_main_process:
-            generate_class_images(args, base, accelerator, weight_dtype)
+            generate_class_images(args, base, pipeline_cls, accelerator, weight_dtype)
         accelerator.wait_for_everyone()
         class_images = load_folder(Path(args.class_data_dir))[: args.num_class_images]
 
     load = dict(revision=args.revision)
-    tokenizer = AutoTokenizer.from_pretrained(base, subfolder="tokenizer", use_fast=False, **load)
+    names = list(text_encoder_classes(sdxl))
+    tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=n.replace("text_encoder", "tokenizer"),
+                                                use_fast=False, **load) for n in names]
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **load)
-    text_encoder = CLIPTextModel.from_pretrained(base, subfolder="text_encoder", variant=args.variant, **load)
+    encoders = {n: cls.from_pretrained(base, subfolder=n, variant=args.variant, **load)
+                for n, cls in text_encoder_classes(sdxl).items()}
     vae_path = args.pretrained_vae_model_name_or_path
     vae = AutoencoderKL.from_pretrained(vae_path or base, subfolder=None if vae_path else "vae", **load)
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **load)
-    for model in (vae, text_encoder, unet):
+    for model in (vae, *encoders.values(), unet):
         model.requires_grad_(False)
         model.to(accelerator.device)
         if weight_dtype != torch.float32:
@@ -374,29 +392,40 @@ def train(args) -> int:
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
 
-    inject(args, unet, text_encoder)  # frozen weights stay in weight_dtype; adapter tensors are float32
+    inject(args, unet, encoders)  # frozen weights stay in weight_dtype; adapter tensors are float32
     pissa_init = None
     if args.method == "pissa":
         from peft.utils import get_peft_model_state_dict
 
         pissa_init = {"unet_lora_layers": {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}}
         if args.train_text_encoder:
-            pissa_init["text_encoder_lora_layers"] = {
-                k: v.detach().clone() for k, v in get_peft_model_state_dict(text_encoder).items()}
+            for name, encoder in encoders.items():
+                pissa_init[f"{name}_lora_layers"] = {
+                    k: v.detach().clone() for k, v in get_peft_model_state_dict(encoder).items()}
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
         if args.train_text_encoder:
-            text_encoder.gradient_checkpointing_enable()
-    trainable = sum(p.numel() for p in trainable_parameters([unet, text_encoder]).values())
+            for encoder in encoders.values():
+                encoder.gradient_checkpointing_enable()
+    trainable = sum(p.numel() for p in trainable_parameters([unet, *encoders.values()]).values())
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(args, unet, text_encoder)
+    optimizer = make_optimizer(args, unet, encoders)
 
-    def encode_prompt(prompt: str, encoder) -> torch.Tensor:
-        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids.to(accelerator.device)
-        return encoder(ids)[0], ids
+    def encode(prompts: list, models: dict):
+        """(prompt embeddings, pooled embeddings or None); SDXL: penultimate hidden states of both encoders
+        concatenated, pooled from the second (projection) encoder."""
+        hidden, pooled = [], None
+        for tokenizer, model in zip(tokenizers, models.values()):
+            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(accelerator.device)
+            if not sdxl:
+                return model(ids)[0], None
+            out = model(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])
+            pooled = out[0]
+        return torch.cat(hidden, dim=-1), pooled
 
     dataset = DreamBoothDataset(instance_images, args.resolution, args.center_crop, args.random_flip, seed,
                                 class_images)
@@ -410,11 +439,13 @@ def train(args) -> int:
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles)
-    if args.train_text_encoder:  # the loader stays ours: see EpochSampler
-        unet, text_encoder, optimizer, lr_scheduler = accelerator.prepare(unet, text_encoder, optimizer, lr_scheduler)
-    else:
-        unet, optimizer, lr_scheduler = accelerator.prepare(unet, optimizer, lr_scheduler)
-    raw_unet, raw_te = accelerator.unwrap_model(unet), accelerator.unwrap_model(text_encoder)
+    # the loader stays ours (see EpochSampler); trained text encoders are prepared like the UNet
+    trained_names = names if args.train_text_encoder else []
+    prepared = accelerator.prepare(unet, *[encoders[n] for n in trained_names], optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler = prepared[0], prepared[-2], prepared[-1]
+    encoders.update(zip(trained_names, prepared[1:-2]))
+    raw_unet = accelerator.unwrap_model(unet)
+    raw_encoders = {n: accelerator.unwrap_model(m) for n, m in encoders.items()}
 
     avf = None
     if args.method == "vectorfit" and args.avf_k > 0:
@@ -424,22 +455,40 @@ def train(args) -> int:
     # Accelerate saves optimizer, scheduler and RNG states; models are saved as adapter tensors only.
     def save_hook(models, weights, folder):
         if accelerator.is_main_process:
-            save_file(adapter_tensors(args, raw_unet, raw_te), str(Path(folder) / "adapter_state.safetensors"))
+            save_file(adapter_tensors(args, raw_unet, raw_encoders), str(Path(folder) / "adapter_state.safetensors"))
         weights.clear()
 
     def load_hook(models, folder):
-        restore_adapter_tensors(args, raw_unet, raw_te, load_file(str(Path(folder) / "adapter_state.safetensors")))
+        restore_adapter_tensors(args, raw_unet, raw_encoders,
+                                load_file(str(Path(folder) / "adapter_state.safetensors")))
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-    instance_embeds = class_embeds = None
-    if not args.train_text_encoder:
+    cached = None
+    if not args.train_text_encoder:  # frozen text encoders: embed the prompts once
         with torch.no_grad():
-            instance_embeds = encode_prompt(args.instance_prompt, text_encoder)[0]
+            cached = {"instance": encode([args.instance_prompt], encoders)}
             if args.with_prior_preservation:
-                class_embeds = encode_prompt(args.class_prompt, text_encoder)[0]
+                cached["class"] = encode([args.class_prompt], encoders)
+    res = args.resolution
+    time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=weight_dtype, device=accelerator.device)
+
+    # --cache_latents: every image goes through the VAE once (with the epoch-0 crop and flip, as diffusers does)
+    latent_parts = ["instance"] + (["class"] if args.with_prior_preservation else [])
+    latent_cache = None
+    if args.cache_latents:
+        latent_cache = {part: ([], []) for part in latent_parts}
+        dataset.set_epoch(0)
+        with torch.no_grad():
+            for i in range(len(dataset)):
+                item = dataset[i]
+                for part in latent_parts:
+                    dist = vae.encode(item[part][None].to(accelerator.device, weight_dtype)).latent_dist
+                    latent_cache[part][0].append(dist.mean.float().cpu())
+                    latent_cache[part][1].append(dist.std.float().cpu())
+        latent_cache = {part: (torch.cat(m), torch.cat(sd)) for part, (m, sd) in latent_cache.items()}
 
     global_step, first_epoch, skip_batches = 0, 0, 0
     if resume_path is not None:
@@ -461,8 +510,8 @@ def train(args) -> int:
     accum_index = 0
     with tqdm(total=max_steps, initial=global_step, desc="training", disable=not accelerator.is_local_main_process) as bar:
         unet.train()
-        if args.train_text_encoder:
-            text_encoder.train()
+        for name in trained_names:
+            encoders[name].train()
         for epoch in range(first_epoch, num_epochs):
             sampler.set_epoch(epoch)
             batches = itertools.islice(loader, skip_batches, None)
@@ -476,8 +525,15 @@ def train(args) -> int:
                     pixels = batch["pixel_values"]
                     if args.with_prior_preservation:
                         pixels = torch.cat([pixels, batch["class_pixel_values"]])
-                    with torch.no_grad():
-                        latents = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist.sample(gen)
+                    if latent_cache is not None:  # stored mean/std of each image: sample as the VAE would
+                        keys = batch["index"].tolist()
+                        mean = torch.cat([latent_cache[part][0][keys] for part in latent_parts])
+                        std = torch.cat([latent_cache[part][1][keys] for part in latent_parts])
+                        latents = (mean + std * torch.randn(mean.shape, generator=gen)).to(accelerator.device,
+                                                                                           weight_dtype)
+                    else:
+                        with torch.no_grad():
+                            latents = vae.encode(pixels.to(accelerator.device, weight_dtype)).latent_dist.sample(gen)
                     latents = latents * vae.config.scaling_factor
                     noise = torch.randn(latents.shape, generator=gen).to(latents)
                     if args.noise_offset:
@@ -486,17 +542,19 @@ def train(args) -> int:
                                               generator=gen).to(latents.device)
                     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
                     n_inst = batch["pixel_values"].shape[0]
-                    if instance_embeds is not None:
-                        embeds = instance_embeds.expand(n_inst, -1, -1)
-                        if args.with_prior_preservation:
-                            embeds = torch.cat([embeds, class_embeds.expand(n_inst, -1, -1)])
+                    if cached is not None:
+                        parts = [cached["instance"]] + ([cached["class"]] if args.with_prior_preservation else [])
+                        embeds = torch.cat([e.expand(n_inst, -1, -1) for e, _ in parts])
+                        pooled = torch.cat([p.expand(n_inst, -1) for _, p in parts]) if sdxl else None
                     else:
                         prompts = [args.instance_prompt] * n_inst + ([args.class_prompt] * n_inst
                                                                      if args.with_prior_preservation else [])
-                        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
-                                        truncation=True, return_tensors="pt").input_ids.to(accelerator.device)
-                        embeds = text_encoder(ids)[0]
-                    pred = unet(noisy, timesteps, embeds.to(weight_dtype)).sample
+                        embeds, pooled = encode(prompts, encoders)
+                    extra = {}
+                    if sdxl:
+                        extra["added_cond_kwargs"] = {"text_embeds": pooled.to(weight_dtype),
+                                                      "time_ids": time_ids.expand(embeds.shape[0], -1)}
+                    pred = unet(noisy, timesteps, embeds.to(weight_dtype), **extra).sample
                     if noise_scheduler.config.prediction_type == "v_prediction":
                         target = noise_scheduler.get_velocity(latents, noise, timesteps)
                     else:
@@ -536,7 +594,7 @@ def train(args) -> int:
                 bar.set_postfix(loss=f"{loss.item():.4f}")
                 accelerator.log({"loss": loss.item(), "lr": lr_scheduler.get_last_lr()[0]}, step=global_step)
                 if global_step % args.checkpointing_steps == 0 and global_step < max_steps:
-                    if not all(torch.isfinite(t).all() for t in adapter_tensors(args, raw_unet, raw_te).values()):
+                    if not all(torch.isfinite(t).all() for t in adapter_tensors(args, raw_unet, raw_encoders).values()):
                         raise TrainingDiverged(
                             f"the adapter became NaN/inf at step {global_step}; lower --learning_rate. The last good "
                             f"checkpoint is {last_good or 'none (no checkpoint yet)'}.")
@@ -548,10 +606,8 @@ def train(args) -> int:
                         else {"method": args.method},
                         accelerator.is_main_process, accelerator.wait_for_everyone, args.checkpoints_total_limit)
                 if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
-                    from diffusers import StableDiffusionPipeline
-
-                    pipe = StableDiffusionPipeline.from_pretrained(base, unet=raw_unet, text_encoder=raw_te, vae=vae,
-                                                                   safety_checker=None, torch_dtype=weight_dtype)
+                    pipe = load_pipeline(args, base, pipeline_cls, unet=raw_unet, vae=vae, torch_dtype=weight_dtype,
+                                         **raw_encoders)
                     render_validation(args, pipe, global_step, output_dir / "validation", accelerator)
                     unet.train()
                 maybe_die(global_step)
@@ -561,8 +617,8 @@ def train(args) -> int:
                 break
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        files = save_final_adapter(args, base, raw_unet, raw_te, output_dir, pissa_init)
-        grid = final_check_and_card(args, base, files, output_dir, trainable, global_step)
+        files = save_final_adapter(args, base, raw_unet, raw_encoders, output_dir, pipeline_cls, pissa_init)
+        grid = final_check_and_card(args, base, files, output_dir, trainable, global_step, pipeline_cls)
         for tmp in output_dir.glob(".checkpoint-*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
         if args.push_to_hub:

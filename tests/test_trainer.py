@@ -211,3 +211,29 @@ def test_images_of_every_mode_are_handled(tmp_path):
     assert open_rgb(tmp_path / "cmyk.jpg").mode == "RGB"
     assert open_rgb(tmp_path / "rotated.jpg").size == (10, 20)
     assert EXAMPLE_DATA.is_dir() and len(list(EXAMPLE_DATA.glob("*.png"))) >= 3
+
+
+def test_sdxl_base_trains_both_text_encoders(tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    base = tiny_pipeline_path("sdxl")
+    result = launch(["--method", "svfit", "--rank", "2", "--pretrained_model_name_or_path", str(base),
+                     "--resolution", "32", "--max_train_steps", "2", "--learning_rate", "5e-2", "--train_text_encoder",
+                     "--output_dir", "out"], tmp_path, accelerate=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = tmp_path / "out" / "svd_adapter.safetensors"
+    prefixes = {k.split(".")[0] for k in load_file(str(path))}
+    assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(base))
+    before = render(pipe)
+    pipe.load_svd_adapter(path)
+    assert np.abs(render(pipe) - before).max() > 1e-4
+
+
+def test_cache_latents_and_tensorboard(tmp_path):
+    result = launch(["--method", "svdiff", "--cache_latents", "--report_to", "tensorboard", "--max_train_steps", "3",
+                     "--validation_steps", "2", "--output_dir", "out"], tmp_path, accelerate=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert list((out / "logs").rglob("events.out.tfevents.*"))
+    assert (out / "validation" / "step000002_0.png").is_file()
