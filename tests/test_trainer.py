@@ -245,3 +245,21 @@ def test_cache_latents_and_tensorboard(tmp_path):
     out = tmp_path / "out"
     assert list((out / "logs").rglob("events.out.tfevents.*"))
     assert (out / "validation" / "step000002_0.png").is_file()
+
+
+def test_precision_and_schedule_flags_together(tmp_path):
+    """bf16 frozen weights with float32 adapter tensors, gradient checkpointing, Min-SNR, noise offset, a
+    cosine schedule with warm-up and checkpoint pruning, in one run."""
+    result = launch(["--method", "vectorfit", "--gradient_checkpointing", "--snr_gamma", "5", "--noise_offset", "0.1",
+                     "--lr_scheduler", "cosine", "--lr_warmup_steps", "1", "--checkpointing_steps", "1",
+                     "--checkpoints_total_limit", "2", "--max_train_steps", "4", "--mixed_precision", "bf16",
+                     "--train_text_encoder", "--output_dir", "out"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]
+    tensors = load_file(str(out / "svd_adapter.safetensors"))
+    assert all(t.dtype == torch.float32 for k, t in tensors.items() if not k.endswith((".rows", ".cols")))
+    pipe = base_pipe()  # an fp32 pipeline: the loader rounds its weights to bf16 to meet the training basis
+    before = render(pipe)
+    pipe.load_svd_adapter(out)
+    assert np.abs(render(pipe) - before).max() > 1e-4
