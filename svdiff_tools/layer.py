@@ -184,12 +184,12 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
             return False
         if "factored" in modes:
             return True
-        out_f, in_f = self.kind.out_features, self.kind.in_features
-        r = sum(self.svd_adapters[n].rank for n in names)
+        out_f, in_f = self.kind.matrix_shape
+        methods = [self.svd_adapters[n] for n in names]
+        r = sum(m.rank for m in methods)
         tokens = self.kind.tokens(x)
-        training = torch.is_grad_enabled() and any(
-            p.requires_grad for n in names for p in self.svd_adapters[n].parameters()
-        )
+        training = torch.is_grad_enabled() and any(p.requires_grad for m in methods for p in m._parameters.values()
+                                                   if p is not None)
         recompose = out_f * in_f * r + (tokens * out_f * in_f if training else 0)
         factored = tokens * (out_f + in_f) * r * (3 if training else 1)
         return factored < recompose

@@ -29,6 +29,13 @@ class ModuleKind:
 
     def __init__(self, module: nn.Module):
         self.module = module
+        self._shape = None  # (out, in) of the matrix view, cached: shapes never change
+
+    @property
+    def matrix_shape(self) -> tuple:
+        if self._shape is None:
+            self._shape = tuple(self.matrix(self.module.weight).shape)
+        return self._shape
 
     # --- shapes -------------------------------------------------------------------------
     def matrix(self, weight: torch.Tensor) -> torch.Tensor:
@@ -39,11 +46,11 @@ class ModuleKind:
 
     @property
     def out_features(self) -> int:
-        return self.matrix(self.module.weight).shape[0]
+        return self.matrix_shape[0]
 
     @property
     def in_features(self) -> int:
-        return self.matrix(self.module.weight).shape[1]
+        return self.matrix_shape[1]
 
     # --- compute ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:

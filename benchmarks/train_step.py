@@ -1,0 +1,149 @@
+#!/usr/bin/env python
+"""One UNet training step (forward, backward, AdamW step) per configuration, all in one process.
+
+    python benchmarks/train_step.py --config tiny|sd15|sdxl --device cpu|cuda --resolution 512 --batch 1
+
+Rows: the frozen floor (backward through activations only, no weight gradients; no adapter can beat it),
+full fine-tuning, PEFT LoRA r4 on to_q/k/v/out with float32 adapter parameters (as diffusers' DreamBooth
+script runs it), naive SVDiff (rebuilds every weight from its factors each step), and each method at its
+default and at a low-rank setting. Columns: median step ms, ratio to the floor, peak memory (CUDA only),
+trainable parameters. The last line is ``worst adapter ratio to floor: X.XX``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import svdiff_tools as st  # noqa: E402
+from common import build_unet, measure, table  # noqa: E402
+
+def method_rows(config: str) -> list:
+    """(label, config kwargs); target_modules "unet" = attention + resnets + projections. The tiny UNet's
+    smallest matrices have k = 32, so its low-rank rows use r = 4 and 16 instead of 16 and 64."""
+    low, high = (4, 16) if config == "tiny" else (16, 64)
+    return [
+        ("svdiff", dict(method="svdiff")),
+        ("vectorfit", dict(method="vectorfit")),
+        ("svft plain", dict(method="svft", svft_pattern="plain")),
+        ("svft banded d=2", dict(method="svft", svft_pattern="banded", svft_offset=2)),
+        (f"svfit r={low}", dict(method="svfit", rank=low)),
+        (f"svfit r={high}", dict(method="svfit", rank=high)),
+        (f"svft banded r={low}", dict(method="svft", svft_pattern="banded", svft_offset=2, rank=low)),
+    ]
+
+
+class NaiveSpectralShift(nn.Module):
+    """The SVDiff port's way: W = U diag(relu(sigma + delta)) V^T rebuilt from float32 factors every step."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        shape = weight.shape
+        U, S, Vh = torch.linalg.svd(weight.detach().float().reshape(shape[0], -1), full_matrices=False)
+        self.register_buffer("U", U)
+        self.register_buffer("S", S)
+        self.register_buffer("Vh", Vh)
+        self.delta = nn.Parameter(torch.zeros_like(S))
+        self.shape = shape
+
+    def forward(self, _weight):
+        W = (self.U * torch.relu(self.S + self.delta)) @ self.Vh
+        return W.reshape(self.shape).to(_weight.dtype)
+
+
+def naive_svdiff(unet):
+    for name, module in st.targets.resolve_targets(unet, "unet"):
+        parametrize.register_parametrization(module, "weight", NaiveSpectralShift(module.weight))
+    return [p for n, p in unet.named_parameters() if n.endswith(".delta")]
+
+
+def make_step(unet, inputs, params, floor=False):
+    latents, t, text, extra = inputs
+    optimizer = torch.optim.AdamW(params, lr=1e-6) if params else None
+
+    def step():
+        x = latents.detach().requires_grad_(floor)
+        loss = F.mse_loss(unet(x, t, text, **extra).sample.float(), latents.float())
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=["tiny", "sd15", "sdxl"], default="tiny")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--resolution", type=int, default=None, help="default: 32 tiny, 512 sd15, 1024 sdxl")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="frozen weights (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--skip", default="", help="comma-separated row labels to leave out")
+    args = p.parse_args(argv)
+    resolution = args.resolution or {"tiny": 32, "sd15": 512, "sdxl": 1024}[args.config]
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    base, make_inputs = build_unet(args.config, args.device, dtype)
+    base.requires_grad_(False)
+    inputs = make_inputs(args.batch, resolution)
+    rows, results = [], {}
+
+    def run(label, unet, params, floor=False):
+        if label in skip:
+            return
+        unet.train()
+        ms, peak = measure(make_step(unet, inputs, params, floor), args.device, args.warmup, args.repeats)
+        results[label] = ms
+        trainable = sum(p.numel() for p in params)
+        rows.append([label, f"{ms:.1f}", f"{ms / results['frozen floor']:.2f}x",
+                     "-" if peak is None else f"{peak:.2f}", f"{trainable:,}"])
+        print(f"  {label}: {ms:.1f} ms", file=sys.stderr)
+
+    run("frozen floor", base, [], floor=True)
+    full = copy.deepcopy(base).requires_grad_(True)
+    run("full fine-tuning", full, list(full.parameters()))
+    del full
+    if "PEFT LoRA r4" not in skip:
+        from peft import LoraConfig
+
+        lora = copy.deepcopy(base)
+        lora.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+        params = [p for p in lora.parameters() if p.requires_grad]
+        for p_ in params:
+            p_.data = p_.data.float()  # diffusers' cast_training_params(..., torch.float32)
+        run("PEFT LoRA r4", lora, params)
+        del lora
+    if "naive svdiff" not in skip:
+        naive = copy.deepcopy(base)
+        run("naive svdiff", naive, naive_svdiff(naive))
+        del naive
+    methods = method_rows(args.config)
+    for label, kwargs in methods:
+        if label in skip:
+            continue
+        model = copy.deepcopy(base)
+        st.inject_adapter(model, st.SVDAdapterConfig(target_modules="unet", **kwargs))
+        run(label, model, [p for p in model.parameters() if p.requires_grad])
+        del model
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"config {args.config}, {resolution} px, batch {args.batch}, frozen weights {dtype}, device {device_name}, "
+          f"median of {args.repeats} after {args.warmup} warm-up")
+    print(table(rows, ["configuration", "step ms", "ratio to floor", "peak GiB", "trainable params"]))
+    adapters = [results[label] for label, _ in methods if label in results]
+    worst = max(adapters) / results["frozen floor"] if adapters else float("nan")
+    print(f"worst adapter ratio to floor: {worst:.2f}")
+
+
+if __name__ == "__main__":
+    main()
