@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional
 
-import torch
 from torch import nn
 
 from .model import adapter_configs, adapter_parameters

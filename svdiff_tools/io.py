@@ -33,6 +33,7 @@ from .layer import NormDeltaLayer, SVDLayer
 from .model import (PlannedAdapter, adapter_configs, adapter_layers, adapter_parameters, attach_planned,
                     build_planned, remove_adapter)
 from .module_kinds import is_norm, kind_of
+from .targets import base_of
 
 FORMAT = "svdiff-tools.adapter"
 FORMAT_VERSION = 1
@@ -211,7 +212,7 @@ def _check_against_model(path, model: nn.Module, modules: dict, norms: dict, ten
         if isinstance(module, SVDLayer) and adapter_name in module.svd_adapters:
             raise SVDAdapterError(f"module {name} already has an adapter named {adapter_name!r}; "
                                   "pass another adapter_name.")
-        base = module.base_module if isinstance(module, (SVDLayer, NormDeltaLayer)) else module
+        base = base_of(module)
         kind = kind_of(base)
         if kind is None or kind.name != info.get("kind"):
             raise SVDAdapterFileError(f"{path} expects a {info.get('kind')} layer at {name}, but this model has "
@@ -224,7 +225,7 @@ def _check_against_model(path, model: nn.Module, modules: dict, norms: dict, ten
         owned |= {k for k in tensors if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
     for name, info in norms.items():
         module = _module_at(path, model, name, "norm")
-        base = module.base_module if isinstance(module, NormDeltaLayer) else module
+        base = base_of(module)
         if not is_norm(base):
             raise SVDAdapterFileError(f"{path} expects a norm layer at {name}; it was trained for another "
                                       "architecture.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,7 +21,7 @@ from .errors import SVDTargetError
 from .layer import AdapterLayerMixin, NormDeltaLayer, SVDBasis, SVDLayer
 from .methods import SpectralMethod, method_class
 from .module_kinds import ModuleKind, kind_of
-from .targets import norm_modules, resolve_targets
+from .targets import base_of as _base, norm_modules, resolve_targets
 
 logger = logging.getLogger(__name__)
 CONFIGS_ATTR = "_svd_adapter_configs"
@@ -37,10 +37,6 @@ def adapter_layers(model: nn.Module) -> Iterator[Tuple[str, AdapterLayerMixin]]:
 def adapter_configs(model: nn.Module) -> Dict[str, SVDAdapterConfig]:
     """The configs of the adapters injected into ``model``, by name."""
     return model.__dict__.setdefault(CONFIGS_ATTR, {})
-
-
-def _base(module: nn.Module) -> nn.Module:
-    return module.base_module if isinstance(module, AdapterLayerMixin) else module
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:

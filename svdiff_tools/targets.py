@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from typing import Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Tuple, Union
 
 from torch import nn
 
@@ -84,7 +84,8 @@ def _output_head_names(model: nn.Module) -> set:
     return heads
 
 
-def _base_of(module: nn.Module) -> nn.Module:
+def base_of(module: nn.Module) -> nn.Module:
+    """The module an adapter layer wraps, or the module itself."""
     return module.base_module if isinstance(module, AdapterLayerMixin) else module
 
 
@@ -110,7 +111,7 @@ def resolve_targets(model: nn.Module, target_modules, exclude_modules=None) -> L
         heads = _output_head_names(model) | {n for n, _ in candidates if n.split(".")[-1] in OUTPUT_HEADS}
         chosen = []
         for name, module in candidates:
-            kind = kind_of(_base_of(module))
+            kind = kind_of(base_of(module))
             if name in heads or isinstance(kind, EmbeddingKind):
                 continue
             if preset == "all-linear" and kind.name not in ("linear", "hf_conv1d"):
@@ -140,7 +141,7 @@ def norm_modules(model: nn.Module, exclude_modules=None) -> List[Tuple[str, nn.M
     """Every LayerNorm/GroupNorm with an affine weight (SVDiff's 1-D deltas), seeing wrappers through."""
     out = []
     for name, module in outer_modules(model):
-        if is_norm(_base_of(module)):
+        if is_norm(base_of(module)):
             if exclude_modules and _matches(name, exclude_modules if isinstance(exclude_modules, str)
                                             else list(exclude_modules)):
                 continue

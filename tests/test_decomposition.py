@@ -8,7 +8,6 @@ from torch import nn
 
 import svdiff_tools as st
 from svdiff_tools import cache, decomposition as dec
-from svdiff_tools.model import adapter_layers
 
 from reference import randomize_adapter, rel_err
 
