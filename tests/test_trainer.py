@@ -263,3 +263,34 @@ def test_precision_and_schedule_flags_together(tmp_path):
     before = render(pipe)
     pipe.load_svd_adapter(out)
     assert np.abs(render(pipe) - before).max() > 1e-4
+
+
+def test_pissa_export_is_the_trained_model_on_the_original_weights(tmp_path):
+    """PiSSA trains on W_res = W - B0 A0; its file holds [B, -B0][A; A0], so the original W plus it is the model."""
+    import argparse
+    import copy
+
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from svdiff_tools.tiny import tiny_pipeline
+
+    pipe = tiny_pipeline("sd15")
+    unet = copy.deepcopy(pipe.unet)
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights="pissa"))
+    init = {"unet_lora_layers": {k: v.detach().clone() for k, v in get_peft_model_state_dict(unet).items()}}
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "lora_" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    g = torch.Generator().manual_seed(0)
+    x, t, e = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([10]), torch.randn(1, 77, 32, generator=g)
+    with torch.no_grad():
+        trained, base = unet(x, t, e).sample, pipe.unet(x, t, e).sample
+    train_dreambooth.save_final_adapter(argparse.Namespace(method="pissa", train_text_encoder=False), "base", unet,
+                                        {}, tmp_path, "StableDiffusionPipeline", init)
+    pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
+    with torch.no_grad():
+        exported = pipe.unet(x, t, e).sample
+    assert (trained - base).abs().max() > 1e-2
+    torch.testing.assert_close(exported, trained, rtol=0, atol=1e-5)
