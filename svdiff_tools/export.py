@@ -69,14 +69,19 @@ def lora_factors(layer: SVDLayer, adapter_name: str, rank: Optional[int] = None
     return left[:, :R] * root, (right[:, :R] * root).mT, lam, R
 
 
+def _kohya_text_model_level(model: nn.Module) -> str:
+    """A1111 names keep CLIP's ``text_model`` level, which transformers >= 5 dropped from CLIPTextModel."""
+    return "text_model_" if "CLIPText" in type(model).__name__ and not hasattr(model, "text_model") else ""
+
+
 def _default_prefix(model: nn.Module, key_format: str) -> str:
     cls = type(model).__name__
     is_diffusers = any(c.__module__.startswith("diffusers") for c in type(model).__mro__)
     if key_format == "kohya":
         if "UNet" in cls or (is_diffusers and "Transformer" in cls):
             return "lora_unet_"
-        if "CLIPText" in cls and not hasattr(model, "text_model"):
-            return "lora_te_text_model_"  # transformers >= 5 dropped the level A1111 names keep
+        if _kohya_text_model_level(model):
+            return "lora_te_" + _kohya_text_model_level(model)
         return "lora_te_" if "Text" in cls or "CLIP" in cls or "T5" in cls else "lora_"
     if key_format == "peft":
         return "base_model.model."
@@ -183,7 +188,7 @@ def _pipeline_prefix(pipe, component: str, model: nn.Module, key_format: str) ->
         return "lora_unet_" if component == "unet" else "lora_transformer_"
     te = {"text_encoder": "lora_te1_" if getattr(pipe, "text_encoder_2", None) is not None else "lora_te_",
           "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}[component]
-    return te + ("text_model_" if "CLIPText" in type(model).__name__ and not hasattr(model, "text_model") else "")
+    return te + _kohya_text_model_level(model)
 
 
 def _pad_kohya_to_uniform_rank(tensors: Dict[str, torch.Tensor]) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 from PIL import Image, ImageDraw
 
@@ -28,7 +28,3 @@ def labelled_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Optional[Se
         for j, img in enumerate(row):
             grid.paste(img.convert("RGB").resize((w, h)), (j * w, y + label_h))
     return grid
-
-
-def as_list(images) -> List[Image.Image]:
-    return list(images) if isinstance(images, (list, tuple)) else [images]

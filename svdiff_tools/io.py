@@ -118,12 +118,14 @@ def save_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
 
 
 # ----------------------------------------------------------------------------------- reading
-def resolve_path(path: Union[str, os.PathLike]) -> Path:
-    path = Path(path)
+def resolve_path(path: Union[str, os.PathLike], weight_name: Optional[str] = None) -> Path:
+    """A local adapter file, or ``weight_name`` (default ``svd_adapter.safetensors``) inside a folder."""
+    path = Path(path).expanduser()
+    name = weight_name or DEFAULT_WEIGHT_NAME
     if path.is_dir():
-        if (path / DEFAULT_WEIGHT_NAME).is_file():
-            return path / DEFAULT_WEIGHT_NAME
-        raise SVDAdapterFileError(f"folder {path} has no {DEFAULT_WEIGHT_NAME}; pass the adapter file itself.")
+        if (path / name).is_file():
+            return path / name
+        raise SVDAdapterFileError(f"folder {path} has no {name}; pass the adapter file itself or weight_name=.")
     if not path.is_file():
         raise SVDAdapterFileError(f"adapter file {path} does not exist; check the path.")
     return path

@@ -70,10 +70,6 @@ class AdapterLayerMixin:
                 raise
             return getattr(modules["base_module"], name)
 
-    @property
-    def adapter_names(self) -> List[str]:
-        return list(self.scales)
-
     def unmerged_weight(self) -> torch.Tensor:
         """The base weight without any merged adapter (what fingerprints describe)."""
         W = self.base_module.weight

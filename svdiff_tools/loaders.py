@@ -27,7 +27,7 @@ from torch import nn
 
 from .errors import SVDAdapterError, SVDAdapterFileError
 from .io import (DEFAULT_WEIGHT_NAME, component_state, parse_components, prepare_load, read_adapter_file,
-                 write_adapter_file)
+                 resolve_path, write_adapter_file)
 from . import call_scale
 from .model import (adapter_configs, adapter_layers, disable_adapters, enable_adapters, merge_adapter,
                     remove_adapter, set_active_adapters, unmerge_adapter)
@@ -43,17 +43,11 @@ def pipeline_components(pipe) -> Dict[str, nn.Module]:
 def resolve_adapter_source(source: Union[str, os.PathLike], weight_name: Optional[str] = None,
                            **hub_kwargs) -> Path:
     """A local file, a local folder (with ``weight_name`` or ``svd_adapter.safetensors``) or a Hub repo id."""
-    path = Path(source).expanduser()
-    name = weight_name or DEFAULT_WEIGHT_NAME
-    if path.is_file():
-        return path
-    if path.is_dir():
-        if (path / name).is_file():
-            return path / name
-        raise SVDAdapterFileError(f"folder {path} has no {name}; pass the adapter file or weight_name=.")
     text = str(source)
-    if text.endswith(".safetensors") or text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise SVDAdapterFileError(f"adapter file {path} does not exist; check the path.")
+    local = text.endswith(".safetensors") or text.startswith((".", "/", "~")) or text.count("/") != 1
+    if local or Path(source).expanduser().exists():
+        return resolve_path(source, weight_name)
+    name = weight_name or DEFAULT_WEIGHT_NAME
     try:
         from huggingface_hub import hf_hub_download
 
