@@ -67,7 +67,9 @@ def naive_svdiff(unet):
 
 def make_step(unet, inputs, params, floor=False):
     latents, t, text, extra = inputs
-    optimizer = torch.optim.AdamW(params, lr=1e-6) if params else None
+    # foreach=True is what AdamW picks by itself for CUDA tensors; forcing it on the CPU too keeps the CPU
+    # table about the layers rather than about a per-tensor Python loop that no GPU user runs.
+    optimizer = torch.optim.AdamW(params, lr=1e-6, foreach=True) if params else None
 
     def step():
         x = latents.detach().requires_grad_(floor)

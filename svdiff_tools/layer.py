@@ -16,7 +16,8 @@ weight_delta_a``.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
+import os
+from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,22 @@ NOT_DELEGATED = frozenset({"base_module", "base_layer", "get_base_layer", "lora_
                            "merged_adapters", "active_adapter", "disable_adapters"})
 
 
+class LiveAdapter(NamedTuple):
+    """What one live adapter needs per call, computed once per state change: the method, ``U_S`` (out x r),
+    ``V_S^T`` (r x in, a view of the basis), its own scale and forward mode."""
+    method: SpectralMethod
+    U: torch.Tensor
+    Vt: torch.Tensor
+    scale: float
+    mode: str
+
+
 class AdapterLayerMixin:
     """Bookkeeping shared by the adapter layers: scales, active set, merged set, enable/disable.
+
+    The live adapters (active, unmerged, enabled, non-zero scale) are computed once per state change and
+    cached in ``_live``; every mutation below and every ``.to()``/``.half()`` drops the cache, so a forward
+    pass costs no bookkeeping. The per-call multiplier ``call_scale`` is applied at call time.
 
     Attribute look-ups that the wrapper does not answer fall through to the base module, so code that
     reads ``layer.weight``, ``layer.in_features`` or ``conv.kernel_size`` keeps working.
@@ -58,8 +73,9 @@ class AdapterLayerMixin:
         self.scales: Dict[str, float] = {}
         self.active_adapters: List[str] = []
         self.merged: Dict[str, float] = {}  # name -> scale it was merged with
-        self.adapters_disabled = False
+        self._disabled = False
         self.call_scale = 1.0  # per-call multiplier (diffusers' cross_attention_kwargs={"scale": s})
+        self.invalidate()
 
     def __getattr__(self, name: str):
         try:
@@ -70,6 +86,30 @@ class AdapterLayerMixin:
                 raise
             return getattr(modules["base_module"], name)
 
+    # --- the cached live state --------------------------------------------------------------
+    def invalidate(self) -> None:
+        """Drop the cached live state (called by every mutation of scales, active/merged sets, devices)."""
+        self.__dict__["_live"] = None
+        self.__dict__["_paths"] = {}
+
+    def _apply(self, *args, **kwargs):  # .to() / .cuda() / .half(): the cached views would be stale
+        self.invalidate()
+        return super()._apply(*args, **kwargs)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_live"], state["_paths"] = None, {}
+        return state
+
+    @property
+    def adapters_disabled(self) -> bool:
+        return self._disabled
+
+    @adapters_disabled.setter
+    def adapters_disabled(self, value: bool) -> None:
+        self._disabled = bool(value)
+        self.invalidate()
+
     def unmerged_weight(self) -> torch.Tensor:
         """The base weight without any merged adapter (what fingerprints describe)."""
         W = self.base_module.weight
@@ -78,7 +118,7 @@ class AdapterLayerMixin:
         return W.detach().float() - self._merged_weight_delta()
 
     def live_adapters(self) -> List[str]:
-        if self.adapters_disabled:
+        if self._disabled:
             return []
         return [n for n in self.active_adapters if n not in self.merged and self.scales[n] != 0.0]
 
@@ -89,15 +129,18 @@ class AdapterLayerMixin:
     def set_scale(self, name: str, scale: float) -> None:
         if name in self.scales:
             self.scales[name] = float(scale)
+            self.invalidate()
 
     def set_active(self, names: Iterable[str]) -> None:
         self.active_adapters = [n for n in names if n in self.scales]
+        self.invalidate()
 
     def _forget(self, name: str) -> None:
         if name in self.merged:
             self.unmerge([name])
         self.scales.pop(name, None)
         self.active_adapters = [n for n in self.active_adapters if n != name]
+        self.invalidate()
 
     def _merge_names(self, names: Optional[Iterable[str]]) -> List[str]:
         if names is None:
@@ -110,6 +153,9 @@ class AdapterLayerMixin:
 
 class SVDLayer(AdapterLayerMixin, nn.Module):
     """A frozen Linear/Conv/Embedding plus named spectral adapters (see module docstring)."""
+
+    PATH_CACHE_SIZE = 64  # input shapes whose forward-path choice is remembered
+    FACTORED_OP_FLOPS = float(os.environ.get("SVDIFF_TOOLS_OP_FLOPS", 2**22))  # see use_factored
 
     def __init__(self, base_module: nn.Module, kind: ModuleKind):
         nn.Module.__init__(self)
@@ -130,6 +176,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         self.scales[name] = float(scale)
         self.forward_modes[name] = forward_mode
         self.active_adapters.append(name)
+        self.invalidate()
 
     def remove_adapter(self, name: str) -> None:
         if name not in self.svd_adapters:
@@ -140,12 +187,25 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         self.forward_modes.pop(name, None)
         if key not in self.basis_of.values():
             del self.bases[key]
+        self.invalidate()
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``U_S`` (out x r) and ``V_S`` (in x r) of adapter ``name``."""
         basis = self.bases[self.basis_of[name]]
         r = self.svd_adapters[name].rank
         return basis.U[:, :r], basis.V[:, :r]
+
+    def live(self) -> Tuple[LiveAdapter, ...]:
+        """The live adapters with their factors (cached until the next state change)."""
+        live = self._live
+        if live is None:
+            entries = []
+            for name in self.live_adapters():
+                U, V = self.factors(name)
+                entries.append(LiveAdapter(self.svd_adapters[name], U, V.mT, self.scales[name],
+                                           self.forward_modes[name]))
+            live = self.__dict__["_live"] = tuple(entries)
+        return live
 
     # --- deltas -----------------------------------------------------------------------------
     def delta_matrix(self, names: Iterable[str], scales: Optional[Dict[str, float]] = None,
@@ -174,50 +234,99 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         return total
 
     # --- forward ------------------------------------------------------------------------------
-    def _use_factored(self, x: torch.Tensor, names: List[str]) -> bool:
-        modes = {self.forward_modes[n] for n in names}
+    def use_factored(self, x: torch.Tensor, live: Tuple[LiveAdapter, ...]) -> bool:
+        """Factored or recomposed path for this input, by cost (remembered per input shape and grad mode).
+
+        Flops, training (grad enabled, adapter tensors trainable): recompose ~ 2*out*in*r (build the delta
+        and its gradient G @ V) + tokens*out*in (the weight gradient); factored ~ 3*tokens*(out+in)*r.
+        Inference: out*in*r against tokens*(out+in)*r. The factored path also runs more and thinner kernels
+        (two projections, an add; their backward), charged as ``FACTORED_OP_FLOPS`` each: measured on the
+        tiny UNet, thin r-channel convolutions lose to one ``addmm`` plus the weight gradient even where
+        they save several million flops."""
+        key = (x.shape, torch.is_grad_enabled())
+        choice = self._paths.get(key)
+        if choice is not None:
+            return choice
+        modes = {e.mode for e in live}
         if not self.kind.supports_factored() or "recompose" in modes:
-            return False
-        if "factored" in modes:
-            return True
-        out_f, in_f = self.kind.matrix_shape
-        methods = [self.svd_adapters[n] for n in names]
-        r = sum(m.rank for m in methods)
-        tokens = self.kind.tokens(x)
-        training = torch.is_grad_enabled() and any(p.requires_grad for m in methods for p in m._parameters.values()
-                                                   if p is not None)
-        recompose = out_f * in_f * r + (tokens * out_f * in_f if training else 0)
-        factored = tokens * (out_f + in_f) * r * (3 if training else 1)
-        return factored < recompose
+            choice = False
+        elif "factored" in modes:
+            choice = True
+        else:
+            out_f, in_f = self.kind.matrix_shape
+            r = sum(e.method.rank for e in live)
+            tokens = self.kind.tokens(x)
+            training = key[1] and any(p.requires_grad for e in live for p in e.method.parameters())
+            recompose = out_f * in_f * r * (2 if training else 1) + (tokens * out_f * in_f if training else 0)
+            factored = tokens * (out_f + in_f) * r * (3 if training else 1)
+            extra_ops = (2 + 3 * training) * len(live)
+            choice = factored + extra_ops * self.FACTORED_OP_FLOPS < recompose
+        if len(self._paths) >= self.PATH_CACHE_SIZE:
+            self._paths.clear()
+        self._paths[key] = choice
+        return choice
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        scales = self.live_scales()
-        names = list(scales)
-        if not names:
+        live = self._live
+        if live is None:
+            live = self.live()
+        if not live:
             return self.base_module(x, *args, **kwargs)
-        base = self.base_module
-        bias_delta = self.delta_bias(names, scales)
-        if self._use_factored(x, names):
-            y = base(x, *args, **kwargs)
-            for name in names:
-                U, V = self.factors(name)
-                z = self.kind.channels_last(self.kind.project_in(x, V))
-                z = self.svd_adapters[name].mul_right_t(z) * scales[name]
-                y = y + self.kind.project_out(self.kind.channels_back(z), U)
-            if bias_delta is not None:
-                y = self.kind.add_bias(y, bias_delta.to(y.dtype))
-            return y
-        W = self.kind.module.weight
-        delta = self.delta_matrix(names, scales, dtype=self.bases[self.basis_of[names[0]]].U.dtype)
+        if self.use_factored(x, live):
+            return self._forward_factored(x, live, args, kwargs)
         if self.kind.stacked:  # a LoRA layer underneath: add our term to its output, f(x; D) is linear in D
-            extra = None if bias_delta is None else bias_delta.to(W.dtype)
-            return base(x, *args, **kwargs) + self.kind.forward(x, self.kind.weight_from_matrix(delta).to(W.dtype),
-                                                                extra)
-        weight = W + self.kind.weight_from_matrix(delta).to(W.dtype)
-        bias = getattr(base, "bias", None)
-        if bias_delta is not None:
-            bias = bias_delta.to(W.dtype) if bias is None else bias + bias_delta.to(bias.dtype)
-        return self.kind.forward(x, weight, bias)
+            return self._forward_stacked(x, live, args, kwargs)
+        return self._forward_recomposed(x, live)
+
+    def _forward_factored(self, x, live, args, kwargs):
+        """``y = base(x) + sum_a s_a * project_out(project_in(x, V_a), U_a M_a)``: M is folded into the small
+        ``U_a M_a`` (out x r), so the activations see two thin products and one add per adapter."""
+        y = self.base_module(x, *args, **kwargs)
+        kind, call = self.kind, self.call_scale
+        for e in live:
+            Vt = e.Vt if e.Vt.dtype == x.dtype else e.Vt.to(x.dtype)
+            U = e.U if e.U.dtype == x.dtype else e.U.to(x.dtype)
+            y = torch.add(y, kind.project_out(kind.project_in(x, Vt), e.method.mul_right(U)), alpha=e.scale * call)
+        bias = self._bias_delta(live, y.dtype)
+        return y if bias is None else kind.add_bias(y, bias)
+
+    def _forward_recomposed(self, x, live):
+        """``W' = addmm(W, U_a M_a, V_a^T, alpha=s_a)`` for each adapter, then the base op with ``W'``."""
+        kind, call = self.kind, self.call_scale
+        W = kind.module.weight
+        Wm = kind.matrix(W)
+        for e in live:
+            U = e.U if e.U.dtype == W.dtype else e.U.to(W.dtype)
+            Vt = e.Vt if e.Vt.dtype == W.dtype else e.Vt.to(W.dtype)
+            Wm = torch.addmm(Wm, e.method.mul_right(U), Vt, alpha=e.scale * call)
+        bias = getattr(kind.module, "bias", None)
+        delta = self._bias_delta(live, W.dtype)
+        if delta is not None:
+            bias = delta if bias is None else bias + delta
+        return kind.forward(x, kind.weight_from_matrix(Wm), bias)
+
+    def _forward_stacked(self, x, live, args, kwargs):
+        W = self.kind.module.weight
+        call = self.call_scale
+        delta = None
+        for e in live:
+            U = e.U if e.U.dtype == W.dtype else e.U.to(W.dtype)
+            Vt = e.Vt if e.Vt.dtype == W.dtype else e.Vt.to(W.dtype)
+            term = e.method.mul_right(U) @ Vt * (e.scale * call)
+            delta = term if delta is None else delta + term
+        return self.base_module(x, *args, **kwargs) + self.kind.forward(x, self.kind.weight_from_matrix(delta),
+                                                                        self._bias_delta(live, W.dtype))
+
+    def _bias_delta(self, live, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """``sum_a s_a * bias_delta_a`` in ``dtype`` (None when no live adapter trains a bias)."""
+        total = None
+        for e in live:
+            b = e.method.bias_delta
+            if b is not None:
+                scale = e.scale * self.call_scale
+                term = b.to(dtype) if scale == 1.0 else b.to(dtype) * scale
+                total = term if total is None else total + term
+        return total
 
     # --- merge --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -229,6 +338,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
             self._add_to_weight(name, scale, +1.0)
             self.merged[name] = scale
             done.append(name)
+        self.invalidate()
         return done
 
     @torch.no_grad()
@@ -241,6 +351,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if not self.merged and getattr(self, "_created_bias", False):
             self.kind.module.bias = None  # the base had no bias: put it back exactly as it was
             self._created_bias = False
+        self.invalidate()
         return done
 
     def _merged_weight_delta(self) -> torch.Tensor:
@@ -274,11 +385,20 @@ class NormDeltaLayer(AdapterLayerMixin, nn.Module):
         self.weight_deltas[name] = nn.Parameter(torch.zeros(w.shape, device=w.device))
         self.scales[name] = float(scale)
         self.active_adapters.append(name)
+        self.invalidate()
 
     def remove_adapter(self, name: str) -> None:
         if name in self.weight_deltas:
             self._forget(name)
             del self.weight_deltas[name]
+            self.invalidate()
+
+    def live(self) -> tuple:
+        """``((delta, scale), ...)`` of the live adapters (cached until the next state change)."""
+        live = self._live
+        if live is None:
+            live = self.__dict__["_live"] = tuple((self.weight_deltas[n], self.scales[n]) for n in self.live_adapters())
+        return live
 
     def _delta(self, names, scales=None) -> Optional[torch.Tensor]:
         scales = self.scales if scales is None else scales
@@ -289,12 +409,15 @@ class NormDeltaLayer(AdapterLayerMixin, nn.Module):
         return total
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scales = self.live_scales()
-        delta = self._delta(list(scales), scales)
+        live = self._live
+        if live is None:
+            live = self.live()
         base = self.base_module
-        if delta is None:
+        if not live:
             return base(x)
-        weight = base.weight + delta.to(base.weight.dtype)
+        weight = base.weight
+        for delta, scale in live:
+            weight = torch.add(weight, delta.to(weight.dtype), alpha=scale * self.call_scale)
         if isinstance(base, nn.GroupNorm):
             return F.group_norm(x, base.num_groups, weight, base.bias, base.eps)
         return F.layer_norm(x, base.normalized_shape, weight, base.bias, base.eps)
@@ -305,6 +428,7 @@ class NormDeltaLayer(AdapterLayerMixin, nn.Module):
         for n in done:
             self.merged[n] = self.scales[n] * factor
             self._shift(self._delta([n], self.merged), +1.0)
+        self.invalidate()
         return done
 
     @torch.no_grad()
@@ -312,6 +436,7 @@ class NormDeltaLayer(AdapterLayerMixin, nn.Module):
         done = self._unmerge_names(names)
         for n in done:
             self._shift(self._delta([n], {n: self.merged.pop(n)}), -1.0)
+        self.invalidate()
         return done
 
     def _merged_weight_delta(self) -> torch.Tensor:

@@ -81,17 +81,11 @@ class LinearKind(ModuleKind):
     def supports_factored(self):
         return True
 
-    def project_in(self, x, V):  # (..., in) -> (..., r)
-        return F.linear(x, V.mT.to(x.dtype))
+    def project_in(self, x, Vt):  # x (..., in), Vt (r, in) -> (..., r)
+        return F.linear(x, Vt)
 
-    def project_out(self, z, U):  # (..., r) -> (..., out)
-        return F.linear(z, U.to(z.dtype))
-
-    def channels_last(self, z):
-        return z
-
-    def channels_back(self, z):
-        return z
+    def project_out(self, z, U):  # z (..., r), U (out, r) -> (..., out)
+        return F.linear(z, U)
 
 
 class HFConv1DKind(LinearKind):
@@ -140,20 +134,13 @@ class ConvKind(ModuleKind):
         fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.module.kernel_size)]
         return fn(x, weight, None, **kwargs)
 
-    def project_in(self, x, V):  # (B, in, *sp) -> (B, r, *sp')
+    def project_in(self, x, Vt):  # x (B, in, *sp), Vt (r, in*prod(kernel)) -> (B, r, *sp'): a conv with r kernels
         m = self.module
-        kernel = V.mT.to(x.dtype).reshape(V.shape[1], m.in_channels, *m.kernel_size)
+        kernel = Vt.reshape(Vt.shape[0], m.in_channels, *m.kernel_size)
         return self._conv(x, kernel, stride=m.stride, padding=m.padding, dilation=m.dilation)
 
-    def project_out(self, z, U):  # (B, r, *sp) -> (B, out, *sp)
-        nd = len(self.module.kernel_size)
-        return self._conv(z, U.to(z.dtype).reshape(U.shape[0], U.shape[1], *([1] * nd)))
-
-    def channels_last(self, z):
-        return z.movedim(1, -1)
-
-    def channels_back(self, z):
-        return z.movedim(-1, 1)
+    def project_out(self, z, U):  # z (B, r, *sp), U (out, r) -> (B, out, *sp): a 1x1 conv
+        return self._conv(z, U.reshape(*U.shape, *([1] * len(self.module.kernel_size))))
 
 
 class EmbeddingKind(ModuleKind):

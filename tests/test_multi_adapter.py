@@ -110,3 +110,44 @@ def test_training_step_updates_only_the_adapter(method):
     for n, p in model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, frozen_before[n]), n
+
+
+def test_cached_live_state_follows_every_change():
+    """Layers cache their live adapters and factor views; each mutation (and a dtype move, a deepcopy, a
+    pickle round trip) must drop that cache, so every run below is checked against a fresh reference."""
+    import pickle
+
+    base, model = _two_adapters()
+    x64 = to_double(UNET.inputs())
+
+    def check(adapted, names, tol):
+        ref = reference_model(base, adapted, adapter_names=names)
+        with torch.no_grad():
+            expected = UNET.forward(ref, x64)
+        assert rel_err(UNET.run(adapted), expected) < tol
+
+    UNET.run(model)  # fills every cache
+    st.set_adapter_scale(model, "b", -0.7)
+    check(model, ("a", "b"), 3e-4)
+    st.set_active_adapters(model, ["a"])
+    check(model, ("a",), 3e-4)
+    st.merge_adapter(model, ["a"])
+    st.set_active_adapters(model, ["b"])
+    st.unmerge_adapter(model, ["a"])
+    check(model, ("b",), 3e-4)
+    copied = copy.deepcopy(model)
+    st.set_adapter_scale(copied, "b", 0.3)  # the copy's change must not leak into the original
+    check(model, ("b",), 3e-4)
+    check(copied, ("b",), 3e-4)
+    restored = pickle.loads(pickle.dumps(model))
+    check(restored, ("b",), 3e-4)
+    model.double()  # the cached factor views would still be float32
+    ref = reference_model(base, model, adapter_names=("b",))
+    with torch.no_grad():
+        assert rel_err(UNET.forward(model, x64), UNET.forward(ref, x64)) < 1e-6
+    for _, layer in adapter_layers(model):  # and the cached factors are views of the moved buffers
+        if hasattr(layer, "bases"):
+            entry = layer.live()[0]
+            basis = layer.bases[layer.basis_of["b"]]
+            assert entry.U.dtype == torch.float64 and entry.U.untyped_storage().data_ptr() == \
+                basis.U.untyped_storage().data_ptr()

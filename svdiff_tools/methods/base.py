@@ -29,7 +29,7 @@ def method_class(name: str) -> type:
 
 class SpectralMethod(nn.Module):
     """Base class. Subclasses set ``name`` and implement `diag_values` (diagonal M) or override
-    `mul_right`, `mul_right_t` and `dense` (general sparse M)."""
+    `mul_right` and `dense` (general sparse M)."""
 
     name: ClassVar[str] = ""
     diagonal: ClassVar[bool] = True
@@ -59,10 +59,6 @@ class SpectralMethod(nn.Module):
 
     def mul_right(self, X: torch.Tensor) -> torch.Tensor:
         """``X @ M`` for ``X`` (..., r)."""
-        return X * self.diag_values().to(X.dtype)
-
-    def mul_right_t(self, X: torch.Tensor) -> torch.Tensor:
-        """``X @ M^T`` for ``X`` (..., r)."""
         return X * self.diag_values().to(X.dtype)
 
     def dense(self) -> torch.Tensor:

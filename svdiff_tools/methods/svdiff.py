@@ -1,6 +1,7 @@
 """SVDiff (Han et al., 2023): shift every singular value, clipped so that sigma + delta stays >= 0.
 
-``M = diag(relu(sigma + delta) - sigma)``; trainable ``delta`` (r,), r = every non-zero component.
+``M = diag(relu(sigma + delta) - sigma) = diag(max(delta, -sigma))``; trainable ``delta`` (r,), r = every
+non-zero component. The second form is one op and exact (no ``(sigma + delta) - sigma`` rounding).
 """
 
 import torch
@@ -13,4 +14,4 @@ class SVDiff(DiagonalDeltaMethod):
     name = "svdiff"
 
     def diag_values(self):
-        return torch.relu(self.sigma + self.delta) - self.sigma
+        return torch.clamp(self.delta, min=-self.sigma)

@@ -60,17 +60,15 @@ class SVFT(SpectralMethod):
             raise RuntimeError("diag_values() is only defined for the plain SVFT pattern")
         return self.values
 
+    DENSE_RANK = 64  # up to this r, X @ dense(M) (one small GEMM) beats index_select + index_add
+
     def mul_right(self, X):
         if self.diagonal:
             return X * self.values.to(X.dtype)
+        if self.rank <= self.DENSE_RANK:
+            return X @ self.dense().to(X.dtype)
         src = X.index_select(-1, self.rows) * self.values.to(X.dtype)
         return torch.zeros_like(X).index_add(-1, self.cols, src)
-
-    def mul_right_t(self, X):
-        if self.diagonal:
-            return X * self.values.to(X.dtype)
-        src = X.index_select(-1, self.cols) * self.values.to(X.dtype)
-        return torch.zeros_like(X).index_add(-1, self.rows, src)
 
     def dense(self):
         M = torch.zeros(self.rank, self.rank, device=self.values.device)
