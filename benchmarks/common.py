@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable, Optional
+import weakref
+from typing import Callable, Iterable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 SD15_UNET = dict(sample_size=64, cross_attention_dim=768)  # diffusers' defaults are the SD-1.5 layout
 SDXL_UNET = dict(
@@ -77,3 +80,54 @@ def table(rows: list, columns: list) -> str:
     widths = [max(len(str(c)), *(len(str(r[i])) for r in rows)) for i, c in enumerate(columns)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     return "\n".join([line(columns), "| " + " | ".join("-" * w for w in widths) + " |"] + [line(r) for r in rows])
+
+
+class PeakBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created inside the context (every op's outputs, by storage, freed when the
+    storage dies: saved activations, rebuilt weights, gradients, temporaries). A CPU stand-in for
+    ``torch.cuda.max_memory_allocated``; it slows the ops down, so it runs on its own step, untimed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self._sizes = {}
+
+    def _track(self, t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        key, size = storage.data_ptr(), storage.nbytes()
+        if size == 0 or key in self._sizes:
+            return
+        self._sizes[key] = size
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        weakref.finalize(storage, self._release, key)
+
+    def _release(self, key) -> None:
+        size = self._sizes.pop(key, None)
+        if size is not None:
+            self.live -= size
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self._track(t)
+        return out
+
+
+def resident_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (weights, buffers, optimizer state)."""
+    seen = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor):
+            storage = t.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+    return sum(seen.values())
+
+
+def cpu_peak_gib(step: Callable[[], None], resident: Callable[[], Iterable[torch.Tensor]]) -> float:
+    """Resident model + optimizer bytes, plus the peak of one step's own allocations, in GiB."""
+    base = resident_bytes(resident())
+    with PeakBytes() as tracker:
+        step()
+    return (base + tracker.peak) / 2**30

@@ -6,8 +6,9 @@
 Rows: the frozen floor (backward through activations only, no weight gradients; no adapter can beat it),
 full fine-tuning, PEFT LoRA r4 on to_q/k/v/out with float32 adapter parameters (as diffusers' DreamBooth
 script runs it), naive SVDiff (rebuilds every weight from its factors each step), and each method at its
-default and at a low-rank setting. Columns: median step ms, ratio to the floor, peak memory (CUDA only),
-trainable parameters. The last line is ``worst adapter ratio to floor: X.XX``.
+default and at a low-rank setting. Columns: median step ms, ratio to the floor, peak memory and its ratio to
+the floor's (CUDA: max_memory_allocated; CPU: resident weights, buffers and optimizer state plus the tracked
+peak of one extra step, see `common.PeakBytes`), trainable parameters. The last line is ``worst adapter ratio to floor: X.XX``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from torch.nn.utils import parametrize
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import svdiff_tools as st  # noqa: E402
-from common import build_unet, measure, table  # noqa: E402
+from common import build_unet, cpu_peak_gib, measure, table  # noqa: E402
 
 def method_rows(config: str) -> list:
     """(label, config kwargs); target_modules "unet" = attention + resnets + projections. The tiny UNet's
@@ -78,6 +79,13 @@ def make_step(unet, inputs, params, floor=False):
         if optimizer is not None:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
+    def resident():  # what lives between steps: weights, buffers, optimizer state
+        yield from unet.parameters()
+        yield from unet.buffers()
+        for state in (optimizer.state.values() if optimizer is not None else ()):
+            yield from state.values()
+    step.resident = resident
     return step
 
 
@@ -92,6 +100,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--skip", default="", help="comma-separated row labels to leave out")
+    p.add_argument("--plot", default=None, help="also write a bar chart of the step times to this PNG")
     args = p.parse_args(argv)
     resolution = args.resolution or {"tiny": 32, "sd15": 512, "sdxl": 1024}[args.config]
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
@@ -99,17 +108,21 @@ def main(argv=None) -> None:
     base, make_inputs = build_unet(args.config, args.device, dtype)
     base.requires_grad_(False)
     inputs = make_inputs(args.batch, resolution)
-    rows, results = [], {}
+    rows, results, peaks = [], {}, {}
 
     def run(label, unet, params, floor=False):
         if label in skip:
             return
         unet.train()
-        ms, peak = measure(make_step(unet, inputs, params, floor), args.device, args.warmup, args.repeats)
+        step = make_step(unet, inputs, params, floor)
+        ms, peak = measure(step, args.device, args.warmup, args.repeats)
+        if peak is None:  # CPU: resident bytes + the tracked peak of one extra, untimed step
+            peak = cpu_peak_gib(step, step.resident)
         results[label] = ms
+        peaks[label] = peak
         trainable = sum(p.numel() for p in params)
-        rows.append([label, f"{ms:.1f}", f"{ms / results['frozen floor']:.2f}x",
-                     "-" if peak is None else f"{peak:.2f}", f"{trainable:,}"])
+        rows.append([label, f"{ms:.1f}", f"{ms / results['frozen floor']:.2f}x", f"{peak * 1024:.1f}",
+                     f"{peak / peaks['frozen floor']:.2f}x", f"{trainable:,}"])
         print(f"  {label}: {ms:.1f} ms", file=sys.stderr)
 
     run("frozen floor", base, [], floor=True)
@@ -141,7 +154,13 @@ def main(argv=None) -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"config {args.config}, {resolution} px, batch {args.batch}, frozen weights {dtype}, device {device_name}, "
           f"median of {args.repeats} after {args.warmup} warm-up")
-    print(table(rows, ["configuration", "step ms", "ratio to floor", "peak GiB", "trainable params"]))
+    print(table(rows, ["configuration", "step ms", "ratio to floor", "peak MiB", "memory to floor",
+                       "trainable params"]))
+    if args.plot:
+        from plot import step_time_chart
+
+        step_time_chart(results, f"UNet training step, {args.config} {resolution} px, batch {args.batch}, "
+                                 f"{str(dtype).split('.')[-1]}, {device_name}", args.plot)
     adapters = [results[label] for label, _ in methods if label in results]
     worst = max(adapters) / results["frozen floor"] if adapters else float("nan")
     print(f"worst adapter ratio to floor: {worst:.2f}")

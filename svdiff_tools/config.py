@@ -12,7 +12,7 @@ from .errors import SVDConfigError
 METHODS = ("svdiff", "svfit", "svft", "vectorfit")
 SVFT_PATTERNS = ("plain", "banded", "random", "top_k")
 AVF_METRICS = ("mean_abs", "rms", "max_abs")
-SVD_DRIVERS = ("auto", "full", "randomized")
+SVD_DRIVERS = ("auto", "gram", "full", "randomized")
 SVD_DTYPES = ("float32", "float64")
 FORWARD_MODES = ("auto", "recompose", "factored")
 
@@ -37,8 +37,10 @@ class SVDAdapterConfig:
     avf_k / avf_interval / avf_metric: VectorFit's Adaptive Vector Freezing (0 disables it).
     train_bias:      train an additive bias delta on every adapted layer (default: only vectorfit).
     train_norms:     SVDiff's recipe: also train an additive delta on LayerNorm/GroupNorm weights.
-    svd_driver:      "auto" (randomised for top-r when r <= k/4, else full), "full", "randomized".
-    svd_dtype:       precision of the decomposition ("float32" or "float64"), whatever the model dtype.
+    svd_driver:      "auto" (randomised for top-r when r <= k/4, else gram), "gram" (float64 eigh of the
+                     smaller Gram matrix), "full" (LAPACK/cuSOLVER SVD), "randomized".
+    svd_dtype:       precision of the stored factors and of the "full"/"randomized" routes ("float32" or
+                     "float64"), whatever the model dtype; the Gram route always computes in float64.
     forward_mode:    "auto" (per call by flop count), "recompose" (W + delta), "factored" (x V M^T U^T).
     """
 

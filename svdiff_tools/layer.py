@@ -155,6 +155,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
     """A frozen Linear/Conv/Embedding plus named spectral adapters (see module docstring)."""
 
     PATH_CACHE_SIZE = 64  # input shapes whose forward-path choice is remembered
+    RECOMPUTE_MIN_NUMEL = 1 << 18  # rebuild W' in backward instead of keeping it, from 256Ki elements (1 MiB fp32)
     FACTORED_OP_FLOPS = float(os.environ.get("SVDIFF_TOOLS_OP_FLOPS", 2**22))  # see use_factored
 
     def __init__(self, base_module: nn.Module, kind: ModuleKind):
@@ -291,19 +292,57 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         return y if bias is None else kind.add_bias(y, bias)
 
     def _forward_recomposed(self, x, live):
-        """``W' = addmm(W, U_a M_a, V_a^T, alpha=s_a)`` for each adapter, then the base op with ``W'``."""
-        kind, call = self.kind, self.call_scale
-        W = kind.module.weight
-        Wm = kind.matrix(W)
+        """``W' = addmm(W, U_a M_a, V_a^T, alpha=s_a)`` for each adapter, then the base op with ``W'``.
+
+        Training keeps ``W'`` alive until backward (the base op needs it for the input gradient), one weight-
+        sized tensor per layer. For weights of at least ``RECOMPUTE_MIN_NUMEL`` elements a saved-tensor hook
+        stores a recipe instead and rebuilds ``W'`` in backward (one more ``addmm``), like activation
+        checkpointing but for the weight."""
+        matrix = self._recomposed_matrix(live, self.call_scale)
+        kind = self.kind
+        weight = kind.weight_from_matrix(matrix)
+        bias = getattr(kind.module, "bias", None)
+        delta = self._bias_delta(live, weight.dtype)
+        if delta is not None:
+            bias = delta if bias is None else bias + delta
+        if weight.requires_grad and weight.numel() >= self.RECOMPUTE_MIN_NUMEL and torch.is_grad_enabled():
+            with torch.autograd.graph.saved_tensors_hooks(*self._weight_recipe_hooks(matrix, live)):
+                return kind.forward(x, weight, bias)
+        return kind.forward(x, weight, bias)
+
+    def _recomposed_matrix(self, live, call: float) -> torch.Tensor:
+        """``W + sum_a s_a * U_a M_a V_a^T`` as a fresh (out x in) matrix (``live`` is never empty here)."""
+        W = self.kind.module.weight
+        Wm = self.kind.matrix(W)
         for e in live:
             U = e.U if e.U.dtype == W.dtype else e.U.to(W.dtype)
             Vt = e.Vt if e.Vt.dtype == W.dtype else e.Vt.to(W.dtype)
             Wm = torch.addmm(Wm, e.method.mul_right(U), Vt, alpha=e.scale * call)
-        bias = getattr(kind.module, "bias", None)
-        delta = self._bias_delta(live, W.dtype)
-        if delta is not None:
-            bias = delta if bias is None else bias + delta
-        return kind.forward(x, kind.weight_from_matrix(Wm), bias)
+        return Wm
+
+    def _weight_recipe_hooks(self, matrix: torch.Tensor, live):
+        """(pack, unpack) for `torch.autograd.graph.saved_tensors_hooks`: a saved tensor that lives in
+        ``matrix``'s storage (the weight, or a view such as its transpose) is packed as its view geometry
+        and rebuilt in backward from the adapter tensors, which do not change between forward and backward."""
+        storage = matrix.untyped_storage().data_ptr()
+        size, stride, call = matrix.shape, matrix.stride(), self.call_scale  # call_scale resets after the call
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() != storage or t.dtype != matrix.dtype:
+                return t
+            return (t.shape, t.stride(), t.storage_offset())
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            with torch.no_grad():
+                rebuilt = self._recomposed_matrix(live, call)
+                if rebuilt.stride() != stride:
+                    rebuilt = torch.empty_strided(size, stride, dtype=rebuilt.dtype,
+                                                  device=rebuilt.device).copy_(rebuilt)
+            return rebuilt.as_strided(*packed)
+
+        return pack, unpack
 
     def _forward_stacked(self, x, live, args, kwargs):
         W = self.kind.module.weight

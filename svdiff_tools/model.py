@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from . import call_scale
+from . import cache, call_scale
 from . import decomposition as dec
 from .config import SVDAdapterConfig
 from .errors import SVDTargetError
@@ -25,6 +27,7 @@ from .targets import base_of as _base, norm_modules, resolve_targets
 
 logger = logging.getLogger(__name__)
 CONFIGS_ATTR = "_svd_adapter_configs"
+HASH_THREADS = 16
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -53,7 +56,7 @@ def basis_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def basis_key(driver: str, rank: Optional[int], svd_dtype: str) -> str:
-    return f"randomized_r{rank}_{svd_dtype}" if driver == "randomized" else f"full_{svd_dtype}"
+    return f"randomized_r{rank}_{svd_dtype}" if driver == "randomized" else f"{driver}_{svd_dtype}"
 
 
 # ----------------------------------------------------------------------------------- planning
@@ -64,9 +67,10 @@ class PlannedAdapter:
     kind: ModuleKind
     shape: Tuple[int, int]
     rank: Optional[object]  # None / int / float as requested; an int when fixed by a file
-    driver: str  # "full" or "randomized"
+    driver: str  # "gram", "full" or "randomized"
     svd_rank: Optional[int]  # the rank a randomized decomposition is computed for (None when full)
     weight_dtype: Optional[torch.dtype] = None  # decompose the weight as this dtype (from a file)
+    digest: Optional[str] = None  # cache key of the matrix to decompose (filled in parallel, see build_planned)
     built: Optional[Tuple[str, SVDBasis, SpectralMethod]] = None
 
 
@@ -133,17 +137,41 @@ def decomposed_matrix(kind: ModuleKind, weight: torch.Tensor, trained_dtype: Opt
     return W
 
 
+def _decomposition_input(plan: PlannedAdapter, config: SVDAdapterConfig):
+    """(matrix to decompose, basis key, the layer's existing basis under that key or None)."""
+    W = decomposed_matrix(plan.kind, _base(plan.module).weight, plan.weight_dtype)
+    key = basis_key(plan.driver, plan.svd_rank, config.svd_dtype) + f"_{str(W.dtype).split('.')[-1]}"
+    existing = plan.module.bases[key] if isinstance(plan.module, SVDLayer) and key in plan.module.bases else None
+    return W, key, existing
+
+
+def hash_weights(plans: List[PlannedAdapter], config: SVDAdapterConfig) -> None:
+    """Fill ``plan.digest`` for every weight that needs decomposing, on all cores (hashlib releases the GIL).
+    Hashing the exact bytes is what a warm start from the cache costs, so it is spread over threads."""
+    if cache.cache_dir() is None:
+        return
+    todo = []
+    for plan in plans:
+        W, _, existing = _decomposition_input(plan, config)
+        if existing is None and plan.digest is None:
+            todo.append((plan, W))
+    if not todo:
+        return
+    workers = max(1, min(len(todo), os.cpu_count() or 1, HASH_THREADS))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for (plan, _), digest in zip(todo, pool.map(lambda job: cache.weight_digest(job[1]), todo)):
+            plan.digest = digest
+
+
 def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bool) -> None:
     """Decompose (or reuse the layer's basis) and create the method module, off the model."""
     base = _base(plan.module)
-    W = decomposed_matrix(plan.kind, base.weight, plan.weight_dtype)
-    key = basis_key(plan.driver, plan.svd_rank, config.svd_dtype) + f"_{str(W.dtype).split('.')[-1]}"
-    existing = plan.module.bases[key] if isinstance(plan.module, SVDLayer) and key in plan.module.bases else None
+    W, key, existing = _decomposition_input(plan, config)
     if existing is not None:
         basis = existing
         U, S, V = basis.U, basis.S, basis.V
     else:
-        d = dec.decompose(W, rank=plan.svd_rank, driver=plan.driver, dtype=config.svd_dtype)
+        d = dec.decompose(W, rank=plan.svd_rank, driver=plan.driver, dtype=config.svd_dtype, digest=plan.digest)
         dt = basis_dtype(base.weight)
         basis = SVDBasis(d.U.to(dt), d.S.to(torch.float32), d.V.to(dt), plan.driver, plan.svd_rank, W.dtype)
         U, S, V = d.U, d.S, d.V
@@ -206,6 +234,7 @@ def build_planned(model: nn.Module, config: SVDAdapterConfig, adapter_name: str,
         raise SVDTargetError(f"the model already has an adapter named {adapter_name!r}; "
                              "pick another adapter_name or remove_adapter() it first.")
     plans = plan_adapters(model, config, adapter_name, ranks, drivers, weight_dtypes)
+    hash_weights(plans, config)
     for plan in plans:  # the expensive part, still off the model
         build_adapter(plan, config, fixed_rank=ranks is not None)
     return plans

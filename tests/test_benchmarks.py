@@ -22,3 +22,24 @@ def test_benchmark_script_prints_its_table(script, args, last):
     lines = result.stdout.strip().splitlines()
     assert re.match(last, lines[-1]), lines[-3:]
     assert any("ratio" in line or "cold s" in line for line in lines)
+
+
+def test_train_step_plot_has_one_bar_per_row(tmp_path):
+    from PIL import Image
+
+    png = tmp_path / "steps.png"
+    args = ["--config", "tiny", "--warmup", "0", "--repeats", "1", "--plot", str(png),
+            "--skip", "full fine-tuning,naive svdiff,vectorfit,svft plain,svft banded d=2,svfit r=16,svft banded r=4"]
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py")] + args,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "ms" not in line
+            and not line.startswith("| -")]
+    img = Image.open(png).convert("RGB")
+    column = [img.getpixel((175, y)) for y in range(img.height)]  # a column through the bars' left ends
+    bars, inside = 0, False
+    for pixel in column:
+        colored = pixel != (255, 255, 255) and len(set(pixel)) > 1 or pixel == (90, 90, 90)
+        bars += colored and not inside
+        inside = colored
+    assert bars == len(rows) == 4  # floor, PEFT LoRA, svdiff, svfit r=4

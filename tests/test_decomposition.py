@@ -40,6 +40,30 @@ def test_float32_and_float64_bases_agree_after_sign_rule():
     assert (d32.V.double() - d64.V).abs().max() < 1e-4
 
 
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (32, 32)])
+def test_gram_route_matches_float64_svd(shape):
+    """The Gram eigendecomposition (the default full-spectrum route) against a float64 SVD of a float32
+    matrix: same canonical basis and spectrum, orthonormal, exact reconstruction."""
+    A = _matrix(*shape, seed=5, decay=0.9).float()
+    exact = dec.full_svd(A.double(), torch.float64)
+    g = dec.gram_svd(A, torch.float64)
+    k = min(shape)
+    assert g.driver == "gram" and g.U.shape == (shape[0], k) and g.V.shape == (shape[1], k)
+    torch.testing.assert_close(g.S, exact.S, rtol=1e-9, atol=1e-12)
+    assert (g.U - exact.U).abs().max() < 1e-8 and (g.V - exact.V).abs().max() < 1e-8
+    eye = torch.eye(k, dtype=torch.float64)
+    assert (g.U.T @ g.U - eye).abs().max() < 1e-9 and (g.V.T @ g.V - eye).abs().max() < 1e-9
+    assert rel_err((g.U * g.S) @ g.V.T, A) < 1e-12
+
+
+def test_gram_route_zeroes_components_under_the_numerical_rank():
+    A = (_matrix(30, 4, seed=6) @ _matrix(4, 20, seed=7)).float()  # rank 4
+    g = dec.gram_svd(A)
+    assert dec.numerical_rank(g.S, A.shape) == 4 and torch.equal(g.S[4:], torch.zeros(16))
+    assert torch.equal(g.U[:, 4:], torch.zeros(30, 16)) and torch.equal(g.V[:, 4:], torch.zeros(20, 16))
+    assert torch.isfinite(g.U).all() and rel_err((g.U * g.S) @ g.V.T, A) < 1e-6
+
+
 def test_randomized_svd_is_orthonormal_deterministic_and_accurate():
     A = _matrix(200, 120, decay=0.8)
     exact = dec.full_svd(A, torch.float64)
@@ -101,8 +125,8 @@ def test_rank_deficient_weights_are_masked():
 def test_second_injection_hits_the_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("SVDIFF_TOOLS_CACHE", str(tmp_path / "cache"))
     calls = []
-    real = torch.linalg.svd
-    monkeypatch.setattr(torch.linalg, "svd", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = torch.linalg.eigh  # the default full-spectrum route is the Gram eigendecomposition
+    monkeypatch.setattr(torch.linalg, "eigh", lambda *a, **k: calls.append(1) or real(*a, **k))
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(10, 8), nn.Linear(8, 6))
     st.inject_adapter(copy.deepcopy(base), st.SVDAdapterConfig(method="vectorfit"))
@@ -173,3 +197,18 @@ def test_adapter_trained_on_bf16_weights_loads_exactly_into_fp32_model(tmp_path)
         # while decomposing the fp32 weight itself would have rotated the basis visibly
         direct = dec.full_svd(base32[i].weight.detach()).U
         assert (direct - U_loaded).abs().max() > 1e-2
+
+
+def test_gram_route_stays_orthonormal_for_nearly_singular_matrices():
+    """A square matrix whose smallest kept singular value is ~1e-6 * S_1: U = A V / S alone would be off by
+    ~eps64 * (S_1 / S_min)^2; the re-orthonormalisation keeps it orthonormal and the product exact."""
+    S = torch.logspace(0, -6, 64, dtype=torch.float64)
+    U0, V0 = _matrix(64, 64, seed=8), _matrix(64, 64, seed=9)
+    A = (torch.linalg.qr(U0).Q * S) @ torch.linalg.qr(V0).Q.T
+    g = dec.gram_svd(A, torch.float64)
+    n = dec.numerical_rank(g.S.float(), A.shape)
+    assert n >= 60
+    eye = torch.eye(n, dtype=torch.float64)
+    assert (g.U[:, :n].T @ g.U[:, :n] - eye).abs().max() < 1e-12
+    assert (g.V[:, :n].T @ g.V[:, :n] - eye).abs().max() < 1e-12
+    assert rel_err((g.U[:, :n] * g.S[:n]) @ g.V[:, :n].T, A) < 1e-9

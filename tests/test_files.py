@@ -199,6 +199,6 @@ def test_metadata_is_complete(saved):
     assert entry["config"]["method"] == "svft" and entry["config"]["svft_pattern"] == "banded"
     info = entry["modules"]["down_blocks.0.resnets.0.conv1"]
     assert info["kind"] == "conv" and info["weight_shape"] == [16, 16, 3, 3]
-    assert info["weight_dtype"] == "float32" and info["driver"] == "full"
+    assert info["weight_dtype"] == "float32" and info["driver"] == "gram"
     assert set(info["fingerprint"]) == {"shape", "norm", "sum", "samples"}
     assert "out_channels, -1" in meta["conv_reshape"]

@@ -202,3 +202,27 @@ def test_truncated_export_error_matches_dropped_singular_values(model_case, meth
             actual = float((D - B @ A).norm() / D.norm())
             assert actual == pytest.approx(expect, rel=1e-4, abs=1e-6)
     assert report.overall_error == pytest.approx(math.sqrt(dropped / total), rel=1e-6)
+
+
+def _loss_and_grads(case, model):
+    model.zero_grad(set_to_none=True)
+    out = case.forward(model, case.inputs())
+    out.square().mean().backward()
+    return out.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def test_weight_recipe_rebuilds_the_same_weight_in_backward(model_case, method_kwargs, monkeypatch):
+    """Recomposed layers may store a recipe instead of W' for backward; the gradients must not change."""
+    _, model = _adapt(model_case, dict(method_kwargs, forward_mode="recompose"))
+    monkeypatch.setattr(SVDLayer, "RECOMPUTE_MIN_NUMEL", 1 << 62)
+    out_kept, grads_kept = _loss_and_grads(model_case, model)
+    builds = []
+    real = SVDLayer._recomposed_matrix
+    monkeypatch.setattr(SVDLayer, "_recomposed_matrix", lambda self, *a: builds.append(1) or real(self, *a))
+    monkeypatch.setattr(SVDLayer, "RECOMPUTE_MIN_NUMEL", 0)
+    out_recipe, grads_recipe = _loss_and_grads(model_case, model)
+    layers = [m for _, m in adapter_layers(model) if isinstance(m, SVDLayer)]
+    rebuilt = len(builds) - len(layers)  # builds in backward (a layer whose input needs no gradient keeps no W')
+    assert 0 < rebuilt <= sum(m.kind.name != "embedding" for m in layers)  # embedding backward needs no weight
+    assert torch.equal(out_recipe, out_kept)
+    assert all(torch.equal(a, b) for a, b in zip(grads_recipe, grads_kept))
