@@ -295,7 +295,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         """``W' = addmm(W, U_a M_a, V_a^T, alpha=s_a)`` for each adapter, then the base op with ``W'``.
 
         Training keeps ``W'`` alive until backward (the base op needs it for the input gradient), one weight-
-        sized tensor per layer. For weights of at least ``RECOMPUTE_MIN_NUMEL`` elements a saved-tensor hook
+        sized tensor per layer. For large weights and low ranks (`_rebuild_in_backward`) a saved-tensor hook
         stores a recipe instead and rebuilds ``W'`` in backward (one more ``addmm``), like activation
         checkpointing but for the weight."""
         matrix = self._recomposed_matrix(live, self.call_scale)
@@ -305,10 +305,16 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         delta = self._bias_delta(live, weight.dtype)
         if delta is not None:
             bias = delta if bias is None else bias + delta
-        if weight.requires_grad and weight.numel() >= self.RECOMPUTE_MIN_NUMEL and torch.is_grad_enabled():
+        if weight.requires_grad and torch.is_grad_enabled() and self._rebuild_in_backward(weight, live):
             with torch.autograd.graph.saved_tensors_hooks(*self._weight_recipe_hooks(matrix, live)):
                 return kind.forward(x, weight, bias)
         return kind.forward(x, weight, bias)
+
+    def _rebuild_in_backward(self, weight: torch.Tensor, live) -> bool:
+        """Keep a recipe instead of ``W'`` when the weight is large or the rebuild is cheap (low rank: one
+        ``out x in x r`` product with ``4 r <= min(out, in)``)."""
+        r = sum(e.method.rank for e in live)
+        return weight.numel() >= self.RECOMPUTE_MIN_NUMEL or 4 * r <= min(self.kind.matrix_shape)
 
     def _recomposed_matrix(self, live, call: float) -> torch.Tensor:
         """``W + sum_a s_a * U_a M_a V_a^T`` as a fresh (out x in) matrix (``live`` is never empty here)."""
@@ -324,11 +330,12 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         """(pack, unpack) for `torch.autograd.graph.saved_tensors_hooks`: a saved tensor that lives in
         ``matrix``'s storage (the weight, or a view such as its transpose) is packed as its view geometry
         and rebuilt in backward from the adapter tensors, which do not change between forward and backward."""
-        storage = matrix.untyped_storage().data_ptr()
+        # capture plain values only: a closure holding ``matrix`` would keep W' alive, defeating the point
+        storage, dtype = matrix.untyped_storage().data_ptr(), matrix.dtype
         size, stride, call = matrix.shape, matrix.stride(), self.call_scale  # call_scale resets after the call
 
         def pack(t):
-            if t.untyped_storage().data_ptr() != storage or t.dtype != matrix.dtype:
+            if t.untyped_storage().data_ptr() != storage or t.dtype != dtype:
                 return t
             return (t.shape, t.stride(), t.storage_offset())
 

@@ -226,3 +226,29 @@ def test_weight_recipe_rebuilds_the_same_weight_in_backward(model_case, method_k
     assert 0 < rebuilt <= sum(m.kind.name != "embedding" for m in layers)  # embedding backward needs no weight
     assert torch.equal(out_recipe, out_kept)
     assert all(torch.equal(a, b) for a, b in zip(grads_recipe, grads_kept))
+
+
+@pytest.mark.parametrize("recipe", [False, True])
+def test_weight_recipe_frees_the_recomposed_weight_until_backward(recipe, monkeypatch):
+    """With the recipe, nothing keeps W' alive between forward and backward (that is its whole point)."""
+    import weakref
+
+    from torch import nn
+
+    monkeypatch.setattr(SVDLayer, "_rebuild_in_backward", lambda self, weight, live: recipe)
+    model = nn.Sequential(nn.Linear(32, 32), nn.Conv1d(32, 16, 3))
+    st.inject_adapter(model, st.SVDAdapterConfig(method="svfit", rank=4, target_modules=["0"],
+                                                 forward_mode="recompose"))
+    built = []
+    real = SVDLayer._recomposed_matrix
+    def spy(self, *args):
+        matrix = real(self, *args)
+        built.append(weakref.ref(matrix))
+        return matrix
+
+    monkeypatch.setattr(SVDLayer, "_recomposed_matrix", spy)
+    x = torch.randn(2, 32, 32, requires_grad=True)
+    out = model[1](model[0](x).transpose(1, 2))
+    assert built[0]() is None if recipe else built[0]() is not None
+    out.square().sum().backward()
+    assert len(built) == (2 if recipe else 1) and x.grad.abs().sum() > 0
