@@ -56,6 +56,12 @@ class LiveAdapter(NamedTuple):
     scale: float
     mode: str
 
+    def factors_in(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(U M, V^T)`` in ``dtype``: the two operands of this adapter's product (cast only when needed)."""
+        U = self.U if self.U.dtype == dtype else self.U.to(dtype)
+        Vt = self.Vt if self.Vt.dtype == dtype else self.Vt.to(dtype)
+        return self.method.mul_right(U), Vt
+
 
 class AdapterLayerMixin:
     """Bookkeeping shared by the adapter layers: scales, active set, merged set, enable/disable.
@@ -285,9 +291,8 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         y = self.base_module(x, *args, **kwargs)
         kind, call = self.kind, self.call_scale
         for e in live:
-            Vt = e.Vt if e.Vt.dtype == x.dtype else e.Vt.to(x.dtype)
-            U = e.U if e.U.dtype == x.dtype else e.U.to(x.dtype)
-            y = torch.add(y, kind.project_out(kind.project_in(x, Vt), e.method.mul_right(U)), alpha=e.scale * call)
+            UM, Vt = e.factors_in(x.dtype)
+            y = torch.add(y, kind.project_out(kind.project_in(x, Vt), UM), alpha=e.scale * call)
         bias = self._bias_delta(live, y.dtype)
         return y if bias is None else kind.add_bias(y, bias)
 
@@ -312,7 +317,9 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
 
     def _rebuild_in_backward(self, weight: torch.Tensor, live) -> bool:
         """Keep a recipe instead of ``W'`` when the weight is large or the rebuild is cheap (low rank: one
-        ``out x in x r`` product with ``4 r <= min(out, in)``)."""
+        ``out x in x r`` product with ``4 r <= min(out, in)``); never inside torch.compile."""
+        if torch.compiler.is_compiling():  # AOTAutograd picks what to save and recompute itself
+            return False
         r = sum(e.method.rank for e in live)
         return weight.numel() >= self.RECOMPUTE_MIN_NUMEL or 4 * r <= min(self.kind.matrix_shape)
 
@@ -321,9 +328,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         W = self.kind.module.weight
         Wm = self.kind.matrix(W)
         for e in live:
-            U = e.U if e.U.dtype == W.dtype else e.U.to(W.dtype)
-            Vt = e.Vt if e.Vt.dtype == W.dtype else e.Vt.to(W.dtype)
-            Wm = torch.addmm(Wm, e.method.mul_right(U), Vt, alpha=e.scale * call)
+            Wm = torch.addmm(Wm, *e.factors_in(W.dtype), alpha=e.scale * call)
         return Wm
 
     def _weight_recipe_hooks(self, matrix: torch.Tensor, live):
@@ -352,13 +357,13 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         return pack, unpack
 
     def _forward_stacked(self, x, live, args, kwargs):
+        """A PEFT LoRA layer underneath: ``y = lora_layer(x) + op(x; sum_a s_a U_a M_a V_a^T)``."""
         W = self.kind.module.weight
         call = self.call_scale
         delta = None
         for e in live:
-            U = e.U if e.U.dtype == W.dtype else e.U.to(W.dtype)
-            Vt = e.Vt if e.Vt.dtype == W.dtype else e.Vt.to(W.dtype)
-            term = e.method.mul_right(U) @ Vt * (e.scale * call)
+            UM, Vt = e.factors_in(W.dtype)
+            term = UM @ Vt * (e.scale * call)
             delta = term if delta is None else delta + term
         return self.base_module(x, *args, **kwargs) + self.kind.forward(x, self.kind.weight_from_matrix(delta),
                                                                         self._bias_delta(live, W.dtype))
