@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     n = len(st.targets.resolve_targets(base, "all"))
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     print(f"config {args.config}: {n} conv/linear weights, float32 decompositions, device {device_name}")
-    print(table(rows, ["route", "cold s", "warm s", "cold/warm", "max |U^T U - I|", "rel. reconstruction"]))
+    print(table(rows, ["route", "cold s", "warm s", "cold/warm", "max abs(U^T U - I)", "rel. reconstruction"]))
 
 
 if __name__ == "__main__":
