@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("train_step.py", ["--config", "tiny", "--warmup", "0", "--repeats", "1"], r"worst adapter ratio to floor: \d+\.\d\d"),
     ("svd_init.py", ["--config", "tiny"], r"\| randomised top-16"),
     ("inference.py", ["--steps", "2", "--repeats", "1"], r"\| exported LoRA, fused"),
+    ("layer_step.py", ["--repeats", "2"], r"\| Conv2d 3x3 .*W' rebuilt in backward"),
 ])
 def test_benchmark_script_prints_its_table(script, args, last):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)] + args, capture_output=True,
