@@ -96,6 +96,20 @@ class AdapterLayerMixin:
         """Drop the cached live state (called by every mutation of scales, active/merged sets, devices)."""
         self.__dict__["_live"] = None
         self.__dict__["_paths"] = {}
+        self.__dict__.pop("forward", None)  # back to the class's forward (see `_pass_through`)
+
+    def _pass_through(self, *args, **kwargs):
+        """The forward while no adapter is live (all merged, disabled or at scale 0): the wrapped module's own
+        forward, without a second module call (measured: ~3% of a fused tiny SD pipeline on the CPU). Installed
+        as the instance's ``forward`` until the next state change; hooks on the wrapped module still run."""
+        base = self._modules["base_module"]
+        if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+            return base(*args, **kwargs)
+        return base.forward(*args, **kwargs)
+
+    def _no_live_adapters(self, *args, **kwargs):
+        self.__dict__["forward"] = self._pass_through
+        return self._pass_through(*args, **kwargs)
 
     def _apply(self, *args, **kwargs):  # .to() / .cuda() / .half(): the cached views would be stale
         self.invalidate()
@@ -104,6 +118,7 @@ class AdapterLayerMixin:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_live"], state["_paths"] = None, {}
+        state.pop("forward", None)
         return state
 
     @property
@@ -277,7 +292,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if live is None:
             live = self.live()
         if not live:
-            return self.base_module(x, *args, **kwargs)
+            return self._no_live_adapters(x, *args, **kwargs)
         if self.use_factored(x, live):
             return self._forward_factored(x, live, args, kwargs)
         if self.kind.stacked:  # a LoRA layer underneath: add our term to its output, f(x; D) is linear in D
@@ -462,9 +477,9 @@ class NormDeltaLayer(AdapterLayerMixin, nn.Module):
         live = self._live
         if live is None:
             live = self.live()
-        base = self.base_module
         if not live:
-            return base(x)
+            return self._no_live_adapters(x)
+        base = self.base_module
         weight = base.weight
         for delta, scale in live:
             weight = torch.add(weight, delta.to(weight.dtype), alpha=scale * self.call_scale)

@@ -196,3 +196,29 @@ def test_training_step_compiles_without_graph_breaks(mode):
     compiled = grads(torch.compile(model, fullgraph=True))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_layers_without_live_adapters_pass_straight_through():
+    """Merged (or disabled) adapters: the wrapper hands the call to the base layer's own forward, still runs
+    hooks registered on the base layer, and applies the adapter again as soon as it is unmerged."""
+    base, model = _two_adapters()
+    unmerged = UNET.run(model)
+    st.merge_adapter(model)
+    merged = UNET.run(model)
+    assert rel_err(merged, unmerged) < 1e-5
+    layers = [m for _, m in adapter_layers(model)]
+    assert all("forward" in m.__dict__ for m in layers)  # the pass-through is installed
+    calls = []
+    handle = layers[0].base_module.register_forward_hook(lambda *a: calls.append(1))
+    UNET.run(model)
+    assert calls == [1]
+    handle.remove()
+    st.unmerge_adapter(model)
+    assert all("forward" not in m.__dict__ for m in layers)
+    again = UNET.run(model)  # unmerging rounds W back, so equal up to float32 rounding
+    assert rel_err(again, unmerged) < 1e-5 and rel_err(again, UNET.run(base)) > 1e-3
+    with st.adapters_disabled(model):
+        assert rel_err(UNET.run(model), UNET.run(base)) < 1e-5
+    assert torch.equal(UNET.run(model), again)
+    copied = copy.deepcopy(model)  # no stale bound method travels with a copy
+    assert torch.equal(UNET.run(copied), again)
