@@ -46,6 +46,20 @@ NOT_DELEGATED = frozenset({"base_module", "base_layer", "get_base_layer", "lora_
                            "merged_adapters", "active_adapter", "disable_adapters"})
 
 
+def _summed_bias(terms, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    """``sum scale * bias_delta`` over ``(method, scale)`` terms, in ``dtype`` if given (None when no method
+    trains a bias)."""
+    total = None
+    for method, scale in terms:
+        b = method.bias()
+        if b is not None:
+            if dtype is not None:
+                b = b.to(dtype)
+            term = b if scale == 1.0 else b * scale
+            total = term if total is None else total + term
+    return total
+
+
 class LiveAdapter(NamedTuple):
     """What one live adapter needs per call, computed once per state change: the method, ``U_S`` (out x r),
     ``V_S^T`` (r x in, a view of the basis), its own scale and forward mode."""
@@ -247,12 +261,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
 
     def delta_bias(self, names: Iterable[str], scales: Optional[Dict[str, float]] = None) -> Optional[torch.Tensor]:
         scales = self.scales if scales is None else scales
-        total = None
-        for name in names:
-            b = self.svd_adapters[name].bias()
-            if b is not None:
-                total = b * scales[name] if total is None else total + b * scales[name]
-        return total
+        return _summed_bias((self.svd_adapters[n], scales[n]) for n in names)
 
     # --- forward ------------------------------------------------------------------------------
     def use_factored(self, x: torch.Tensor, live: Tuple[LiveAdapter, ...]) -> bool:
@@ -296,7 +305,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if self.use_factored(x, live):
             return self._forward_factored(x, live, args, kwargs)
         if self.kind.stacked:  # a LoRA layer underneath: add our term to its output, f(x; D) is linear in D
-            return self._forward_stacked(x, live, args, kwargs)
+            return self._forward_stacked(x, args, kwargs)
         return self._forward_recomposed(x, live)
 
     def _forward_factored(self, x, live, args, kwargs):
@@ -370,28 +379,18 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
 
         return pack, unpack
 
-    def _forward_stacked(self, x, live, args, kwargs):
+    def _forward_stacked(self, x, args, kwargs):
         """A PEFT LoRA layer underneath: ``y = lora_layer(x) + op(x; sum_a s_a U_a M_a V_a^T)``."""
         W = self.kind.module.weight
-        call = self.call_scale
-        delta = None
-        for e in live:
-            UM, Vt = e.factors_in(W.dtype)
-            term = UM @ Vt * (e.scale * call)
-            delta = term if delta is None else delta + term
-        return self.base_module(x, *args, **kwargs) + self.kind.forward(x, self.kind.weight_from_matrix(delta),
-                                                                        self._bias_delta(live, W.dtype))
+        scales = self.live_scales()
+        delta = self.delta_matrix(list(scales), scales, dtype=W.dtype)
+        bias = self.delta_bias(list(scales), scales)
+        bias = None if bias is None else bias.to(W.dtype)
+        return self.base_module(x, *args, **kwargs) + self.kind.forward(x, self.kind.weight_from_matrix(delta), bias)
 
     def _bias_delta(self, live, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """``sum_a s_a * bias_delta_a`` in ``dtype`` (None when no live adapter trains a bias)."""
-        total = None
-        for e in live:
-            b = e.method.bias_delta
-            if b is not None:
-                scale = e.scale * self.call_scale
-                term = b.to(dtype) if scale == 1.0 else b.to(dtype) * scale
-                total = term if total is None else total + term
-        return total
+        """``sum_a s_a * bias_delta_a`` of the live adapters, in ``dtype``."""
+        return _summed_bias(((e.method, e.scale * self.call_scale) for e in live), dtype)
 
     # --- merge --------------------------------------------------------------------------------
     @torch.no_grad()

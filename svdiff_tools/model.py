@@ -150,17 +150,17 @@ def hash_weights(plans: List[PlannedAdapter], config: SVDAdapterConfig) -> None:
     Hashing the exact bytes is what a warm start from the cache costs, so it is spread over threads."""
     if cache.cache_dir() is None:
         return
-    todo = []
-    for plan in plans:
-        W, _, existing = _decomposition_input(plan, config)
-        if existing is None and plan.digest is None:
-            todo.append((plan, W))
+    todo = [plan for plan in plans if plan.digest is None and _decomposition_input(plan, config)[2] is None]
     if not todo:
         return
+
+    def digest(plan: PlannedAdapter) -> str:  # the matrix is made in the worker: a few in memory at a time
+        return cache.weight_digest(_decomposition_input(plan, config)[0])
+
     workers = max(1, min(len(todo), os.cpu_count() or 1, HASH_THREADS))
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for (plan, _), digest in zip(todo, pool.map(lambda job: cache.weight_digest(job[1]), todo)):
-            plan.digest = digest
+        for plan, value in zip(todo, pool.map(digest, todo)):
+            plan.digest = value
 
 
 def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bool) -> None:
