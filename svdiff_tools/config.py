@@ -15,6 +15,7 @@ AVF_METRICS = ("mean_abs", "rms", "max_abs")
 SVD_DRIVERS = ("auto", "gram", "full", "randomized")
 SVD_DTYPES = ("float32", "float64")
 FORWARD_MODES = ("auto", "recompose", "factored")
+BASIS_STORAGE = ("auto", "one_sided", "both")
 
 
 @dataclass
@@ -42,6 +43,11 @@ class SVDAdapterConfig:
     svd_dtype:       precision of the stored factors and of the "full"/"randomized" routes ("float32" or
                      "float64"), whatever the model dtype; the Gram route always computes in float64.
     forward_mode:    "auto" (per call by flop count), "recompose" (W + delta), "factored" (x V M^T U^T).
+    basis_storage:   how full-spectrum methods store U and V. "one_sided": keep the smaller factor and, of
+                     the larger one, only the ill-conditioned tail; the rest is derived from W inside the
+                     recomposed product (costs min/max(out, in) more flops there). "auto": one-sided where
+                     that costs at most +50% (min(out, in) <= max(out, in) / 2: 3x3 convs, MLPs), both
+                     factors for squarer weights. "both": keep U and V (each as large as W when W is square).
     """
 
     method: str = "svdiff"
@@ -60,6 +66,7 @@ class SVDAdapterConfig:
     svd_driver: str = "auto"
     svd_dtype: str = "float32"
     forward_mode: str = "auto"
+    basis_storage: str = "auto"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,6 +84,7 @@ class SVDAdapterConfig:
         choice("svd_driver", self.svd_driver, SVD_DRIVERS)
         choice("svd_dtype", self.svd_dtype, SVD_DTYPES)
         choice("forward_mode", self.forward_mode, FORWARD_MODES)
+        choice("basis_storage", self.basis_storage, BASIS_STORAGE)
         rank = self.rank
         if isinstance(rank, bool) or not (rank is None or isinstance(rank, (int, float))):
             raise SVDConfigError(f"rank={rank!r} must be None, a positive int or a float in (0, 1).")

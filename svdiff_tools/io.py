@@ -40,7 +40,7 @@ FORMAT = "svdiff-tools.adapter"
 FORMAT_VERSION = 1
 DEFAULT_WEIGHT_NAME = "svd_adapter.safetensors"
 CONV_RESHAPE = "weight.reshape(out_channels, -1): out x (in/groups*prod(kernel)), PyTorch's row-major order"
-RUNTIME_OPTIONS = ("svd_dtype", "forward_mode", "scale")
+RUNTIME_OPTIONS = ("svd_dtype", "forward_mode", "basis_storage", "scale")
 logger = logging.getLogger(__name__)
 
 
@@ -338,7 +338,7 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     """Load an adapter file into ``model`` and return the adapter's name.
 
     ``component`` picks one part of a pipeline adapter file ("unet", "text_encoder", ...).
-    ``runtime_options`` may override ``svd_dtype``, ``forward_mode`` and ``scale``. Everything is checked
+    ``runtime_options`` may override ``svd_dtype``, ``forward_mode``, ``basis_storage`` and ``scale``. Everything is checked
     (format, architecture, base-model fingerprints, tensor shapes) before the model is touched; on any
     error the model is left exactly as it was.
     """

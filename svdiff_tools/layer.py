@@ -27,17 +27,73 @@ from .module_kinds import ModuleKind
 
 
 class SVDBasis(nn.Module):
-    """Fixed factors of one decomposition: ``U`` (out x q), ``S`` (q,), ``V`` (in x q)."""
+    """Fixed factors of one decomposition ``W = U diag(S) V^T`` with q components.
+
+    Two-sided (``head == 0``): ``U`` (out x q), ``V`` (in x q).
+
+    One-sided (``head > 0``, full-spectrum bases only): the smaller factor whole, and of the larger one only
+    its last ``q - head`` columns. The first ``head`` columns follow from the weight itself,
+    ``V_h = W^T U_h diag(1/S_h)`` (``right``: ``U_h = W V_h diag(1/S_h)``), so they are never stored; U and V
+    of a square weight each cost as much as the weight. Only well-conditioned components are derived
+    (``S_i >= S_1 / HEAD_CONDITION``): rounding in ``U_h^T W`` is ``~ eps * S_1``, so a derived column's
+    relative error is ``~ eps * S_1 / S_i <= HEAD_CONDITION * eps``. The rest (the tail) stay stored.
+    """
+
+    HEAD_CONDITION = 8.0
+    AUTO_MAX_EXTRA = 0.5  # "auto" storage: one-sided where it adds at most this fraction of recompose flops
 
     def __init__(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, driver: str,
-                 svd_rank: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None):
+                 svd_rank: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None,
+                 head: int = 0, right: bool = False):
         super().__init__()
         self.driver = driver
         self.svd_rank = svd_rank
         self.weight_dtype = weight_dtype  # dtype of the weight matrix that was decomposed
+        self.head = int(head)
+        self.right = bool(right)  # one-sided with V (in x q) the stored, smaller factor
         self.register_buffer("U", U, persistent=False)
         self.register_buffer("S", S, persistent=False)
         self.register_buffer("V", V, persistent=False)
+
+    @classmethod
+    def worth_one_sided(cls, storage: str, shape: Tuple[int, int]) -> bool:
+        """Whether ``basis_storage`` asks for a one-sided basis of an (out x in) full-spectrum weight. Deriving
+        the larger factor adds ``min/max(out, in)`` to the recomposed product's flops (an ``out x out`` or
+        ``in x in`` core), so "auto" keeps both factors of square-ish weights."""
+        if storage == "one_sided":
+            return True
+        return storage == "auto" and min(shape) <= cls.AUTO_MAX_EXTRA * max(shape)
+
+    @classmethod
+    def one_sided(cls, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, driver: str,
+                  svd_rank: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None) -> "SVDBasis":
+        """Keep the smaller factor and the larger one's tail (see the class docstring)."""
+        top = float(S[0]) if S.numel() else 0.0
+        head = int(((S > 0) & (S >= top / cls.HEAD_CONDITION)).sum()) if top > 0 else 0
+        right = U.shape[0] > V.shape[0]
+        if right:
+            U = U[:, head:].clone()
+        else:
+            V = V[:, head:].clone()
+        return cls(U, S, V, driver, svd_rank, weight_dtype, head, right)
+
+    def full_factors(self, W: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(U, V)`` whole, the derived columns computed in float64 from ``W`` (out x in, the unmerged base
+        weight as a matrix), returned in the stored dtype."""
+        if not self.head:
+            return self.U, self.V
+        h, inv = self.head, 1.0 / self.S[:self.head].double()
+        if self.right:
+            derived = (W.double() @ self.V[:, :h].double()) * inv
+            return torch.cat([derived.to(self.V.dtype), self.U], 1), self.V
+        derived = (W.double().mT @ self.U[:, :h].double()) * inv
+        return self.U, torch.cat([derived.to(self.U.dtype), self.V], 1)
+
+    def materialize(self, W: torch.Tensor) -> None:
+        """Store both factors whole from now on (before a merge changes ``W``, or for the factored path)."""
+        if self.head:
+            self.U, self.V = self.full_factors(W)
+            self.head = 0
 
 
 # PEFT's tuner-layer protocol: diffusers and PEFT probe for these names (``hasattr(m, "base_layer")``) to find
@@ -61,19 +117,49 @@ def _summed_bias(terms, dtype: Optional[torch.dtype] = None) -> Optional[torch.T
 
 
 class LiveAdapter(NamedTuple):
-    """What one live adapter needs per call, computed once per state change: the method, ``U_S`` (out x r),
-    ``V_S^T`` (r x in, a view of the basis), its own scale and forward mode."""
+    """What one adapter needs per call, computed once per state change: the method, the stored parts of
+    ``U_S`` (out x r) and ``V_S^T`` (r x in) as views of the basis, its own scale and forward mode; for a
+    one-sided basis also ``head`` (components whose larger-side column is derived from ``W``) and
+    ``inv_s = 1 / S_head``. Two-sided: ``U``, ``Vt`` whole. One-sided left: ``U`` whole, ``Vt`` its tail rows
+    (r - head x in); ``right``: ``Vt`` whole, ``U`` its tail columns."""
     method: SpectralMethod
     U: torch.Tensor
     Vt: torch.Tensor
     scale: float
     mode: str
+    head: int = 0
+    inv_s: Optional[torch.Tensor] = None
+    right: bool = False
 
     def factors_in(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(U M, V^T)`` in ``dtype``: the two operands of this adapter's product (cast only when needed)."""
+        """``(U M, V^T)`` in ``dtype``: the two operands of this adapter's product (cast only when needed).
+        Two-sided entries only."""
         U = self.U if self.U.dtype == dtype else self.U.to(dtype)
         Vt = self.Vt if self.Vt.dtype == dtype else self.Vt.to(dtype)
         return self.method.mul_right(U), Vt
+
+    def add_to(self, Wm: torch.Tensor, W0: torch.Tensor, alpha: float) -> torch.Tensor:
+        """``Wm + alpha * U M V^T`` (out x in) in ``Wm``'s dtype; ``W0`` is the base weight as a matrix in that
+        dtype (read by one-sided entries only).
+
+        One-sided left (``V_h^T = diag(1/S_h) U_h^T W``):
+            ``U M V^T = [(U M)_h diag(1/S_h) U_h^T] W0 + (U M)_t V_t^T``   (an out x out core, then one GEMM)
+        right (``U_h = W V_h diag(1/S_h)``):
+            ``U M V^T = W0 [V_h diag(1/S_h) (V M^T)_h^T] + U_t (V M^T)_t^T``   (an in x in core)"""
+        if not self.head:
+            return torch.addmm(Wm, *self.factors_in(Wm.dtype), alpha=alpha)
+        dtype, h = Wm.dtype, self.head
+        U = self.U if self.U.dtype == dtype else self.U.to(dtype)
+        Vt = self.Vt if self.Vt.dtype == dtype else self.Vt.to(dtype)
+        inv = self.inv_s.to(dtype)
+        if self.right:
+            Q = Vt.mT
+            QM = self.method.mul_right(Q, transpose=True)  # V M^T (in x r)
+            Wm = torch.addmm(Wm, W0, (Q[:, :h] * inv) @ QM[:, :h].mT, alpha=alpha)
+            return torch.addmm(Wm, U, QM[:, h:].mT, alpha=alpha) if QM.shape[1] > h else Wm
+        QM = self.method.mul_right(U)  # U M (out x r)
+        Wm = torch.addmm(Wm, (QM[:, :h] * inv) @ U[:, :h].mT, W0, alpha=alpha)
+        return torch.addmm(Wm, QM[:, h:], Vt, alpha=alpha) if QM.shape[1] > h else Wm
 
 
 class AdapterLayerMixin:
@@ -203,9 +289,15 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
 
     # --- adapters ---------------------------------------------------------------------------
     def add_adapter(self, name: str, method: SpectralMethod, basis_key: str, basis: SVDBasis,
-                    scale: float = 1.0, forward_mode: str = "auto") -> None:
+                    scale: float = 1.0, forward_mode: str = "auto", basis_storage: str = "auto") -> None:
+        """Add adapter ``name``. A one-sided basis is stored whole here when the adapter asks for both factors
+        (``basis_storage="both"``), for the factored path, or when the layer holds merged adapters (the derived
+        columns must come from the unmerged weight)."""
         if basis_key not in self.bases:
             self.bases[basis_key] = basis
+        basis = self.bases[basis_key]
+        if basis.head and (basis_storage == "both" or forward_mode == "factored" or self.merged):
+            basis.materialize(self._base_matrix())
         self.svd_adapters[name] = method
         self.basis_of[name] = basis_key
         self.scales[name] = float(scale)
@@ -224,22 +316,35 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
             del self.bases[key]
         self.invalidate()
 
+    def _base_matrix(self) -> torch.Tensor:
+        """The base weight without merged adapters, as an (out x in) matrix."""
+        return self.kind.matrix(self.unmerged_weight())
+
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``U_S`` (out x r) and ``V_S`` (in x r) of adapter ``name``."""
+        """``U_S`` (out x r) and ``V_S`` (in x r) of adapter ``name`` (a one-sided basis's derived columns are
+        computed from the weight, in float64)."""
         basis = self.bases[self.basis_of[name]]
         r = self.svd_adapters[name].rank
-        return basis.U[:, :r], basis.V[:, :r]
+        U, V = basis.full_factors(self._base_matrix()) if basis.head else (basis.U, basis.V)
+        return U[:, :r], V[:, :r]
+
+    def entry(self, name: str, scale: float) -> LiveAdapter:
+        """Adapter ``name``'s `LiveAdapter` (views of its basis) with ``scale``."""
+        basis = self.bases[self.basis_of[name]]
+        method = self.svd_adapters[name]
+        r, mode = method.rank, self.forward_modes[name]
+        if not basis.head:
+            return LiveAdapter(method, basis.U[:, :r], basis.V[:, :r].mT, scale, mode)
+        h = min(basis.head, r)
+        tail = max(r - basis.head, 0)
+        U, V = (basis.U[:, :tail], basis.V[:, :r]) if basis.right else (basis.U[:, :r], basis.V[:, :tail])
+        return LiveAdapter(method, U, V.mT, scale, mode, h, 1.0 / basis.S[:h], basis.right)
 
     def live(self) -> Tuple[LiveAdapter, ...]:
         """The live adapters with their factors (cached until the next state change)."""
         live = self._live
         if live is None:
-            entries = []
-            for name in self.live_adapters():
-                U, V = self.factors(name)
-                entries.append(LiveAdapter(self.svd_adapters[name], U, V.mT, self.scales[name],
-                                           self.forward_modes[name]))
-            live = self.__dict__["_live"] = tuple(entries)
+            live = self.__dict__["_live"] = tuple(self.entry(n, self.scales[n]) for n in self.live_adapters())
         return live
 
     # --- deltas -----------------------------------------------------------------------------
@@ -247,16 +352,11 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``sum_a scale_a * U_a M_a V_a^T`` as an (out x in) matrix."""
         scales = self.scales if scales is None else scales
-        total = None
+        W0 = self.kind.matrix(self.kind.module.weight)  # read by one-sided bases, which never coexist with merges
+        W0 = W0 if dtype is None else W0.to(dtype)
+        total = torch.zeros(W0.shape, dtype=W0.dtype, device=W0.device)
         for name in names:
-            U, V = self.factors(name)
-            if dtype is not None:
-                U, V = U.to(dtype), V.to(dtype)
-            term = self.svd_adapters[name].mul_right(U) @ V.mT * scales[name]
-            total = term if total is None else total + term
-        if total is None:
-            w = self.kind.matrix(self.base_module.weight)
-            total = torch.zeros(w.shape, dtype=dtype or w.dtype, device=w.device)
+            total = self.entry(name, scales[name]).add_to(total, W0, scales[name])
         return total
 
     def delta_bias(self, names: Iterable[str], scales: Optional[Dict[str, float]] = None) -> Optional[torch.Tensor]:
@@ -278,7 +378,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if choice is not None:
             return choice
         modes = {e.mode for e in live}
-        if not self.kind.supports_factored() or "recompose" in modes:
+        if not self.kind.supports_factored() or "recompose" in modes or any(e.head for e in live):
             choice = False
         elif "factored" in modes:
             choice = True
@@ -348,10 +448,9 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
 
     def _recomposed_matrix(self, live, call: float) -> torch.Tensor:
         """``W + sum_a s_a * U_a M_a V_a^T`` as a fresh (out x in) matrix (``live`` is never empty here)."""
-        W = self.kind.module.weight
-        Wm = self.kind.matrix(W)
+        W0 = Wm = self.kind.matrix(self.kind.module.weight)
         for e in live:
-            Wm = torch.addmm(Wm, *e.factors_in(W.dtype), alpha=e.scale * call)
+            Wm = e.add_to(Wm, W0, e.scale * call)
         return Wm
 
     def _weight_recipe_hooks(self, matrix: torch.Tensor, live):
@@ -397,7 +496,12 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
     def merge(self, names: Optional[Iterable[str]] = None, factor: float = 1.0) -> List[str]:
         """``W += factor * scale * U M V^T`` (in float32, then cast back) for each named adapter."""
         done = []
-        for name in self._merge_names(names):
+        names = self._merge_names(names)
+        if names and not self.merged:  # derived columns come from the unmerged weight: store them first
+            W0 = self._base_matrix()
+            for basis in self.bases.values():
+                basis.materialize(W0)
+        for name in names:
             scale = self.scales[name] * factor
             self._add_to_weight(name, scale, +1.0)
             self.merged[name] = scale

@@ -166,20 +166,26 @@ def hash_weights(plans: List[PlannedAdapter], config: SVDAdapterConfig) -> None:
 def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bool) -> None:
     """Decompose (or reuse the layer's basis) and create the method module, off the model."""
     base = _base(plan.module)
+    cls = method_class(config.method)
     W, key, existing = _decomposition_input(plan, config)
     if existing is not None:
         basis = existing
-        U, S, V = basis.U, basis.S, basis.V
+        S = basis.S
+        U, V = basis.full_factors(W) if basis.head and cls.needs_factors(config) else (basis.U, basis.V)
     else:
         d = dec.decompose(W, rank=plan.svd_rank, driver=plan.driver, dtype=config.svd_dtype, digest=plan.digest)
         dt = basis_dtype(base.weight)
-        basis = SVDBasis(d.U.to(dt), d.S.to(torch.float32), d.V.to(dt), plan.driver, plan.svd_rank, W.dtype)
         U, S, V = d.U, d.S, d.V
+        # one-sided: full spectrum, recomposed, W itself the decomposed matrix (not a rounded copy of it)
+        one_sided = (SVDBasis.worth_one_sided(config.basis_storage, plan.shape) and config.forward_mode != "factored"
+                     and plan.svd_rank is None and cls.requested_rank(config) is None and not plan.kind.stacked
+                     and W.dtype == base.weight.dtype)
+        make = SVDBasis.one_sided if one_sided else SVDBasis
+        basis = make(U.to(dt), S.to(torch.float32), V.to(dt), plan.driver, plan.svd_rank, W.dtype)
     n_valid = dec.numerical_rank(S.float(), plan.shape)
     r = _choose_rank(plan.rank, S, W, n_valid, plan.name, fixed_rank)
     if r > S.shape[0]:
         raise SVDTargetError(f"module {plan.name} needs {r} components but its decomposition has {S.shape[0]}.")
-    cls = method_class(config.method)
     out_features = plan.kind.out_features if plan.kind.has_channels_last_bias else None
     method = cls(S[:r].float(), config, out_features, U[:, :r], V[:, :r])
     method.to(base.weight.device)
@@ -193,7 +199,7 @@ def attach(model: nn.Module, plans: List[PlannedAdapter], config: SVDAdapterConf
         if not isinstance(layer, SVDLayer):
             layer = SVDLayer(plan.module, plan.kind)
             _replace(model, plan.name, layer)
-        layer.add_adapter(adapter_name, method, key, basis, config.scale, config.forward_mode)
+        layer.add_adapter(adapter_name, method, key, basis, config.scale, config.forward_mode, config.basis_storage)
 
 
 def attach_norms(model: nn.Module, config: SVDAdapterConfig, adapter_name: str,

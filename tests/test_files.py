@@ -68,10 +68,11 @@ def test_svft_reloads_with_the_same_outputs_from_float64_decompositions(case_nam
     randomize_adapter(model)
     path = st.save_adapter(model, tmp_path / "a.safetensors")
     fresh = copy.deepcopy(base)
-    st.load_adapter(fresh, path, svd_dtype="float64")
+    st.load_adapter(fresh, path, svd_dtype="float64", basis_storage="both")
     out, expected = case.run(fresh), case.run(model)
     assert float((out - expected).norm() / expected.norm()) < 2e-5
-    # without the sign rule, flipping one pair would change the outputs visibly
+    # without the sign rule, flipping one pair would change the outputs visibly (both factors are stored: a
+    # one-sided basis derives V from U, so flipping u_0 there flips v_0 with it)
     layer = next(m for m in fresh.modules() if isinstance(m, st.SVDLayer))
     basis = next(iter(layer.bases.values()))
     basis.U[:, 0] *= -1

@@ -73,7 +73,8 @@ def test_readme_main_job(tmp_path):
 
 @pytest.mark.parametrize("method_args", [
     ["--method", "svdiff", "--train_norms"],
-    ["--method", "svft", "--svft_pattern", "banded", "--svft_offset", "1", "--export_lora_rank", "0"],
+    ["--method", "svft", "--svft_pattern", "banded", "--svft_offset", "1", "--export_lora_rank", "0",
+     "--basis_storage", "one_sided"],
     ["--method", "vectorfit", "--avf_k", "2", "--avf_interval", "2"],
     ["--method", "lora", "--rank", "2"],
     ["--method", "pissa", "--rank", "2"],

@@ -52,13 +52,18 @@ class SpectralMethod(nn.Module):
         """None = every component; int = top r; float = energy fraction (svfit)."""
         return config.rank
 
+    @classmethod
+    def needs_factors(cls, config: SVDAdapterConfig) -> bool:
+        """Whether ``__init__`` reads the basis ``U``, ``V`` (e.g. to choose a sparsity pattern)."""
+        return False
+
     # --- M --------------------------------------------------------------------------------
     def diag_values(self) -> torch.Tensor:
         """The diagonal of M, shape (r,), for diagonal methods."""
         raise NotImplementedError
 
-    def mul_right(self, X: torch.Tensor) -> torch.Tensor:
-        """``X @ M`` for ``X`` (..., r)."""
+    def mul_right(self, X: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """``X @ M`` (``X @ M^T`` with ``transpose``) for ``X`` (..., r)."""
         return X * self.diag_values().to(X.dtype)
 
     def dense(self) -> torch.Tensor:

@@ -47,6 +47,10 @@ def pattern_indices(pattern: str, r: int, offset: int, seed: int, U=None, V=None
 class SVFT(SpectralMethod):
     name = "svft"
 
+    @classmethod
+    def needs_factors(cls, config):
+        return config.svft_pattern == "top_k"
+
     def __init__(self, sigma, config, out_features, U=None, V=None):
         super().__init__(sigma, config, out_features)
         self.diagonal = config.svft_pattern == "plain"
@@ -62,13 +66,15 @@ class SVFT(SpectralMethod):
 
     DENSE_RANK = 64  # up to this r, X @ dense(M) (one small GEMM) beats index_select + index_add
 
-    def mul_right(self, X):
+    def mul_right(self, X, transpose=False):
         if self.diagonal:
             return X * self.values.to(X.dtype)
         if self.rank <= self.DENSE_RANK:
-            return X @ self.dense().to(X.dtype)
-        src = X.index_select(-1, self.rows) * self.values.to(X.dtype)
-        return torch.zeros_like(X).index_add(-1, self.cols, src)
+            M = self.dense().to(X.dtype)
+            return X @ (M.mT if transpose else M)
+        rows, cols = (self.cols, self.rows) if transpose else (self.rows, self.cols)
+        src = X.index_select(-1, rows) * self.values.to(X.dtype)
+        return torch.zeros_like(X).index_add(-1, cols, src)
 
     def dense(self):
         M = torch.zeros(self.rank, self.rank, device=self.values.device)

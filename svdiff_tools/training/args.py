@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--avf_k", type=int, default=0, help="VectorFit: vectors frozen per interval (0 = no AVF)")
     m.add_argument("--avf_interval", type=int, default=50, help="VectorFit: steps between AVF re-selections")
     m.add_argument("--train_norms", action="store_true", help="SVDiff recipe: also train norm (1-D) weight deltas")
+    m.add_argument("--basis_storage", choices=["auto", "one_sided", "both"], default="auto",
+                   help="full-spectrum methods: one_sided stores the least memory (derives the larger singular "
+                        "factor from W, more flops on square weights), both the most; auto is one-sided where "
+                        "min(out, in) <= max(out, in) / 2")
     m.add_argument("--learning_rate_1d", type=float, default=1e-6,
                    help="learning rate of 1-D (norm) deltas; SVDiff paper: 1e-6")
     m.add_argument("--export_lora_rank", type=int, default=None,
@@ -217,4 +221,5 @@ def spectral_config(args: argparse.Namespace, train_text_encoder: bool = False):
         method=args.method, rank=rank,
         target_modules="text-encoder" if train_text_encoder else args.target_modules,
         svft_pattern=args.svft_pattern, svft_offset=args.svft_offset, avf_k=args.avf_k,
-        avf_interval=args.avf_interval, train_norms=args.train_norms and not train_text_encoder)
+        avf_interval=args.avf_interval, train_norms=args.train_norms and not train_text_encoder,
+        basis_storage=args.basis_storage)

@@ -1,0 +1,150 @@
+"""One-sided bases: full-spectrum adapters store the smaller singular factor and only the ill-conditioned tail
+of the larger one; the rest is derived from W (``V_h = W^T U_h / S_h``). Checked against the float64
+reference (`reference.delta64`) on weights whose spectra have both a head and a tail, in both orientations."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import svdiff_tools as st
+from svdiff_tools.layer import SVDBasis
+
+from reference import delta64, rel_err, set_weight_matrix, randomize_adapter
+
+# (module, input shape): left (out < in), right (out > in), square, conv left, conv right
+MODULES = {
+    "linear_left": (lambda: nn.Linear(48, 24), (5, 48)),
+    "linear_right": (lambda: nn.Linear(20, 40), (5, 20)),
+    "linear_square": (lambda: nn.Linear(32, 32), (5, 32)),
+    "conv_left": (lambda: nn.Conv2d(4, 6, 3, padding=1), (2, 4, 5, 5)),
+    "conv_right": (lambda: nn.Conv2d(8, 24, 1), (2, 8, 5, 5)),
+}
+METHODS = {
+    "svdiff": dict(method="svdiff"),
+    "vectorfit": dict(method="vectorfit"),
+    "svft_banded": dict(method="svft", svft_pattern="banded", svft_offset=2),
+}
+
+
+def graded_module(name: str, seed: int = 0) -> tuple:
+    """The module with singular values spread from 1 down to 1e-3, so some lie below S_1 / HEAD_CONDITION."""
+    make, shape = MODULES[name]
+    torch.manual_seed(seed)
+    module = make()
+    W = module.weight.detach().reshape(module.weight.shape[0], -1).double()
+    U, _, Vh = torch.linalg.svd(W, full_matrices=False)
+    S = torch.logspace(0, -3, U.shape[1], dtype=torch.float64)
+    set_weight_matrix(module, ((U * S) @ Vh).float())
+    return nn.Sequential(module), torch.randn(shape)
+
+
+def adapted(name: str, method: str, storage: str = "one_sided", seed: int = 0):
+    model, x = graded_module(name)
+    st.inject_adapter(model, st.SVDAdapterConfig(target_modules=["0"], basis_storage=storage, **METHODS[method]))
+    randomize_adapter(model, seed=seed, magnitude=0.05)
+    return model, x
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("name", MODULES)
+def test_one_sided_delta_output_and_gradients_match_float64_and_two_sided(name, method):
+    one, x = adapted(name, method)
+    both, _ = adapted(name, method, "both")
+    layer, layer2 = one[0], both[0]
+    basis = next(iter(layer.bases.values()))
+    q = basis.S.shape[0]
+    assert 0 < basis.head < q, "the graded spectrum has a head and a tail"
+    assert basis.right == (name.endswith("right"))
+    assert next(iter(layer2.bases.values())).head == 0
+    ref = delta64(layer, "default")
+    assert rel_err(layer.delta_matrix(["default"]), ref) < 1e-5
+    # the forward (recomposed through the one-sided product) and gradients, against the two-sided layer
+    y1, y2 = one(x), both(x)
+    assert rel_err(y1, y2) < 1e-5
+    (y1 * y2.detach()).sum().backward()
+    (y2 * y2.detach()).sum().backward()
+    g1 = torch.cat([p.grad.reshape(-1) for p in one.parameters() if p.requires_grad])
+    g2 = torch.cat([p.grad.reshape(-1) for p in both.parameters() if p.requires_grad])
+    assert g2.abs().max() > 0 and rel_err(g1, g2) < 1e-4
+    # export needs both factors: the derived ones come out right
+    U, V = layer.factors("default")
+    U2, V2 = layer2.factors("default")
+    assert rel_err(U, U2) < 1e-5 and rel_err(V, V2) < 1e-5
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_one_sided_basis_stores_less(name):
+    one, _ = adapted(name, "svdiff")
+    both, _ = adapted(name, "svdiff", "both")
+
+    def stored(model):
+        return sum(b.numel() for b in next(iter(model[0].bases.values())).buffers())
+
+    W = one[0].base_module.weight
+    out, inn = W.shape[0], W[0].numel()
+    q = min(out, inn)
+    basis = next(iter(one[0].bases.values()))
+    assert stored(both) == (out + inn + 1) * q
+    assert stored(one) == q * q + (max(out, inn)) * (q - basis.head) + q
+
+
+def test_identity_at_init_is_exact():
+    model, x = graded_module("linear_square")
+    base = copy.deepcopy(model)
+    st.inject_adapter(model, st.SVDAdapterConfig(method="svdiff", target_modules=["0"], basis_storage="one_sided"))
+    assert next(iter(model[0].bases.values())).head > 0
+    assert torch.equal(model(x), base(x))
+
+
+def test_merge_stores_both_factors_first_and_unmerge_restores():
+    model, x = adapted("linear_left", "svft_banded")
+    layer = model[0]
+    W = layer.base_module.weight.detach().clone()
+    expected = model(x).detach()
+    st.merge_adapter(model)
+    assert all(b.head == 0 for b in layer.bases.values())
+    assert rel_err(model(x), expected) < 1e-5
+    st.unmerge_adapter(model)
+    assert (layer.base_module.weight - W).abs().max() < 1e-6
+    assert rel_err(model(x), expected) < 1e-5
+
+
+def test_second_adapter_on_a_merged_layer_reads_the_unmerged_weight():
+    model, x = adapted("linear_right", "svdiff")
+    reference = copy.deepcopy(model)
+    st.merge_adapter(model)
+    config = st.SVDAdapterConfig(method="vectorfit", target_modules=["0"], basis_storage="one_sided")
+    for m in (model, reference):
+        st.inject_adapter(m, config, adapter_name="b")
+        randomize_adapter(m, "b", seed=1, magnitude=0.05)
+    assert rel_err(model(x), reference(x)) < 1e-5
+
+
+@pytest.mark.parametrize("config", [dict(forward_mode="factored"), dict(basis_storage="both"),
+                                    dict(rank=4, method="svft")])
+def test_two_sided_when_asked_factored_or_low_rank(config):
+    model, _ = graded_module("linear_left")
+    config = {"method": "svdiff", "target_modules": ["0"], "basis_storage": "one_sided", **config}
+    st.inject_adapter(model, st.SVDAdapterConfig(**config))
+    assert all(b.head == 0 for b in model[0].bases.values())
+
+
+@pytest.mark.parametrize("name, one_sided", [("linear_left", True), ("linear_right", True),
+                                             ("linear_square", False), ("conv_left", True)])
+def test_auto_storage_is_one_sided_where_it_adds_at_most_half_the_flops(name, one_sided):
+    model, _ = graded_module(name)  # 24x48, 40x20: ratio 1/2; 32x32: 1; 6x36: 1/6
+    st.inject_adapter(model, st.SVDAdapterConfig(method="svdiff", target_modules=["0"]))
+    assert (next(iter(model[0].bases.values())).head > 0) == one_sided
+
+
+def test_one_sided_chooses_well_conditioned_components_only():
+    U = torch.linalg.qr(torch.randn(6, 4)).Q
+    V = torch.linalg.qr(torch.randn(9, 4)).Q
+    S = torch.tensor([4.0, 1.0, 0.4, 0.1])
+    basis = SVDBasis.one_sided(U, S, V, "gram")
+    assert basis.head == 2 and not basis.right and basis.V.shape == (9, 2)
+    assert torch.equal(basis.V, V[:, 2:])
+    zero = SVDBasis.one_sided(U, torch.zeros(4), V, "gram")
+    assert zero.head == 0 and zero.V.shape == (9, 4)
