@@ -44,10 +44,10 @@ class SVDAdapterConfig:
                      "float64"), whatever the model dtype; the Gram route always computes in float64.
     forward_mode:    "auto" (per call by flop count), "recompose" (W + delta), "factored" (x V M^T U^T).
     basis_storage:   how full-spectrum methods store U and V. "one_sided": keep the smaller factor and, of
-                     the larger one, only the ill-conditioned tail; the rest is derived from W inside the
-                     recomposed product (costs min/max(out, in) more flops there). "auto": one-sided where
-                     that costs at most +50% (min(out, in) <= max(out, in) / 2: 3x3 convs, MLPs), both
-                     factors for squarer weights. "both": keep U and V (each as large as W when W is square).
+                     the larger one, only the ill-conditioned tail; the rest is derived from W (recomposed:
+                     min/max(out, in) more flops; factored: from the base output when out <= in). "auto":
+                     one-sided where out <= in (U stored; both paths stay available), else both factors.
+                     "both": keep U and V (each as large as W when W is square).
     """
 
     method: str = "svdiff"

@@ -40,7 +40,6 @@ class SVDBasis(nn.Module):
     """
 
     HEAD_CONDITION = 8.0
-    AUTO_MAX_EXTRA = 0.5  # "auto" storage: one-sided where it adds at most this fraction of recompose flops
 
     def __init__(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, driver: str,
                  svd_rank: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None,
@@ -57,12 +56,11 @@ class SVDBasis(nn.Module):
 
     @classmethod
     def worth_one_sided(cls, storage: str, shape: Tuple[int, int]) -> bool:
-        """Whether ``basis_storage`` asks for a one-sided basis of an (out x in) full-spectrum weight. Deriving
-        the larger factor adds ``min/max(out, in)`` to the recomposed product's flops (an ``out x out`` or
-        ``in x in`` core), so "auto" keeps both factors of square-ish weights."""
-        if storage == "one_sided":
-            return True
-        return storage == "auto" and min(shape) <= cls.AUTO_MAX_EXTRA * max(shape)
+        """Whether ``basis_storage`` asks for a one-sided basis of an (out x in) full-spectrum weight. "auto":
+        where ``out <= in`` (U the stored factor), which keeps the factored path (``x V_h = (x W^T) U_h / S_h``
+        comes from the base output, see `LiveAdapter.factored`); deriving U instead (``out > in``) leaves only
+        the recomposed path."""
+        return storage == "one_sided" or (storage == "auto" and shape[0] <= shape[1])
 
     @classmethod
     def one_sided(cls, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, driver: str,
@@ -137,6 +135,18 @@ class LiveAdapter(NamedTuple):
         U = self.U if self.U.dtype == dtype else self.U.to(dtype)
         Vt = self.Vt if self.Vt.dtype == dtype else self.Vt.to(dtype)
         return self.method.mul_right(U), Vt
+
+    def factored(self, kind, x: torch.Tensor, y_nb: Optional[torch.Tensor]) -> torch.Tensor:
+        """``x (U M V^T)^T`` through thin projections (``project_in(x, V^T)``, then ``project_out(., U M)``).
+        One-sided left: ``x V_h = (x W^T) U_h diag(1/S_h)``, read from ``y_nb``, the base output without bias
+        (``out`` channels instead of ``in * prod(kernel)``; the right form has no factored path)."""
+        UM, Vt = self.factors_in(x.dtype)
+        if not self.head:
+            return kind.project_out(kind.project_in(x, Vt), UM)
+        h = self.head
+        into_head = (self.U[:, :h].to(x.dtype) * self.inv_s.to(x.dtype)).mT
+        out = kind.project_out(kind.project_out(y_nb, into_head), UM[:, :h])
+        return out + kind.project_out(kind.project_in(x, Vt), UM[:, h:]) if UM.shape[1] > h else out
 
     def add_to(self, Wm: torch.Tensor, W0: torch.Tensor, alpha: float) -> torch.Tensor:
         """``Wm + alpha * U M V^T`` (out x in) in ``Wm``'s dtype; ``W0`` is the base weight as a matrix in that
@@ -291,12 +301,12 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
     def add_adapter(self, name: str, method: SpectralMethod, basis_key: str, basis: SVDBasis,
                     scale: float = 1.0, forward_mode: str = "auto", basis_storage: str = "auto") -> None:
         """Add adapter ``name``. A one-sided basis is stored whole here when the adapter asks for both factors
-        (``basis_storage="both"``), for the factored path, or when the layer holds merged adapters (the derived
-        columns must come from the unmerged weight)."""
+        (``basis_storage="both"``), for the factored path when U is the derived factor, or when the layer holds
+        merged adapters (the derived columns must come from the unmerged weight)."""
         if basis_key not in self.bases:
             self.bases[basis_key] = basis
         basis = self.bases[basis_key]
-        if basis.head and (basis_storage == "both" or forward_mode == "factored" or self.merged):
+        if basis.head and (basis_storage == "both" or (forward_mode == "factored" and basis.right) or self.merged):
             basis.materialize(self._base_matrix())
         self.svd_adapters[name] = method
         self.basis_of[name] = basis_key
@@ -378,18 +388,22 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if choice is not None:
             return choice
         modes = {e.mode for e in live}
-        if not self.kind.supports_factored() or "recompose" in modes or any(e.head for e in live):
+        if not self.kind.supports_factored() or "recompose" in modes or any(e.right for e in live):
             choice = False
         elif "factored" in modes:
             choice = True
         else:
             out_f, in_f = self.kind.matrix_shape
-            r = sum(e.method.rank for e in live)
             tokens = self.kind.tokens(x)
             training = key[1] and any(p.requires_grad for e in live for p in e.method.parameters())
-            recompose = out_f * in_f * r * (2 if training else 1) + (tokens * out_f * in_f if training else 0)
-            factored = tokens * (out_f + in_f) * r * (3 if training else 1)
-            extra_ops = (2 + 3 * training) * len(live)
+            build = project = extra_ops = 0
+            for e in live:  # one-sided left: an out x out core on the recomposed path, out channels into z_h
+                r, h = e.method.rank, e.head
+                build += out_f * in_f * (r - h) + out_f * out_f * (in_f + h) * (h > 0)
+                project += (out_f + in_f) * r - (in_f - out_f) * h
+                extra_ops += (2 + 3 * training) * (1 + (0 < h < r))
+            recompose = build * (2 if training else 1) + (tokens * out_f * in_f if training else 0)
+            factored = tokens * project * (3 if training else 1)
             choice = factored + extra_ops * self.FACTORED_OP_FLOPS < recompose
         if len(self._paths) >= self.PATH_CACHE_SIZE:
             self._paths.clear()
@@ -411,11 +425,17 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
     def _forward_factored(self, x, live, args, kwargs):
         """``y = base(x) + sum_a s_a * project_out(project_in(x, V_a), U_a M_a)``: M is folded into the small
         ``U_a M_a`` (out x r), so the activations see two thin products and one add per adapter."""
-        y = self.base_module(x, *args, **kwargs)
         kind, call = self.kind, self.call_scale
+        y_nb = None
+        if any(e.head for e in live):  # one-sided entries read the base output without its bias
+            y = y_nb = kind.forward(x, kind.module.weight, None)
+            base_bias = getattr(kind.module, "bias", None)
+            if base_bias is not None:
+                y = kind.add_bias(y, base_bias)
+        else:
+            y = self.base_module(x, *args, **kwargs)
         for e in live:
-            UM, Vt = e.factors_in(x.dtype)
-            y = torch.add(y, kind.project_out(kind.project_in(x, Vt), UM), alpha=e.scale * call)
+            y = torch.add(y, e.factored(kind, x, y_nb), alpha=e.scale * call)
         bias = self._bias_delta(live, y.dtype)
         return y if bias is None else kind.add_bias(y, bias)
 

@@ -177,8 +177,7 @@ def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bo
         dt = basis_dtype(base.weight)
         U, S, V = d.U, d.S, d.V
         # one-sided: full spectrum, recomposed, W itself the decomposed matrix (not a rounded copy of it)
-        one_sided = (SVDBasis.worth_one_sided(config.basis_storage, plan.shape) and config.forward_mode != "factored"
-                     and plan.svd_rank is None and cls.requested_rank(config) is None and not plan.kind.stacked
+        one_sided = (SVDBasis.worth_one_sided(config.basis_storage, plan.shape) and plan.svd_rank is None and cls.requested_rank(config) is None and not plan.kind.stacked
                      and W.dtype == base.weight.dtype)
         make = SVDBasis.one_sided if one_sided else SVDBasis
         basis = make(U.to(dt), S.to(torch.float32), V.to(dt), plan.driver, plan.svd_rank, W.dtype)
