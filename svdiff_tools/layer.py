@@ -118,7 +118,7 @@ class LiveAdapter(NamedTuple):
     """What one adapter needs per call, computed once per state change: the method, the stored parts of
     ``U_S`` (out x r) and ``V_S^T`` (r x in) as views of the basis, its own scale and forward mode; for a
     one-sided basis also ``head`` (components whose larger-side column is derived from ``W``) and
-    ``inv_s = 1 / S_head``. Two-sided: ``U``, ``Vt`` whole. One-sided left: ``U`` whole, ``Vt`` its tail rows
+    ``inv_s`` (r,): ``1 / S_i`` for those, then ones. Two-sided: ``U``, ``Vt`` whole. One-sided left: ``U`` whole, ``Vt`` its tail rows
     (r - head x in); ``right``: ``Vt`` whole, ``U`` its tail columns."""
     method: SpectralMethod
     U: torch.Tensor
@@ -143,9 +143,11 @@ class LiveAdapter(NamedTuple):
         UM, Vt = self.factors_in(x.dtype)
         if not self.head:
             return kind.project_out(kind.project_in(x, Vt), UM)
-        h = self.head
-        into_head = (self.U[:, :h].to(x.dtype) * self.inv_s.to(x.dtype)).mT
-        out = kind.project_out(kind.project_out(y_nb, into_head), UM[:, :h])
+        # z_h = y_nb U_h unscaled (U_h^T is a view of the basis: nothing new is saved for backward); its
+        # 1/S_h goes into the one out x r operand that the output projection keeps anyway
+        h, U = self.head, self.U if self.U.dtype == x.dtype else self.U.to(x.dtype)
+        UM = UM * self.inv_s.to(x.dtype)
+        out = kind.project_out(kind.project_out(y_nb, U[:, :h].mT), UM[:, :h])
         return out + kind.project_out(kind.project_in(x, Vt), UM[:, h:]) if UM.shape[1] > h else out
 
     def add_to(self, Wm: torch.Tensor, W0: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -161,7 +163,7 @@ class LiveAdapter(NamedTuple):
         dtype, h = Wm.dtype, self.head
         U = self.U if self.U.dtype == dtype else self.U.to(dtype)
         Vt = self.Vt if self.Vt.dtype == dtype else self.Vt.to(dtype)
-        inv = self.inv_s.to(dtype)
+        inv = self.inv_s[:h].to(dtype)
         if self.right:
             Q = Vt.mT
             QM = self.method.mul_right(Q, transpose=True)  # V M^T (in x r)
@@ -348,7 +350,9 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         h = min(basis.head, r)
         tail = max(r - basis.head, 0)
         U, V = (basis.U[:, :tail], basis.V[:, :r]) if basis.right else (basis.U[:, :r], basis.V[:, :tail])
-        return LiveAdapter(method, U, V.mT, scale, mode, h, 1.0 / basis.S[:h], basis.right)
+        inv_s = torch.ones_like(basis.S[:r])
+        inv_s[:h] = 1.0 / basis.S[:h]
+        return LiveAdapter(method, U, V.mT, scale, mode, h, inv_s, basis.right)
 
     def live(self) -> Tuple[LiveAdapter, ...]:
         """The live adapters with their factors (cached until the next state change)."""
