@@ -68,3 +68,29 @@ def test_train_step_benchmark_runs_on_cuda():
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1].startswith("worst adapter ratio to floor:")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["recompose", "factored"])
+def test_one_sided_bf16_on_cuda_matches_two_sided(mode):
+    """One-sided bases on CUDA in bf16 (both forward paths) stay within 2x the two-sided delta's error."""
+    from test_one_sided import graded_module, METHODS
+    from reference import delta64
+
+    errors = {}
+    for storage in ("one_sided", "both"):
+        model, x = graded_module("conv_left")
+        model = model.to("cuda", torch.bfloat16)
+        st.inject_adapter(model, st.SVDAdapterConfig(target_modules=["0"], basis_storage=storage,
+                                                     forward_mode=mode, **METHODS["svdiff"]))
+        randomize_adapter(model, seed=0, magnitude=0.05)
+        layer = model[0]
+        assert (next(iter(layer.bases.values())).head > 0) == (storage == "one_sided")
+        x = x.to("cuda", torch.bfloat16)
+        with torch.no_grad():
+            adapted = model(x).double()
+            base = layer.kind.forward(x, layer.base_module.weight, layer.base_module.bias).double()
+            expected = torch.nn.functional.conv2d(x.double(), layer.kind.weight_from_matrix(
+                delta64(layer, "default").to("cuda")), padding=1)
+        errors[storage] = rel_err(adapted - base, expected)
+    assert errors["one_sided"] < 2 * errors["both"] + 1e-3
