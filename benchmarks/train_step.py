@@ -9,7 +9,8 @@ script runs it), naive SVDiff (rebuilds every weight from its factors each step)
 default and at a low-rank setting. Columns: median step ms, ratio to the floor, peak memory and its ratio to
 the floor's (CUDA: max_memory_allocated; CPU: resident weights, buffers and optimizer state plus the tracked
 peak of one extra step, see `common.PeakBytes`), the memory above the floor in units of the UNet's weight
-bytes (issue 5's full-spectrum goal: <= 1.0), trainable parameters. The last line is ``worst adapter ratio to floor: X.XX``.
+bytes (issue 5's full-spectrum goal: <= 1.0), trainable parameters. The last line is
+``worst adapter ratio to floor: X.XX``.
 """
 
 from __future__ import annotations

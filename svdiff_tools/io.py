@@ -338,9 +338,9 @@ def load_adapter(model: nn.Module, path: Union[str, os.PathLike], adapter_name: 
     """Load an adapter file into ``model`` and return the adapter's name.
 
     ``component`` picks one part of a pipeline adapter file ("unet", "text_encoder", ...).
-    ``runtime_options`` may override ``svd_dtype``, ``forward_mode``, ``basis_storage`` and ``scale``. Everything is checked
-    (format, architecture, base-model fingerprints, tensor shapes) before the model is touched; on any
-    error the model is left exactly as it was.
+    ``runtime_options`` may override ``svd_dtype``, ``forward_mode``, ``basis_storage`` and ``scale``.
+    Everything is checked (format, architecture, base-model fingerprints, tensor shapes) before the model is
+    touched; on any error the model is left exactly as it was.
     """
     tensors, metadata = read_adapter_file(path)
     entries, stored_name = parse_components(path, tensors, metadata)

@@ -114,12 +114,16 @@ def _summed_bias(terms, dtype: Optional[torch.dtype] = None) -> Optional[torch.T
     return total
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class LiveAdapter(NamedTuple):
     """What one adapter needs per call, computed once per state change: the method, the stored parts of
     ``U_S`` (out x r) and ``V_S^T`` (r x in) as views of the basis, its own scale and forward mode; for a
-    one-sided basis also ``head`` (components whose larger-side column is derived from ``W``) and
-    ``inv_s`` (r,): ``1 / S_i`` for those, then ones. Two-sided: ``U``, ``Vt`` whole. One-sided left: ``U`` whole, ``Vt`` its tail rows
-    (r - head x in); ``right``: ``Vt`` whole, ``U`` its tail columns."""
+    one-sided basis also ``head`` (components whose larger-side column is derived from ``W``) and ``inv_s``
+    (r,): ``1 / S_i`` for those, then ones. Two-sided: ``U``, ``Vt`` whole. One-sided left: ``U`` whole, ``Vt``
+    its tail rows (r - head x in); ``right``: ``Vt`` whole, ``U`` its tail columns."""
     method: SpectralMethod
     U: torch.Tensor
     Vt: torch.Tensor
@@ -132,9 +136,7 @@ class LiveAdapter(NamedTuple):
     def factors_in(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(U M, V^T)`` in ``dtype``: the two operands of this adapter's product (cast only when needed).
         Two-sided entries only."""
-        U = self.U if self.U.dtype == dtype else self.U.to(dtype)
-        Vt = self.Vt if self.Vt.dtype == dtype else self.Vt.to(dtype)
-        return self.method.mul_right(U), Vt
+        return self.method.mul_right(_as(self.U, dtype)), _as(self.Vt, dtype)
 
     def factored(self, kind, x: torch.Tensor, y_nb: Optional[torch.Tensor]) -> torch.Tensor:
         """``x (U M V^T)^T`` through thin projections (``project_in(x, V^T)``, then ``project_out(., U M)``).
@@ -145,9 +147,9 @@ class LiveAdapter(NamedTuple):
             return kind.project_out(kind.project_in(x, Vt), UM)
         # z_h = y_nb U_h unscaled (U_h^T is a view of the basis: nothing new is saved for backward); its
         # 1/S_h goes into the one out x r operand that the output projection keeps anyway
-        h, U = self.head, self.U if self.U.dtype == x.dtype else self.U.to(x.dtype)
-        UM = UM * self.inv_s.to(x.dtype)
-        out = kind.project_out(kind.project_out(y_nb, U[:, :h].mT), UM[:, :h])
+        h = self.head
+        UM = UM * _as(self.inv_s, x.dtype)
+        out = kind.project_out(kind.project_out(y_nb, _as(self.U, x.dtype)[:, :h].mT), UM[:, :h])
         return out + kind.project_out(kind.project_in(x, Vt), UM[:, h:]) if UM.shape[1] > h else out
 
     def add_to(self, Wm: torch.Tensor, W0: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -161,9 +163,7 @@ class LiveAdapter(NamedTuple):
         if not self.head:
             return torch.addmm(Wm, *self.factors_in(Wm.dtype), alpha=alpha)
         dtype, h = Wm.dtype, self.head
-        U = self.U if self.U.dtype == dtype else self.U.to(dtype)
-        Vt = self.Vt if self.Vt.dtype == dtype else self.Vt.to(dtype)
-        inv = self.inv_s[:h].to(dtype)
+        U, Vt, inv = _as(self.U, dtype), _as(self.Vt, dtype), _as(self.inv_s[:h], dtype)
         if self.right:
             Q = Vt.mT
             QM = self.method.mul_right(Q, transpose=True)  # V M^T (in x r)

@@ -176,8 +176,10 @@ def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bo
         d = dec.decompose(W, rank=plan.svd_rank, driver=plan.driver, dtype=config.svd_dtype, digest=plan.digest)
         dt = basis_dtype(base.weight)
         U, S, V = d.U, d.S, d.V
-        # one-sided: full spectrum, recomposed, W itself the decomposed matrix (not a rounded copy of it)
-        one_sided = (SVDBasis.worth_one_sided(config.basis_storage, plan.shape) and plan.svd_rank is None and cls.requested_rank(config) is None and not plan.kind.stacked
+        # one-sided: a full-spectrum method, not under a PEFT layer, W itself the decomposed matrix (not a
+        # rounded copy of it: the derived columns are computed from the live weight)
+        one_sided = (SVDBasis.worth_one_sided(config.basis_storage, plan.shape) and plan.svd_rank is None
+                     and cls.requested_rank(config) is None and not plan.kind.stacked
                      and W.dtype == base.weight.dtype)
         make = SVDBasis.one_sided if one_sided else SVDBasis
         basis = make(U.to(dt), S.to(torch.float32), V.to(dt), plan.driver, plan.svd_rank, W.dtype)

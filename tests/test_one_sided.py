@@ -47,6 +47,18 @@ def adapted(name: str, method: str, storage: str = "one_sided", seed: int = 0):
     return model, x
 
 
+def assert_same_outputs_and_gradients(one: nn.Module, both: nn.Module, x: torch.Tensor) -> None:
+    for p in list(one.parameters()) + list(both.parameters()):
+        p.grad = None
+    y1, y2 = one(x), both(x)
+    assert rel_err(y1, y2) < 1e-5
+    (y1 * y2.detach()).sum().backward()
+    (y2 * y2.detach()).sum().backward()
+    g1 = torch.cat([p.grad.reshape(-1) for p in one.parameters() if p.requires_grad])
+    g2 = torch.cat([p.grad.reshape(-1) for p in both.parameters() if p.requires_grad])
+    assert g2.abs().max() > 0 and rel_err(g1, g2) < 1e-4
+
+
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", MODULES)
 def test_one_sided_delta_output_and_gradients_match_float64_and_two_sided(name, method):
@@ -61,28 +73,14 @@ def test_one_sided_delta_output_and_gradients_match_float64_and_two_sided(name, 
     ref = delta64(layer, "default")
     assert rel_err(layer.delta_matrix(["default"]), ref) < 1e-5
     # the forward (recomposed through the one-sided product) and gradients, against the two-sided layer
-    y1, y2 = one(x), both(x)
-    assert rel_err(y1, y2) < 1e-5
-    (y1 * y2.detach()).sum().backward()
-    (y2 * y2.detach()).sum().backward()
-    g1 = torch.cat([p.grad.reshape(-1) for p in one.parameters() if p.requires_grad])
-    g2 = torch.cat([p.grad.reshape(-1) for p in both.parameters() if p.requires_grad])
-    assert g2.abs().max() > 0 and rel_err(g1, g2) < 1e-4
+    assert_same_outputs_and_gradients(one, both, x)
     # the factored path (one-sided left: x V_h read from the base output) gives the same outputs and gradients
     if not basis.right:
         for m in (one, both):
             m[0].forward_modes["default"] = "factored"
             m[0].invalidate()
         assert one[0].use_factored(x, one[0].live()) and next(iter(layer.bases.values())).head > 0
-        for p in list(one.parameters()) + list(both.parameters()):
-            p.grad = None
-        y1, y2 = one(x), both(x)
-        assert rel_err(y1, y2) < 1e-5
-        (y1 * y2.detach()).sum().backward()
-        (y2 * y2.detach()).sum().backward()
-        g1 = torch.cat([p.grad.reshape(-1) for p in one.parameters() if p.requires_grad])
-        g2 = torch.cat([p.grad.reshape(-1) for p in both.parameters() if p.requires_grad])
-        assert g2.abs().max() > 0 and rel_err(g1, g2) < 1e-4
+        assert_same_outputs_and_gradients(one, both, x)
     # export needs both factors: the derived ones come out right
     U, V = layer.factors("default")
     U2, V2 = layer2.factors("default")
