@@ -46,7 +46,8 @@ class SVDAdapterConfig:
     basis_storage:   how full-spectrum methods store U and V. "one_sided": keep the smaller factor and, of
                      the larger one, only the ill-conditioned tail; the rest is derived from W (recomposed:
                      min/max(out, in) more flops; factored: from the base output when out <= in). "auto":
-                     one-sided where out <= in (U stored; both paths stay available), else both factors.
+                     one-sided where out <= in (U stored; both paths stay available) and out * in >= 2**18,
+                     else both factors.
                      "both": keep U and V (each as large as W when W is square).
     """
 

@@ -40,6 +40,7 @@ class SVDBasis(nn.Module):
     """
 
     HEAD_CONDITION = 8.0
+    AUTO_MIN_NUMEL = 1 << 18  # "auto": smaller weights stay two-sided (little memory, per-op overhead dominates)
 
     def __init__(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, driver: str,
                  svd_rank: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None,
@@ -58,9 +59,11 @@ class SVDBasis(nn.Module):
     def worth_one_sided(cls, storage: str, shape: Tuple[int, int]) -> bool:
         """Whether ``basis_storage`` asks for a one-sided basis of an (out x in) full-spectrum weight. "auto":
         where ``out <= in`` (U the stored factor), which keeps the factored path (``x V_h = (x W^T) U_h / S_h``
-        comes from the base output, see `LiveAdapter.factored`); deriving U instead (``out > in``) leaves only
-        the recomposed path."""
-        return storage == "one_sided" or (storage == "auto" and shape[0] <= shape[1])
+        comes from the base output, see `LiveAdapter.factored`; deriving U instead, ``out > in``, leaves only
+        the recomposed path), and the weight has at least ``AUTO_MIN_NUMEL`` elements: below that the saving is
+        small and the one-sided product's extra kernels cost more than its flops (measured on the CPU)."""
+        out_f, in_f = shape
+        return storage == "one_sided" or (storage == "auto" and out_f <= in_f and out_f * in_f >= cls.AUTO_MIN_NUMEL)
 
     @classmethod
     def one_sided(cls, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, driver: str,

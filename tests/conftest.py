@@ -116,17 +116,19 @@ MODEL_CASES = [
 
 
 # ------------------------------------------------------------------------------------ methods
+# The default storage keeps both factors on these small models (below SVDBasis.AUTO_MIN_NUMEL); the
+# "one_sided" cases run one-sided bases (U or V derived from W) through the same checks.
 METHOD_CASES = {
     "svdiff": dict(method="svdiff"),
-    "svdiff_norms": dict(method="svdiff", train_norms=True),
+    "svdiff_norms": dict(method="svdiff", train_norms=True, basis_storage="one_sided"),
     "svfit_r3": dict(method="svfit", rank=3, svd_driver="full"),
     "svfit_energy": dict(method="svfit", rank=0.6),
     "svft_plain": dict(method="svft", svft_pattern="plain"),
-    "svft_banded": dict(method="svft", svft_pattern="banded", svft_offset=2),
+    "svft_banded": dict(method="svft", svft_pattern="banded", svft_offset=2, basis_storage="one_sided"),
     "svft_random": dict(method="svft", svft_pattern="random", svft_offset=1, svft_seed=7),
-    "svft_top_k": dict(method="svft", svft_pattern="top_k", svft_offset=1),
+    "svft_top_k": dict(method="svft", svft_pattern="top_k", svft_offset=1, basis_storage="one_sided"),
     "svft_truncated": dict(method="svft", svft_pattern="banded", svft_offset=1, rank=4, svd_driver="full"),
-    "vectorfit": dict(method="vectorfit"),
+    "vectorfit": dict(method="vectorfit", basis_storage="one_sided"),
 }
 
 

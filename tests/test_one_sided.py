@@ -147,8 +147,12 @@ def test_two_sided_when_asked_factored_with_u_derived_or_low_rank(name, config):
 
 @pytest.mark.parametrize("name, one_sided", [("linear_left", True), ("linear_right", False),
                                              ("linear_square", True), ("conv_left", True), ("conv_right", False)])
-def test_auto_storage_is_one_sided_where_u_is_the_stored_factor(name, one_sided):
+def test_auto_storage_is_one_sided_where_u_is_the_stored_factor(name, one_sided, monkeypatch):
     model, _ = graded_module(name)
+    small = copy.deepcopy(model)
+    st.inject_adapter(small, st.SVDAdapterConfig(method="svdiff", target_modules=["0"]))
+    assert next(iter(small[0].bases.values())).head == 0  # below AUTO_MIN_NUMEL: both factors
+    monkeypatch.setattr(SVDBasis, "AUTO_MIN_NUMEL", 0)
     st.inject_adapter(model, st.SVDAdapterConfig(method="svdiff", target_modules=["0"]))
     assert (next(iter(model[0].bases.values())).head > 0) == one_sided
 
