@@ -145,15 +145,26 @@ class LiveAdapter(NamedTuple):
         """``x (U M V^T)^T`` through thin projections (``project_in(x, V^T)``, then ``project_out(., U M)``).
         One-sided left: ``x V_h = (x W^T) U_h diag(1/S_h)``, read from ``y_nb``, the base output without bias
         (``out`` channels instead of ``in * prod(kernel)``; the right form has no factored path)."""
-        UM, Vt = self.factors_in(x.dtype)
-        if not self.head:
-            return kind.project_out(kind.project_in(x, Vt), UM)
-        # z_h = y_nb U_h unscaled (U_h^T is a view of the basis: nothing new is saved for backward); its
-        # 1/S_h goes into the one out x r operand that the output projection keeps anyway
-        h = self.head
-        UM = UM * _as(self.inv_s, x.dtype)
-        out = kind.project_out(kind.project_out(y_nb, _as(self.U, x.dtype)[:, :h].mT), UM[:, :h])
-        return out + kind.project_out(kind.project_in(x, Vt), UM[:, h:]) if UM.shape[1] > h else out
+        dtype, h = x.dtype, self.head
+        U, Vt = _as(self.U, dtype), _as(self.Vt, dtype)
+        d = None if self.inv_s is None else _as(self.inv_s, dtype)  # 1/S_h on the derived head, then ones
+        parts = []  # (z, the columns of U it meets): z_h = y_nb U_h (U_h^T a view of the basis), z_t = x V_t
+        if h:
+            parts.append((kind.project_out(y_nb, U[:, :h].mT), slice(0, h)))
+        if Vt.shape[0]:
+            parts.append((kind.project_in(x, Vt), slice(h, U.shape[1])))
+        out, UM = None, None
+        for z, cols in parts:
+            if self.method.diagonal and z.numel() < U[:, cols].numel():
+                # few tokens: scale z (kept for backward) rather than build an out x r operand to keep
+                m = _as(self.method.diag_values(), dtype)[cols]
+                term = kind.project_out(kind.scale_channels(z, m if d is None else m * d[cols]), U[:, cols])
+            else:
+                if UM is None:
+                    UM = self.method.mul_right(U) if d is None else self.method.mul_right(U) * d
+                term = kind.project_out(z, UM[:, cols])
+            out = term if out is None else out + term
+        return out
 
     def add_to(self, Wm: torch.Tensor, W0: torch.Tensor, alpha: float) -> torch.Tensor:
         """``Wm + alpha * U M V^T`` (out x in) in ``Wm``'s dtype; ``W0`` is the base weight as a matrix in that

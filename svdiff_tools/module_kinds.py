@@ -65,6 +65,10 @@ class ModuleKind:
     def add_bias(self, y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         return y + bias
 
+    def scale_channels(self, z: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``z`` with channel ``j`` (last dim; dim 1 for convs) multiplied by ``s[j]``."""
+        return z * s
+
 
 class LinearKind(ModuleKind):
     name = "linear"
@@ -129,6 +133,9 @@ class ConvKind(ModuleKind):
 
     def add_bias(self, y, bias):
         return y + bias.reshape(1, -1, *([1] * (y.dim() - 2)))
+
+    def scale_channels(self, z, s):
+        return z * s.reshape(1, -1, *([1] * (z.dim() - 2)))
 
     def _conv(self, x, weight, **kwargs):
         fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.module.kernel_size)]
