@@ -5,8 +5,8 @@
 
 The per-layer overhead that the UNet table multiplies by the number of adapted layers. Rows: base layer
 (input gradient only), PEFT LoRA r4 (Linear only), and svfit r=4 / svdiff on each forward path, with the
-recomposed weight kept or rebuilt in backward; svdiff recomposes through its one-sided basis (the default) and,
-for comparison, with both factors stored. Run with OMP_NUM_THREADS=1 for stable numbers on small CPUs.
+recomposed weight kept or rebuilt in backward; svdiff with the default storage (both factors on these small
+weights) and with a one-sided basis (U stored, V derived from W). Run with OMP_NUM_THREADS=1 for stable numbers on small CPUs.
 """
 
 from __future__ import annotations
@@ -69,11 +69,9 @@ def main(argv=None) -> None:
             variants.append(("PEFT LoRA r4", get_peft_model(nn.Sequential(copy.deepcopy(base)),
                                                             LoraConfig(r=4, target_modules=["0"])), None))
         methods = (("svfit r=4", dict(method="svfit", rank=4)), ("svdiff", dict(method="svdiff")),
-                   ("svdiff two-sided", dict(method="svdiff", basis_storage="both")))
+                   ("svdiff one-sided", dict(method="svdiff", basis_storage="one_sided")))
         for name, method in methods:
             for mode, rebuild in (("factored", None), ("recompose", False), ("recompose", True)):
-                if mode == "factored" and name == "svdiff two-sided":
-                    continue  # the factored path always keeps both factors (the "svdiff, factored" row)
                 model = nn.Sequential(copy.deepcopy(base))
                 st.inject_adapter(model, st.SVDAdapterConfig(target_modules=["0"], forward_mode=mode, **method))
                 suffix = "" if rebuild is None else (", W' rebuilt in backward" if rebuild else ", W' kept")
