@@ -51,6 +51,7 @@ class SVDBasis(nn.Module):
         self.weight_dtype = weight_dtype  # dtype of the weight matrix that was decomposed
         self.head = int(head)
         self.right = bool(right)  # one-sided with V (in x q) the stored, smaller factor
+        self.merge_head = 0  # head of a one-sided basis stored whole for a merge (restored by `unmerge_done`)
         self.register_buffer("U", U, persistent=False)
         self.register_buffer("S", S, persistent=False)
         self.register_buffer("V", V, persistent=False)
@@ -90,11 +91,24 @@ class SVDBasis(nn.Module):
         derived = (W.double().mT @ self.U[:, :h].double()) * inv
         return self.U, torch.cat([derived.to(self.U.dtype), self.V], 1)
 
-    def materialize(self, W: torch.Tensor) -> None:
-        """Store both factors whole from now on (before a merge changes ``W``, or for the factored path)."""
+    def materialize(self, W: torch.Tensor, for_merge: bool = False) -> None:
+        """Store both factors whole from now on (before a merge changes ``W``, or for the factored path);
+        ``for_merge``: only until the layer's last adapter is unmerged (`unmerge_done`)."""
         if self.head:
             self.U, self.V = self.full_factors(W)
-            self.head = 0
+            self.head, self.merge_head = 0, self.head if for_merge else 0
+        elif not for_merge:
+            self.merge_head = 0  # asked for both factors for good
+
+    def unmerge_done(self) -> None:
+        """Back to one-sided storage after the merge that stored both factors is undone."""
+        h, self.merge_head = self.merge_head, 0
+        if h:
+            if self.right:
+                self.U = self.U[:, h:].clone()
+            else:
+                self.V = self.V[:, h:].clone()
+            self.head = h
 
 
 # PEFT's tuner-layer protocol: diffusers and PEFT probe for these names (``hasattr(m, "base_layer")``) to find
@@ -538,7 +552,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if names and not self.merged:  # derived columns come from the unmerged weight: store them first
             W0 = self._base_matrix()
             for basis in self.bases.values():
-                basis.materialize(W0)
+                basis.materialize(W0, for_merge=True)
         for name in names:
             scale = self.scales[name] * factor
             self._add_to_weight(name, scale, +1.0)
@@ -557,6 +571,9 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if not self.merged and getattr(self, "_created_bias", False):
             self.kind.module.bias = None  # the base had no bias: put it back exactly as it was
             self._created_bias = False
+        if done and not self.merged:
+            for basis in self.bases.values():
+                basis.unmerge_done()
         self.invalidate()
         return done
 

@@ -111,15 +111,18 @@ def test_identity_at_init_is_exact():
     assert torch.equal(model(x), base(x))
 
 
-def test_merge_stores_both_factors_first_and_unmerge_restores():
-    model, x = adapted("linear_left", "svft_banded")
+@pytest.mark.parametrize("name", ["linear_left", "linear_right"])
+def test_merge_stores_both_factors_first_and_unmerge_restores(name):
+    model, x = adapted(name, "svft_banded")
     layer = model[0]
-    W = layer.base_module.weight.detach().clone()
+    basis = next(iter(layer.bases.values()))
+    W, head, stored = layer.base_module.weight.detach().clone(), basis.head, (basis.U.clone(), basis.V.clone())
     expected = model(x).detach()
     st.merge_adapter(model)
-    assert all(b.head == 0 for b in layer.bases.values())
+    assert basis.head == 0 and basis.U.shape[1] == basis.V.shape[1] == basis.S.shape[0]
     assert rel_err(model(x), expected) < 1e-5
-    st.unmerge_adapter(model)
+    st.unmerge_adapter(model)  # one-sided again, with the same stored columns
+    assert basis.head == head and torch.equal(basis.U, stored[0]) and torch.equal(basis.V, stored[1])
     assert (layer.base_module.weight - W).abs().max() < 1e-6
     assert rel_err(model(x), expected) < 1e-5
 
