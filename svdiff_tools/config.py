@@ -47,8 +47,7 @@ class SVDAdapterConfig:
                      the larger one, only the ill-conditioned tail; the rest is derived from W (recomposed:
                      min/max(out, in) more flops; factored: from the base output when out <= in). "auto":
                      one-sided where out <= in (U stored; both paths stay available) and out * in >= 2**18,
-                     else both factors.
-                     "both": keep U and V (each as large as W when W is square).
+                     else both factors. "both": keep U and V (each as large as W when W is square).
     """
 
     method: str = "svdiff"

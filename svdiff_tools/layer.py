@@ -91,9 +91,10 @@ class SVDBasis(nn.Module):
         derived = (W.double().mT @ self.U[:, :h].double()) * inv
         return self.U, torch.cat([derived.to(self.U.dtype), self.V], 1)
 
-    def materialize(self, W: torch.Tensor, for_merge: bool = False) -> None:
+    def materialize(self, W: Optional[torch.Tensor], for_merge: bool = False) -> None:
         """Store both factors whole from now on (before a merge changes ``W``, or for the factored path);
-        ``for_merge``: only until the layer's last adapter is unmerged (`unmerge_done`)."""
+        ``for_merge``: only until the layer's last adapter is unmerged (`unmerge_done`). ``W`` (the unmerged
+        base weight as a matrix) is read only while the basis is one-sided."""
         if self.head:
             self.U, self.V = self.full_factors(W)
             self.head, self.merge_head = 0, self.head if for_merge else 0
@@ -336,8 +337,9 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if basis_key not in self.bases:
             self.bases[basis_key] = basis
         basis = self.bases[basis_key]
-        if basis.head and (basis_storage == "both" or (forward_mode == "factored" and basis.right) or self.merged):
-            basis.materialize(self._base_matrix())
+        keep_both = basis_storage == "both" or (forward_mode == "factored" and basis.right)
+        if keep_both or (basis.head and self.merged):
+            basis.materialize(self._base_matrix() if basis.head else None, for_merge=not keep_both)
         self.svd_adapters[name] = method
         self.basis_of[name] = basis_key
         self.scales[name] = float(scale)
@@ -394,11 +396,14 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
                      dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """``sum_a scale_a * U_a M_a V_a^T`` as an (out x in) matrix."""
         scales = self.scales if scales is None else scales
+        entries = [self.entry(n, scales[n]) for n in names]
         W0 = self.kind.matrix(self.kind.module.weight)  # read by one-sided bases, which never coexist with merges
-        W0 = W0 if dtype is None else W0.to(dtype)
-        total = torch.zeros(W0.shape, dtype=W0.dtype, device=W0.device)
-        for name in names:
-            total = self.entry(name, scales[name]).add_to(total, W0, scales[name])
+        dtype = dtype or W0.dtype
+        if any(e.head for e in entries):
+            W0 = _as(W0, dtype)
+        total = torch.zeros(W0.shape, dtype=dtype, device=W0.device)
+        for e in entries:
+            total = e.add_to(total, W0, e.scale)
         return total
 
     def delta_bias(self, names: Iterable[str], scales: Optional[Dict[str, float]] = None) -> Optional[torch.Tensor]:
@@ -455,8 +460,9 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         return self._forward_recomposed(x, live)
 
     def _forward_factored(self, x, live, args, kwargs):
-        """``y = base(x) + sum_a s_a * project_out(project_in(x, V_a), U_a M_a)``: M is folded into the small
-        ``U_a M_a`` (out x r), so the activations see two thin products and one add per adapter."""
+        """``y = base(x) + sum_a s_a * project_out(project_in(x, V_a), U_a M_a)`` (see `LiveAdapter.factored`:
+        one-sided entries read ``x V_h`` from the base output without bias, and diagonal methods with few tokens
+        scale ``z`` instead of building ``U_a M_a``)."""
         kind, call = self.kind, self.call_scale
         y_nb = None
         if any(e.head for e in live):  # one-sided entries read the base output without its bias

@@ -187,3 +187,21 @@ def test_bfloat16_one_sided_error_stays_near_the_two_sided_one(name, method):
         recomposed = layer._recomposed_matrix(layer.live(), 1.0)
         errors[storage] = rel_err(recomposed.double() - W0.double(), delta64(layer, "default"))
     assert errors["one_sided"] < 2 * errors["both"] and errors["one_sided"] < 0.03
+
+
+def test_storage_requests_outlive_or_follow_merges():
+    """An adapter added to a merged layer leaves the shared basis to go back to one-sided storage at the unmerge;
+    one that asks for both factors keeps them whole for good."""
+    model, x = adapted("linear_left", "svdiff")
+    layer = model[0]
+    basis = next(iter(layer.bases.values()))
+    head = basis.head
+    st.merge_adapter(model)
+    config = dict(method="vectorfit", target_modules=["0"], basis_storage="one_sided")
+    st.inject_adapter(model, st.SVDAdapterConfig(**config), adapter_name="b")
+    st.unmerge_adapter(model)
+    assert basis.head == head
+    st.merge_adapter(model, ["default"])
+    st.inject_adapter(model, st.SVDAdapterConfig(**{**config, "basis_storage": "both"}), adapter_name="c")
+    st.unmerge_adapter(model)
+    assert basis.head == 0

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import List, Optional
 
-from ..config import METHODS, SVFT_PATTERNS
+from ..config import BASIS_STORAGE, METHODS, SVFT_PATTERNS
 from ..targets import PRESETS
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "example_subject"
@@ -51,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--avf_k", type=int, default=0, help="VectorFit: vectors frozen per interval (0 = no AVF)")
     m.add_argument("--avf_interval", type=int, default=50, help="VectorFit: steps between AVF re-selections")
     m.add_argument("--train_norms", action="store_true", help="SVDiff recipe: also train norm (1-D) weight deltas")
-    m.add_argument("--basis_storage", choices=["auto", "one_sided", "both"], default="auto",
+    m.add_argument("--basis_storage", choices=BASIS_STORAGE, default="auto",
                    help="full-spectrum methods: one_sided stores the least memory (derives the larger singular "
                         "factor from W, more flops on square weights), both the most; auto is one-sided where "
-                        "min(out, in) <= max(out, in) / 2")
+                        "out <= in and the weight has >= 2**18 elements")
     m.add_argument("--learning_rate_1d", type=float, default=1e-6,
                    help="learning rate of 1-D (norm) deltas; SVDiff paper: 1e-6")
     m.add_argument("--export_lora_rank", type=int, default=None,
