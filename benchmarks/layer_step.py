@@ -6,7 +6,7 @@
 The per-layer overhead that the UNet table multiplies by the number of adapted layers. Rows: base layer
 (input gradient only), PEFT LoRA r4 (Linear only), and svfit r=4 / svdiff on each forward path, with the
 recomposed weight kept or rebuilt in backward; svdiff with the default storage (both factors on these small
-weights) and with a one-sided basis (U stored, V derived from W). Run with OMP_NUM_THREADS=1 for stable numbers on small CPUs.
+weights) and with a one-sided basis (U stored and V derived from W; out > in: V stored, U derived). Run with OMP_NUM_THREADS=1 for stable numbers on small CPUs.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     cases = [("Linear 32x32, 16 tokens", nn.Linear(32, 32), torch.randn(1, 16, 32)),
              ("Linear 320x320, 256 tokens", nn.Linear(320, 320), torch.randn(1, 256, 320)),
+             ("Linear 320->1280, 256 tokens", nn.Linear(320, 1280), torch.randn(1, 256, 320)),
              ("Conv2d 3x3 32->32, 8x8", nn.Conv2d(32, 32, 3, padding=1), torch.randn(1, 32, 8, 8))]
     rows = []
     for label, base, x in cases:

@@ -45,9 +45,10 @@ class SVDAdapterConfig:
     forward_mode:    "auto" (per call by flop count), "recompose" (W + delta), "factored" (x V M^T U^T).
     basis_storage:   how full-spectrum methods store U and V. "one_sided": keep the smaller factor and, of
                      the larger one, only the ill-conditioned tail; the rest is derived from W (recomposed:
-                     min/max(out, in) more flops; factored: from the base output when out <= in). "auto":
-                     one-sided where out <= in (U stored; both paths stay available) and out * in >= 2**18,
-                     else both factors. "both": keep U and V (each as large as W when W is square).
+                     min/max(out, in) more flops; factored: read from the base output when out <= in, added
+                     to the base op's input when out > in). "auto": one-sided where out * in >= 2**18 and both
+                     paths stay available (not for convolutions wider than 1x1 with out > in), else both
+                     factors. "both": keep U and V (each as large as W when W is square).
     """
 
     method: str = "svdiff"

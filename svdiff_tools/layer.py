@@ -57,14 +57,16 @@ class SVDBasis(nn.Module):
         self.register_buffer("V", V, persistent=False)
 
     @classmethod
-    def worth_one_sided(cls, storage: str, shape: Tuple[int, int]) -> bool:
+    def worth_one_sided(cls, storage: str, shape: Tuple[int, int], input_correction: bool) -> bool:
         """Whether ``basis_storage`` asks for a one-sided basis of an (out x in) full-spectrum weight. "auto":
-        where ``out <= in`` (U the stored factor), which keeps the factored path (``x V_h = (x W^T) U_h / S_h``
-        comes from the base output, see `LiveAdapter.factored`; deriving U instead, ``out > in``, leaves only
-        the recomposed path), and the weight has at least ``AUTO_MIN_NUMEL`` elements: below that the saving is
-        small and the one-sided product's extra kernels cost more than its flops (measured on the CPU)."""
+        where the weight has at least ``AUTO_MIN_NUMEL`` elements (below that the saving is small and the
+        one-sided product's extra kernels cost more than its flops, measured on the CPU) and the factored path
+        stays open: ``out <= in`` (U stored; ``x V_h = (x W^T) U_h / S_h`` comes from the base output), or
+        ``out > in`` on a kind that takes an input correction (V stored; the head's term enters the base op's
+        input, see `LiveAdapter.factored`), which rules out convolutions with kernels wider than 1x1."""
         out_f, in_f = shape
-        return storage == "one_sided" or (storage == "auto" and out_f <= in_f and out_f * in_f >= cls.AUTO_MIN_NUMEL)
+        factored = out_f <= in_f or input_correction
+        return storage == "one_sided" or (storage == "auto" and factored and out_f * in_f >= cls.AUTO_MIN_NUMEL)
 
     @classmethod
     def one_sided(cls, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, driver: str,
@@ -156,30 +158,60 @@ class LiveAdapter(NamedTuple):
         Two-sided entries only."""
         return self.method.mul_right(_as(self.U, dtype)), _as(self.Vt, dtype)
 
-    def factored(self, kind, x: torch.Tensor, y_nb: Optional[torch.Tensor]) -> torch.Tensor:
-        """``x (U M V^T)^T`` through thin projections (``project_in(x, V^T)``, then ``project_out(., U M)``).
-        One-sided left: ``x V_h = (x W^T) U_h diag(1/S_h)``, read from ``y_nb``, the base output without bias
-        (``out`` channels instead of ``in * prod(kernel)``; the right form has no factored path)."""
+    def factored(self, kind, x: torch.Tensor, y_nb: Optional[torch.Tensor]
+                 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """``(dx, dy)`` with ``x (U M V^T)^T = dy + dx W^T``, through thin projections.
+
+        Two-sided: ``dx = None``, ``dy = project_out(project_in(x, V^T), U M)``.
+        One-sided left: ``x V_h = (x W^T) U_h diag(1/S_h)`` is read from ``y_nb``, the base output without bias
+        (``out`` channels instead of ``in * prod(kernel)``); ``dx = None``.
+        One-sided right (``U_h = W V_h diag(1/S_h)``, for kinds with ``supports_input_correction``): the head's
+        term is ``dx W^T`` with ``dx = x (M V^T)_h^T diag(1/S_h) V_h^T``, added to the base op's input, so no
+        second base-sized product; the tail's ``dy = x (M V^T)_t^T U_t^T``."""
         dtype, h = x.dtype, self.head
         U, Vt = _as(self.U, dtype), _as(self.Vt, dtype)
         d = None if self.inv_s is None else _as(self.inv_s, dtype)  # 1/S_h on the derived head, then ones
+        if self.right:
+            return self._factored_right(kind, x, U, Vt, d)
         parts = []  # (z, the columns of U it meets): z_h = y_nb U_h (U_h^T a view of the basis), z_t = x V_t
         if h:
             parts.append((kind.project_out(y_nb, U[:, :h].mT), slice(0, h)))
         if Vt.shape[0]:
             parts.append((kind.project_in(x, Vt), slice(h, U.shape[1])))
-        out, UM = None, None
+        out = UM = md = None
         for z, cols in parts:
             if self.method.diagonal and z.numel() < U[:, cols].numel():
                 # few tokens: scale z (kept for backward) rather than build an out x r operand to keep
-                m = _as(self.method.diag_values(), dtype)[cols]
-                term = kind.project_out(kind.scale_channels(z, m if d is None else m * d[cols]), U[:, cols])
+                if md is None:
+                    md = self._diag_times(dtype, d)
+                term = kind.project_out(kind.scale_channels(z, md[cols]), U[:, cols])
             else:
                 if UM is None:
                     UM = self.method.mul_right(U) if d is None else self.method.mul_right(U) * d
                 term = kind.project_out(z, UM[:, cols])
             out = term if out is None else out + term
-        return out
+        return None, out
+
+    def _diag_times(self, dtype: torch.dtype, d: Optional[torch.Tensor]) -> torch.Tensor:
+        """``diag(M) * d`` (r,) in ``dtype`` (diagonal methods)."""
+        m = _as(self.method.diag_values(), dtype)
+        return m if d is None else m * d
+
+    def _factored_right(self, kind, x, U, Vt, d):
+        """`factored` for a one-sided right basis: ``Vt`` whole (r x in), ``U`` its tail columns (out x t)."""
+        h, r = self.head, Vt.shape[0]
+        md = self._diag_times(x.dtype, d) if self.method.diagonal and kind.tokens(x) < Vt.shape[1] else None
+        A = None  # diag(d) M V^T (r x in), built only with many tokens or a non-diagonal M
+
+        def term(rows: slice, P: torch.Tensor) -> torch.Tensor:  # x (M V^T)_rows^T diag(d_rows) P^T
+            nonlocal A
+            if md is not None:  # few tokens: scale z (kept for backward) rather than build an r x in operand
+                return kind.project_out(kind.scale_channels(kind.project_in(x, Vt[rows]), md[rows]), P)
+            if A is None:
+                A = self.method.mul_right(Vt.mT, transpose=True).mT * d[:, None]
+            return kind.project_out(kind.project_in(x, A[rows]), P)
+
+        return term(slice(0, h), Vt[:h].mT), (term(slice(h, r), U) if r > h else None)
 
     def add_to(self, Wm: torch.Tensor, W0: torch.Tensor, alpha: float) -> torch.Tensor:
         """``Wm + alpha * U M V^T`` (out x in) in ``Wm``'s dtype; ``W0`` is the base weight as a matrix in that
@@ -332,12 +364,14 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
     def add_adapter(self, name: str, method: SpectralMethod, basis_key: str, basis: SVDBasis,
                     scale: float = 1.0, forward_mode: str = "auto", basis_storage: str = "auto") -> None:
         """Add adapter ``name``. A one-sided basis is stored whole here when the adapter asks for both factors
-        (``basis_storage="both"``), for the factored path when U is the derived factor, or when the layer holds
-        merged adapters (the derived columns must come from the unmerged weight)."""
+        (``basis_storage="both"``), for a forced factored path when U is the derived factor and the kind takes no
+        input correction, or when the layer holds merged adapters (the derived columns must come from the
+        unmerged weight)."""
         if basis_key not in self.bases:
             self.bases[basis_key] = basis
         basis = self.bases[basis_key]
-        keep_both = basis_storage == "both" or (forward_mode == "factored" and basis.right)
+        keep_both = basis_storage == "both" or (forward_mode == "factored" and basis.right
+                                                 and not self.kind.supports_input_correction())
         if keep_both or (basis.head and self.merged):
             basis.materialize(self._base_matrix() if basis.head else None, for_merge=not keep_both)
         self.svd_adapters[name] = method
@@ -425,7 +459,8 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if choice is not None:
             return choice
         modes = {e.mode for e in live}
-        if not self.kind.supports_factored() or "recompose" in modes or any(e.right for e in live):
+        if (not self.kind.supports_factored() or "recompose" in modes
+                or (any(e.right for e in live) and not self.kind.supports_input_correction())):
             choice = False
         elif "factored" in modes:
             choice = True
@@ -434,10 +469,11 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
             tokens = self.kind.tokens(x)
             training = key[1] and any(p.requires_grad for e in live for p in e.method.parameters())
             build = project = extra_ops = 0
-            for e in live:  # one-sided left: an out x out core on the recomposed path, out channels into z_h
+            small, big = sorted((out_f, in_f))
+            for e in live:  # one-sided: a small x small core on the recomposed path, h small-side projections
                 r, h = e.method.rank, e.head
-                build += out_f * in_f * (r - h) + out_f * out_f * (in_f + h) * (h > 0)
-                project += (out_f + in_f) * r - (in_f - out_f) * h
+                build += out_f * in_f * (r - h) + small * small * (big + h) * (h > 0)
+                project += (out_f + in_f) * r - (big - small) * h
                 extra_ops += (2 + 3 * training) * (1 + (0 < h < r))
             recompose = build * (2 if training else 1) + (tokens * out_f * in_f if training else 0)
             factored = tokens * project * (3 if training else 1)
@@ -464,16 +500,23 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         one-sided entries read ``x V_h`` from the base output without bias, and diagonal methods with few tokens
         scale ``z`` instead of building ``U_a M_a``)."""
         kind, call = self.kind, self.call_scale
-        y_nb = None
-        if any(e.head for e in live):  # one-sided entries read the base output without its bias
+        if any(e.head and not e.right for e in live):  # one-sided left entries read the base output without bias
             y = y_nb = kind.forward(x, kind.module.weight, None)
             base_bias = getattr(kind.module, "bias", None)
             if base_bias is not None:
                 y = kind.add_bias(y, base_bias)
-        else:
-            y = self.base_module(x, *args, **kwargs)
-        for e in live:
-            y = torch.add(y, e.factored(kind, x, y_nb), alpha=e.scale * call)
+            terms = [(e.factored(kind, x, y_nb)[1], e.scale * call) for e in live]
+        else:  # one-sided right entries add their head's term to the base op's input (left and right never mix:
+            x_in, terms = x, []  # the orientation follows the layer's shape)
+            for e in live:
+                dx, dy = e.factored(kind, x, None)
+                if dx is not None:
+                    x_in = torch.add(x_in, dx, alpha=e.scale * call)
+                if dy is not None:
+                    terms.append((dy, e.scale * call))
+            y = self.base_module(x_in, *args, **kwargs)
+        for dy, alpha in terms:
+            y = torch.add(y, dy, alpha=alpha)
         bias = self._bias_delta(live, y.dtype)
         return y if bias is None else kind.add_bias(y, bias)
 

@@ -178,7 +178,8 @@ def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bo
         U, S, V = d.U, d.S, d.V
         # one-sided: a full-spectrum method, not under a PEFT layer, W itself the decomposed matrix (not a
         # rounded copy of it: the derived columns are computed from the live weight)
-        one_sided = (SVDBasis.worth_one_sided(config.basis_storage, plan.shape) and plan.svd_rank is None
+        one_sided = (SVDBasis.worth_one_sided(config.basis_storage, plan.shape,
+                                               plan.kind.supports_input_correction()) and plan.svd_rank is None
                      and cls.requested_rank(config) is None and not plan.kind.stacked
                      and W.dtype == base.weight.dtype)
         make = SVDBasis.one_sided if one_sided else SVDBasis

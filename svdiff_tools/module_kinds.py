@@ -59,6 +59,11 @@ class ModuleKind:
     def supports_factored(self) -> bool:
         return False
 
+    def supports_input_correction(self) -> bool:
+        """Whether ``forward(x + dx, W) = forward(x, W) + dx W^T`` with ``dx = project_out(z, P)`` for P
+        (in x k): what a one-sided basis with U derived uses on the factored path (`LiveAdapter.factored`)."""
+        return False
+
     def tokens(self, x: torch.Tensor) -> int:
         return max(1, x.numel() // max(1, self.in_features))
 
@@ -84,6 +89,9 @@ class LinearKind(ModuleKind):
 
     def supports_factored(self):
         return True
+
+    def supports_input_correction(self):
+        return not self.stacked  # a LoRA layer underneath would see the corrected input too
 
     def project_in(self, x, Vt):  # x (..., in), Vt (r, in) -> (..., r)
         return F.linear(x, Vt)
@@ -121,6 +129,11 @@ class ConvKind(ModuleKind):
     def supports_factored(self):
         m = self.module
         return m.groups == 1 and m.padding_mode == "zeros"
+
+    def supports_input_correction(self):  # 1x1, stride 1, unpadded: the conv is a per-position matrix product
+        m = self.module
+        unpadded = m.padding in ("valid", "same") or not any(m.padding)
+        return m.groups == 1 and set(m.kernel_size) == {1} and set(m.stride) == {1} and unpadded
 
     def tokens(self, x):
         m = self.module

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("svd_init.py", ["--config", "tiny"], r"\| randomised top-16"),
     ("inference.py", ["--steps", "2", "--repeats", "1"], r"\| exported LoRA, fused"),
     ("layer_step.py", ["--repeats", "2"], r"\| Conv2d 3x3 .*W' rebuilt in backward"),
+    ("basis_memory.py", ["--config", "tiny"], r"\| one_sided "),
 ])
 def test_benchmark_script_prints_its_table(script, args, last):
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script)] + args, capture_output=True,
@@ -44,3 +45,27 @@ def test_train_step_plot_has_one_bar_per_row(tmp_path):
         bars += colored and not inside
         inside = colored
     assert bars == len(rows) == 4  # floor, PEFT LoRA, svdiff, svfit r=4
+
+
+@pytest.mark.parametrize("storage", ["both", "one_sided"])
+def test_basis_memory_counts_what_injection_stores(storage):
+    """basis_memory.py's count (tail taken as empty) against the buffers an injected svdiff adapter holds: equal
+    with both factors, a lower bound within the tail's share one-sided."""
+    import torch
+
+    import svdiff_tools as st
+    from svdiff_tools.layer import SVDLayer
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from basis_memory import stored_elements
+    from common import build_unet
+
+    unet, _ = build_unet("tiny", "cpu", torch.float32)
+    counted = sum(stored_elements(unet, storage).values())
+    st.inject_adapter(unet, st.SVDAdapterConfig(method="svdiff", target_modules="unet", basis_storage=storage))
+    bases = [b for m in unet.modules() if isinstance(m, SVDLayer) for b in m.bases.values()]
+    stored = sum(t.numel() for b in bases for t in b.buffers())
+    if storage == "both":
+        assert stored == counted
+    else:
+        assert all(b.head > 0 for b in bases) and counted <= stored < 1.15 * counted

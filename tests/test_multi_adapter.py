@@ -174,17 +174,22 @@ def test_gradient_checkpointing_gives_the_same_gradients(recipe, monkeypatch):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("mode", ["auto", "factored"])
-def test_training_step_compiles_without_graph_breaks(mode):
+@pytest.mark.parametrize("mode, config", [("auto", dict(method="svfit", rank=3)),
+                                          ("factored", dict(method="svfit", rank=3)),
+                                          ("factored", dict(method="svdiff", basis_storage="one_sided"))])
+def test_training_step_compiles_without_graph_breaks(mode, config):
     """torch.compile(fullgraph=True) traces the adapter layers (cached live state, path choice, factored and
-    recomposed paths) in training; its gradients equal eager ones."""
+    recomposed paths; one-sided bases of both orientations) in training; its gradients equal eager ones."""
     from torch import nn
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(6, 12, 3, padding=1), nn.GroupNorm(3, 12), nn.SiLU(),
-                          nn.Conv2d(12, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 7 * 7, 10))
-    st.inject_adapter(model, st.SVDAdapterConfig(method="svfit", rank=3, target_modules="all", forward_mode=mode))
+                          nn.Conv2d(12, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 7 * 7, 10), nn.Linear(10, 30))
+    st.inject_adapter(model, st.SVDAdapterConfig(target_modules="all", forward_mode=mode, **config))
     randomize_adapter(model, seed=2)
+    if "basis_storage" in config:
+        bases = [b for m in model.modules() if hasattr(m, "bases") for b in m.bases.values()]
+        assert {b.right for b in bases if b.head} == {False, True}
     x = torch.randn(2, 6, 7, 7)
 
     def grads(m):

@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--basis_storage", choices=BASIS_STORAGE, default="auto",
                    help="full-spectrum methods: one_sided stores the least memory (derives the larger singular "
                         "factor from W, more flops on square weights), both the most; auto is one-sided where "
-                        "out <= in and the weight has >= 2**18 elements")
+                        "the weight has >= 2**18 elements and is not a convolution wider than 1x1 with out > in")
     m.add_argument("--learning_rate_1d", type=float, default=1e-6,
                    help="learning rate of 1-D (norm) deltas; SVDiff paper: 1e-6")
     m.add_argument("--export_lora_rank", type=int, default=None,
