@@ -84,8 +84,10 @@ def table(rows: list, columns: list) -> str:
 
 class PeakBytes(TorchDispatchMode):
     """Peak bytes of the tensors created inside the context (every op's outputs, by storage, freed when the
-    storage dies: saved activations, rebuilt weights, gradients, temporaries). A CPU stand-in for
-    ``torch.cuda.max_memory_allocated``; it slows the ops down, so it runs on its own step, untimed."""
+    storage dies: saved activations, rebuilt weights, gradients, temporaries). An output that shares its
+    storage with one of the op's inputs (a view such as ``W.t()``, an in-place op) allocates nothing and is not
+    counted. A CPU stand-in for ``torch.cuda.max_memory_allocated``; it slows the ops down, so it runs on its
+    own step, untimed."""
 
     def __init__(self):
         super().__init__()
@@ -109,8 +111,10 @@ class PeakBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self._track(t)
         return out
 

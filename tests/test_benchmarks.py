@@ -69,3 +69,25 @@ def test_basis_memory_counts_what_injection_stores(storage):
         assert stored == counted
     else:
         assert all(b.head > 0 for b in bases) and counted <= stored < 1.15 * counted
+
+
+def test_cpu_peak_counts_new_storages_only():
+    """PeakBytes (the CPU memory column) counts what a step allocates: a frozen stack's backward keeps
+    activations only (views of the weights, such as ``W.t()``, are not new memory); with weight gradients the
+    step allocates one weight-sized gradient per layer."""
+    import torch
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from common import PeakBytes
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(256, 256, bias=False) for _ in range(4)]).requires_grad_(False)
+    x = torch.randn(8, 256, requires_grad=True)
+    weights = 4 * 256 * 256 * 4
+    with PeakBytes() as frozen:
+        model(x).sum().backward()
+    assert frozen.peak < 0.05 * weights
+    model.requires_grad_(True)
+    with PeakBytes() as full:
+        model(x).sum().backward()
+    assert weights <= full.peak < 1.1 * weights
