@@ -29,7 +29,9 @@ from .module_kinds import ModuleKind
 class SVDBasis(nn.Module):
     """Fixed factors of one decomposition ``W = U diag(S) V^T`` with q components.
 
-    Two-sided (``head == 0``): ``U`` (out x q), ``V`` (in x q).
+    Two-sided (``head == 0``): ``U`` (out x q), ``V`` (in x q). ``V`` is kept as the transpose of a contiguous
+    (q x in) tensor, so the rows of ``V^T`` that a projection ``x V`` reads are the contiguous weight of a Linear
+    or the kernel of a conv (no copy per call); ``U`` is stored contiguous (out x q).
 
     One-sided (``head > 0``, full-spectrum bases only): the smaller factor whole, and of the larger one only
     its last ``q - head`` columns. The first ``head`` columns follow from the weight itself,
@@ -54,7 +56,7 @@ class SVDBasis(nn.Module):
         self.merge_head = 0  # head of a one-sided basis stored whole for a merge (restored by `unmerge_done`)
         self.register_buffer("U", U, persistent=False)
         self.register_buffer("S", S, persistent=False)
-        self.register_buffer("V", V, persistent=False)
+        self.register_buffer("V", _transposed_contiguous(V), persistent=False)
 
     @classmethod
     def worth_one_sided(cls, storage: str, shape: Tuple[int, int], input_correction: bool) -> bool:
@@ -98,7 +100,8 @@ class SVDBasis(nn.Module):
         ``for_merge``: only until the layer's last adapter is unmerged (`unmerge_done`). ``W`` (the unmerged
         base weight as a matrix) is read only while the basis is one-sided."""
         if self.head:
-            self.U, self.V = self.full_factors(W)
+            U, V = self.full_factors(W)
+            self.U, self.V = U, _transposed_contiguous(V)
             self.head, self.merge_head = 0, self.head if for_merge else 0
         elif not for_merge:
             self.merge_head = 0  # asked for both factors for good
@@ -110,8 +113,13 @@ class SVDBasis(nn.Module):
             if self.right:
                 self.U = self.U[:, h:].clone()
             else:
-                self.V = self.V[:, h:].clone()
+                self.V = _transposed_contiguous(self.V[:, h:])
             self.head = h
+
+
+def _transposed_contiguous(V: torch.Tensor) -> torch.Tensor:
+    """``V`` (in x q) as the transpose of a contiguous (q x in) copy (a new tensor, never a view of the input)."""
+    return V.mT.clone(memory_format=torch.contiguous_format).mT
 
 
 # PEFT's tuner-layer protocol: diffusers and PEFT probe for these names (``hasattr(m, "base_layer")``) to find

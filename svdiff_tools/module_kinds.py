@@ -130,10 +130,15 @@ class ConvKind(ModuleKind):
         m = self.module
         return m.groups == 1 and m.padding_mode == "zeros"
 
-    def supports_input_correction(self):  # 1x1, stride 1, unpadded: the conv is a per-position matrix product
+    @property
+    def pointwise(self) -> bool:
+        """1x1, stride 1, unpadded, one group: the conv is the same matrix product at every position."""
         m = self.module
         unpadded = m.padding in ("valid", "same") or not any(m.padding)
         return m.groups == 1 and set(m.kernel_size) == {1} and set(m.stride) == {1} and unpadded
+
+    def supports_input_correction(self):
+        return self.pointwise
 
     def tokens(self, x):
         m = self.module
@@ -154,12 +159,23 @@ class ConvKind(ModuleKind):
         fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[len(self.module.kernel_size)]
         return fn(x, weight, None, **kwargs)
 
+    @staticmethod
+    def _channel_product(x, M):
+        """``M @ x`` over the channels of one image: x (1, c, *sp), M (k, c) of any strides -> (1, k, *sp).
+        One GEMM on the (c, positions) view, so neither a transposed or sliced ``M`` nor ``x`` is copied (a conv
+        would copy a non-contiguous kernel on every call)."""
+        return torch.mm(M, x[0].reshape(x.shape[1], -1)).reshape(1, M.shape[0], *x.shape[2:])
+
     def project_in(self, x, Vt):  # x (B, in, *sp), Vt (r, in*prod(kernel)) -> (B, r, *sp'): a conv with r kernels
+        if x.shape[0] == 1 and self.pointwise:
+            return self._channel_product(x, Vt)
         m = self.module
         kernel = Vt.reshape(Vt.shape[0], m.in_channels, *m.kernel_size)
         return self._conv(x, kernel, stride=m.stride, padding=m.padding, dilation=m.dilation)
 
     def project_out(self, z, U):  # z (B, r, *sp), U (out, r) -> (B, out, *sp): a 1x1 conv
+        if z.shape[0] == 1:
+            return self._channel_product(z, U)
         return self._conv(z, U.reshape(*U.shape, *([1] * len(self.module.kernel_size))))
 
 

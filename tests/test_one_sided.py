@@ -246,3 +246,32 @@ def test_bfloat16_factored_one_sided_error_stays_near_the_two_sided_one(name, me
             assert rel_err(base(xs).double(), expected) > 0.05  # the adapter's term is not lost in rounding
     for tokens in ("few", "many"):
         assert errors["one_sided", tokens] < 2 * errors["both", tokens] and errors["one_sided", tokens] < 0.02
+
+
+@pytest.mark.parametrize("storage", ["one_sided", "both"])
+@pytest.mark.parametrize("make", [lambda: nn.Conv2d(4, 6, 3, padding=1), lambda: nn.Conv2d(4, 6, 3, stride=2),
+                                  lambda: nn.Conv2d(8, 24, 1), lambda: nn.Conv2d(24, 8, 1)],
+                         ids=["3x3", "3x3_strided", "1x1_right", "1x1_left"])
+def test_factored_conv_on_one_image_matches_float64(make, storage):
+    """One image: the conv projections run as one GEMM over channels (`ConvKind._channel_product`) instead of a
+    conv with a copied kernel; outputs equal the float64 model's and gradients the batched (conv) path's."""
+    torch.manual_seed(0)
+    base = nn.Sequential(make())
+    model = copy.deepcopy(base)
+    st.inject_adapter(model, st.SVDAdapterConfig(method="svft", svft_pattern="banded", svft_offset=2,
+                                                 target_modules=["0"], basis_storage=storage,
+                                                 forward_mode="factored"))
+    randomize_adapter(model, seed=0, magnitude=0.2)
+    layer = model[0]
+    x = torch.randn(2, base[0].in_channels, 6, 6)
+    assert layer.use_factored(x[:1], layer.live())
+    ref = reference_model(base, model)
+    grads = []
+    for xs in (x[:1], x):  # one image (GEMM), two images (conv)
+        for p in model.parameters():
+            p.grad = None
+        y = model(xs)
+        assert rel_err(y.double(), ref(xs.double())) < 1e-5
+        y[:1].square().sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]))
+    assert grads[0].abs().max() > 0 and rel_err(grads[0], grads[1]) < 1e-5
