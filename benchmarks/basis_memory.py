@@ -7,7 +7,8 @@ the UNet's weight bytes, from the config alone (a meta-device model: no weights,
 Two-sided: ``(out + in) * q`` elements per layer (q = min(out, in)); one-sided: ``q * q + max(out, in) * tail``
 with the tail (components with sigma_i < sigma_1 / 8, whose larger-side column stays stored) taken as empty,
 so one-sided figures are lower bounds (the tiny UNet's random weights keep 7% of their components in the tail:
-0.28x stored against a bound of 0.26x). S (q) is counted in both. Which layers are one-sided follows `SVDBasis.worth_one_sided` and each layer's `ModuleKind`.
+0.28x stored against a bound of 0.26x). S (q) is counted in both. Which layers are one-sided follows
+`SVDBasis.worth_one_sided` and each layer's `ModuleKind`.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def main(argv=None) -> None:
         c = stored_elements(unet, storage)
         rows.append([storage, f"{sum(c.values()) / weights:.2f}x", f"{c['left'] / weights:.2f}x",
                      f"{c['right'] / weights:.2f}x", f"{c['two-sided'] / weights:.2f}x"])
-    print(f"config {args.config}: {weights / 1e6:.1f}M weights; stored bases, ratio to the UNet's weights (same dtype)")
+    print(f"config {args.config}: {weights / 1e6:.1f}M weights; stored bases, ratio to the UNet's weights "
+          "(same dtype)")
     print(table(rows, ["basis_storage", "stored", "one-sided, U stored", "one-sided, V stored", "two-sided"]))
 
 

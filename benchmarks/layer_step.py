@@ -6,7 +6,8 @@
 The per-layer overhead that the UNet table multiplies by the number of adapted layers. Rows: base layer
 (input gradient only), PEFT LoRA r4 (Linear only), and svfit r=4 / svdiff on each forward path, with the
 recomposed weight kept or rebuilt in backward; svdiff with the default storage (both factors on these small
-weights) and with a one-sided basis (U stored and V derived from W; out > in: V stored, U derived). Run with OMP_NUM_THREADS=1 for stable numbers on small CPUs.
+weights) and with a one-sided basis (U stored and V derived from W; out > in: V stored, U derived). Run with
+OMP_NUM_THREADS=1 for stable numbers on small CPUs.
 """
 
 from __future__ import annotations
