@@ -378,8 +378,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if basis_key not in self.bases:
             self.bases[basis_key] = basis
         basis = self.bases[basis_key]
-        keep_both = basis_storage == "both" or (forward_mode == "factored" and basis.right
-                                                 and not self.kind.supports_input_correction())
+        keep_both = basis_storage == "both" or (forward_mode == "factored" and not self._factorable(basis.right))
         if keep_both or (basis.head and self.merged):
             basis.materialize(self._base_matrix() if basis.head else None, for_merge=not keep_both)
         self.svd_adapters[name] = method
@@ -399,6 +398,11 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if key not in self.basis_of.values():
             del self.bases[key]
         self.invalidate()
+
+    def _factorable(self, right: bool) -> bool:
+        """Whether the factored path can serve a basis of this orientation: a one-sided basis with U derived
+        (``right``) adds its head's term to the input, which needs ``kind.supports_input_correction``."""
+        return not right or self.kind.supports_input_correction()
 
     def _base_matrix(self) -> torch.Tensor:
         """The base weight without merged adapters, as an (out x in) matrix."""
@@ -468,7 +472,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
             return choice
         modes = {e.mode for e in live}
         if (not self.kind.supports_factored() or "recompose" in modes
-                or (any(e.right for e in live) and not self.kind.supports_input_correction())):
+                or not all(self._factorable(e.right) for e in live)):
             choice = False
         elif "factored" in modes:
             choice = True

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts' own helpers (common, basis_memory)
 
 
 @pytest.mark.parametrize("script,args,last", [
@@ -31,7 +32,8 @@ def test_train_step_plot_has_one_bar_per_row(tmp_path):
 
     png = tmp_path / "steps.png"
     args = ["--config", "tiny", "--warmup", "0", "--repeats", "1", "--plot", str(png),
-            "--skip", "full fine-tuning,naive svdiff,svdiff (U and V kept),svdiff (all one-sided),vectorfit,svft plain,svft banded d=2,svfit r=16,svft banded r=4"]
+            "--skip", "full fine-tuning,naive svdiff,svdiff (U and V kept),svdiff (all one-sided),vectorfit,"
+                      "svft plain,svft banded d=2,svfit r=16,svft banded r=4"]
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_step.py")] + args,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -56,7 +58,6 @@ def test_basis_memory_counts_what_injection_stores(storage):
     import svdiff_tools as st
     from svdiff_tools.layer import SVDLayer
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from basis_memory import stored_elements
     from common import build_unet
 
@@ -77,7 +78,6 @@ def test_cpu_peak_counts_new_storages_only():
     step allocates one weight-sized gradient per layer."""
     import torch
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from common import PeakBytes
 
     torch.manual_seed(0)
