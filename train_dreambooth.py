@@ -343,9 +343,12 @@ def train(args) -> int:
     pipeline_cls = pipeline_class_name(args, base)
     sdxl = "XL" in pipeline_cls
     check_targets(args, base, sdxl)
-    resume_path = checkpoints.resolve_resume(output_dir, args.resume_from_checkpoint)
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest" and resume_path is None:
-        raise TrainingInputError(f"--resume_from_checkpoint {args.resume_from_checkpoint} does not exist.")
+    try:
+        run = checkpoints.plan_run(output_dir, checkpoints.run_config(args), args.resume_from_checkpoint,
+                                   args.overwrite_output_dir)
+    except checkpoints.RunConflict as exc:
+        raise TrainingInputError(str(exc)) from None
+    resume_path = run.resume_path
 
     # several processes and no CUDA: Accelerate runs DDP over gloo only when told the run is on the CPU
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
@@ -365,7 +368,8 @@ def train(args) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     weight_dtype = weight_dtype_of(accelerator)
     if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints.start(output_dir, run)
+    accelerator.wait_for_everyone()
 
     class_images = []
     if args.with_prior_preservation:
@@ -599,12 +603,13 @@ def train(args) -> int:
                             f"the adapter became NaN/inf at step {global_step}; lower --learning_rate. The last good "
                             f"checkpoint is {last_good or 'none (no checkpoint yet)'}.")
                     avf_state = avf.state_dict() if avf else None
+                    state = {"method": args.method, "config": run.config}
+                    if avf:
+                        state["avf"] = {k: avf_state[k] for k in ("steps", "frozen")}
                     last_good = checkpoints.save(
-                        output_dir, global_step, lambda d: accelerator.save_state(str(d)),
-                        lambda d: avf_state and save_file(avf_state["initial"], str(d / "avf_initial.safetensors")),
-                        {"method": args.method, "avf": {k: avf_state[k] for k in ("steps", "frozen")}} if avf
-                        else {"method": args.method},
-                        accelerator.is_main_process, accelerator.wait_for_everyone, args.checkpoints_total_limit)
+                        output_dir, global_step, accelerator, state,
+                        {"avf_initial.safetensors": avf_state["initial"]} if avf else None,
+                        args.checkpoints_total_limit, run.run_id)
                 if args.validation_steps and global_step % args.validation_steps == 0 and accelerator.is_main_process:
                     pipe = load_pipeline(args, base, pipeline_cls, unet=raw_unet, vae=vae, torch_dtype=weight_dtype,
                                          **raw_encoders)

@@ -2,7 +2,9 @@
 
 Location: ``$SVDIFF_TOOLS_CACHE`` if set (``0``, ``off``, ``false`` or ``none`` disables the cache),
 else ``$XDG_CACHE_HOME/svdiff-tools/svd`` (``~/.cache/svdiff-tools/svd``). Entries are safetensors files
-written atomically; an unreadable entry is ignored and recomputed.
+written atomically and read into memory whole (never memory-mapped: a file edited or truncated later
+cannot reach a live model). An unreadable entry is ignored and recomputed; `decomposition.decompose`
+also checks every hit against the weight before trusting it.
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-from safetensors.torch import load_file, save_file
+
+from .atomic import remove_orphans, save_safetensors
 
 logger = logging.getLogger(__name__)
 
 ENV_VAR = "SVDIFF_TOOLS_CACHE"
 _DISABLED = {"0", "off", "false", "none", "no"}
+_warned_unwritable: set = set()
+ORPHAN_AGE_S = 3600.0  # temporary files this old are a killed writer's, not a concurrent one's
 
 
 def cache_dir() -> Optional[Path]:
@@ -44,33 +48,34 @@ def weight_digest(tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def load(key: str) -> Optional[Dict[str, torch.Tensor]]:
+def entry_path(key: str) -> Optional[Path]:
     folder = cache_dir()
-    if folder is None:
-        return None
-    path = folder / f"{key}.safetensors"
-    if not path.is_file():
+    return None if folder is None else folder / f"{key}.safetensors"
+
+
+def load(key: str) -> Optional[Dict[str, torch.Tensor]]:
+    """The entry's tensors, copied into memory, or None (absent, disabled or unreadable)."""
+    from safetensors.torch import load as load_bytes
+
+    path = entry_path(key)
+    if path is None or not path.is_file():
         return None
     try:
-        return load_file(str(path))
+        return load_bytes(path.read_bytes())
     except Exception as exc:  # a corrupt entry is never fatal: recompute it
-        logger.warning("ignoring unreadable SVD cache entry %s (%s)", path, exc)
+        logger.warning("ignoring unreadable SVD cache entry %s (%s)", path, str(exc).splitlines()[0][:120])
         return None
 
 
 def store(key: str, tensors: Dict[str, torch.Tensor]) -> None:
-    folder = cache_dir()
-    if folder is None:
+    path = entry_path(key)
+    if path is None:
         return
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp)
-            os.replace(tmp, folder / f"{key}.safetensors")
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    except OSError as exc:  # a read-only or full disk only costs speed
-        logger.warning("could not write SVD cache entry in %s (%s); set %s=off to silence", folder, exc, ENV_VAR)
+        save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
+        remove_orphans(path.parent, ORPHAN_AGE_S)
+    except OSError as exc:  # a read-only or full disk only costs speed: say so once per folder
+        if str(path.parent) not in _warned_unwritable:
+            _warned_unwritable.add(str(path.parent))
+            logger.warning("could not write SVD cache entries in %s (%s); decompositions will not be reused. "
+                           "Set %s to a writable folder, or to off to silence this.", path.parent, exc, ENV_VAR)

@@ -13,6 +13,7 @@ import inspect
 
 from torch import nn
 
+from .config import check_scale
 from .layer import AdapterLayerMixin
 
 DENOISERS = ("unet", "transformer")
@@ -29,7 +30,7 @@ def _pre_hook(module, args, kwargs):
     for key in SCALE_KWARGS:
         extra = kwargs.get(key)
         if isinstance(extra, dict) and extra.get("scale") is not None:
-            set_call_scale(module, float(extra["scale"]))
+            set_call_scale(module, check_scale(extra["scale"], f"{key}['scale']"))
             module._svd_call_scaled = True
             return None
     return None
@@ -78,7 +79,7 @@ def install(pipe) -> None:
             scale = signature.bind_partial(*args, **kwargs).arguments.get("lora_scale")
         except TypeError:
             scale = None
-        if scale is None or float(scale) == 1.0:
+        if scale is None or check_scale(scale, "lora_scale") == 1.0:
             return encode(*args, **kwargs)
         encoders = [getattr(pipe, c) for c in ("text_encoder", "text_encoder_2", "text_encoder_3")
                     if isinstance(getattr(pipe, c, None), nn.Module)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -16,6 +17,19 @@ SVD_DRIVERS = ("auto", "gram", "full", "randomized")
 SVD_DTYPES = ("float32", "float64")
 FORWARD_MODES = ("auto", "recompose", "factored")
 BASIS_STORAGE = ("auto", "one_sided", "both")
+
+
+def check_scale(value: Any, what: str = "scale") -> float:
+    """``value`` as a finite float, or an `SVDConfigError` in one sentence (NaN, inf, strings, bools)."""
+    if isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        raise SVDConfigError(f"{what}={value!r} must be a finite number such as 1.0 or 0.5.")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SVDConfigError(f"{what}={value!r} must be a finite number such as 1.0 or 0.5.") from None
+    if not math.isfinite(number):
+        raise SVDConfigError(f"{what}={value!r} must be a finite number such as 1.0 or 0.5.")
+    return number
 
 
 @dataclass
@@ -79,6 +93,7 @@ class SVDAdapterConfig:
             if value not in allowed:
                 raise SVDConfigError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}.")
 
+        self.scale = check_scale(self.scale, "scale")
         choice("method", self.method, METHODS)
         choice("svft_pattern", self.svft_pattern, SVFT_PATTERNS)
         choice("avf_metric", self.avf_metric, AVF_METRICS)

@@ -21,11 +21,17 @@ components of a random-init ViT-B weight sit at 37 eps (768x768), 2.6x over it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Dict, Optional
 
 import torch
 
 from . import cache
+
+logger = logging.getLogger(__name__)
+ALGORITHM_VERSION = 2  # part of every cache key: bump when a route's output changes
+CHECK_TOL = 1e-3  # cache-hit checks, relative to S_1 (or ||W||_F^2): float32 factors are good to ~1e-6
 
 RANDOMIZED_OVERSAMPLE = 10
 RANDOMIZED_NITER = 4
@@ -151,11 +157,15 @@ def decompose(matrix: torch.Tensor, *, rank: int | None = None, driver: str = "f
         variant = f"rand-r{rank}-o{RANDOMIZED_OVERSAMPLE}-n{RANDOMIZED_NITER}-s{RANDOMIZED_SEED}-{dtype}"
     else:
         variant = f"{driver}-{dtype}"
-    key = f"{digest or cache.weight_digest(matrix)}-{variant}"
+    key = f"{digest or cache.weight_digest(matrix)}-v{ALGORITHM_VERSION}-{variant}"
     hit = cache.load(key)
-    if hit is not None and {"U", "S", "V"} <= hit.keys():
-        device = matrix.device
-        return Decomposition(hit["U"].to(device), hit["S"].to(device), hit["V"].to(device), driver)
+    if hit is not None:
+        problem = check_entry(matrix, hit, rank if driver == "randomized" else None, torch_dtype)
+        if problem is None:
+            device = matrix.device
+            return Decomposition(hit["U"].to(device), hit["S"].to(device), hit["V"].to(device), driver)
+        logger.warning("SVD cache entry %s does not decompose this weight (%s); recomputing it",
+                       cache.entry_path(key), problem)
     if driver == "randomized":
         dec = randomized_svd(matrix, rank, torch_dtype)
     elif driver == "gram":
@@ -164,3 +174,40 @@ def decompose(matrix: torch.Tensor, *, rank: int | None = None, driver: str = "f
         dec = full_svd(matrix, torch_dtype)
     cache.store(key, {"U": dec.U, "S": dec.S, "V": dec.V})
     return dec
+
+
+def check_entry(matrix: torch.Tensor, entry: Dict[str, torch.Tensor], rank: Optional[int],
+                dtype: torch.dtype) -> Optional[str]:
+    """None if ``entry`` (U, S, V) is a decomposition of ``matrix``, else what is wrong. Cheap: shapes and
+    dtypes, finite values, S non-negative and descending, the full spectrum's energy ``sum S^2 = ||W||_F^2``,
+    and on three components (first, middle, last non-zero) the Rayleigh quotient ``u_i^T W v_i = S_i`` and
+    unit vectors, all to `CHECK_TOL` of ``S_1`` (another weight's decomposition fails these by O(1))."""
+    if not {"U", "S", "V"} <= set(entry):
+        return "missing tensors"
+    U, S, V = entry["U"], entry["S"], entry["V"]
+    m, n = matrix.shape
+    q = min(m, n) if rank is None else rank
+    if U.shape != (m, q) or S.shape != (q,) or V.shape != (n, q):
+        return f"shapes {tuple(U.shape)}, {tuple(S.shape)}, {tuple(V.shape)} for a {m}x{n} weight"
+    if not (U.dtype == S.dtype == V.dtype == dtype):
+        return f"dtype {U.dtype}, expected {dtype}"
+    if not (torch.isfinite(U).all() and torch.isfinite(S).all() and torch.isfinite(V).all()):
+        return "NaN or inf values"
+    S64 = S.double()
+    if q and (float(S64.min()) < 0 or bool((S64[1:] > S64[:-1] * (1 + 1e-6)).any())):
+        return "singular values not descending and non-negative"
+    A = matrix.detach().to(torch.float64)
+    top = float(S64[0]) if q else 0.0
+    energy = float(A.pow(2).sum())
+    if rank is None and abs(float(S64.pow(2).sum()) - energy) > CHECK_TOL * max(energy, 1e-300):
+        return f"sum S^2 = {float(S64.pow(2).sum()):.6g}, ||W||_F^2 = {energy:.6g}"
+    if rank is not None and float(S64.pow(2).sum()) > energy * (1 + CHECK_TOL) + 1e-300:
+        return "singular values exceed the weight's energy"
+    valid = numerical_rank(S.float(), (m, n))
+    for i in sorted({0, valid // 2, valid - 1} if valid else set()):
+        u, v = U[:, i].double(), V[:, i].double()
+        if abs(float(u @ (A @ v)) - float(S64[i])) > CHECK_TOL * top:
+            return f"component {i}: u^T W v != S"
+        if abs(float(u.norm()) - 1) > CHECK_TOL or abs(float(v.norm()) - 1) > CHECK_TOL:
+            return f"component {i}: singular vectors are not unit vectors"
+    return None

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from .errors import SVDAdapterError
-from .io import _atomic_save, load_adapter
+from .atomic import save_safetensors
+from .io import load_adapter
 from .layer import NormDeltaLayer, SVDLayer
 from .model import adapter_configs, adapter_layers, remove_adapter
 
@@ -295,6 +296,6 @@ def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, b
             path = path / "adapter_model.safetensors"
         metadata = {"format": "pt", "svdiff_tools_export": json.dumps(
             {"source_method": method, "rank": rank, "overall_relative_error": report.overall_error})}
-        _atomic_save(out.tensors, metadata, path)
+        save_safetensors(out.tensors, path, metadata)
         report.path = path
     return report

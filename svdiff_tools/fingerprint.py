@@ -39,6 +39,10 @@ def mismatch(expected: dict, weight: torch.Tensor) -> str | None:
     """None if ``weight`` matches ``expected``, else a short reason."""
     if list(expected.get("shape", [])) != list(weight.shape):
         return f"shape {list(weight.shape)} != {expected.get('shape')}"
+    recorded = [expected.get("norm"), expected.get("sum"), *expected.get("samples", [None])]
+    if len(expected.get("samples", [])) != min(SAMPLES, weight.numel()) or not all(
+            isinstance(v, (int, float)) and math.isfinite(v) for v in recorded):
+        return "the recorded fingerprint is damaged"
     actual = fingerprint(weight)
     norm = max(expected["norm"], actual["norm"])
     scale = norm / math.sqrt(max(weight.numel(), 1))

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import check_scale
 from .methods import SpectralMethod
 from .module_kinds import ModuleKind
 
@@ -142,6 +143,25 @@ def _summed_bias(terms, dtype: Optional[torch.dtype] = None) -> Optional[torch.T
     return total
 
 
+def _shift_problem(weight: torch.Tensor, delta: torch.Tensor, what: str) -> Optional[str]:
+    """Why ``weight += delta`` (in float32, stored in ``weight``'s dtype) must not be done, or None: the result
+    would not be finite, or it would bury the weight under rounding so that subtracting ``delta`` again could
+    not restore it (to ``max(1e-3, 10 eps)`` of its norm: a scale like 1e30)."""
+    W = weight.detach().float()
+    new = (W + delta).to(weight.dtype)
+    if not torch.isfinite(new).all():
+        return f"would make {what} non-finite"
+    tol = max(1e-3, 10 * torch.finfo(weight.dtype).eps)
+    if float((new.float() - delta - W).norm()) > tol * float(W.norm()) + 1e-30:
+        return f"would bury {what} under rounding (unmerging could not restore it)"
+    return None
+
+
+def _addmm_t(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """``C + alpha * A @ B`` computed as the transpose of ``C^T + alpha * B^T A^T`` (result laid out (n x m))."""
+    return torch.addmm(C.mT, B.mT, A.mT, alpha=alpha).mT
+
+
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
@@ -221,26 +241,30 @@ class LiveAdapter(NamedTuple):
 
         return term(slice(0, h), Vt[:h].mT), (term(slice(h, r), U) if r > h else None)
 
-    def add_to(self, Wm: torch.Tensor, W0: torch.Tensor, alpha: float) -> torch.Tensor:
+    def add_to(self, Wm: torch.Tensor, W0: torch.Tensor, alpha: float, transposed: bool = False) -> torch.Tensor:
         """``Wm + alpha * U M V^T`` (out x in) in ``Wm``'s dtype; ``W0`` is the base weight as a matrix in that
         dtype (read by one-sided entries only).
 
         One-sided left (``V_h^T = diag(1/S_h) U_h^T W``):
             ``U M V^T = [(U M)_h diag(1/S_h) U_h^T] W0 + (U M)_t V_t^T``   (an out x out core, then one GEMM)
         right (``U_h = W V_h diag(1/S_h)``):
-            ``U M V^T = W0 [V_h diag(1/S_h) (V M^T)_h^T] + U_t (V M^T)_t^T``   (an in x in core)"""
+            ``U M V^T = W0 [V_h diag(1/S_h) (V M^T)_h^T] + U_t (V M^T)_t^T``   (an in x in core)
+
+        ``transposed``: the result is stored as the transpose of a contiguous (in x out) tensor, the layout of
+        weights kept as (in, out) (GPT-2's Conv1D), so the base op sees the weight's own layout."""
+        mm = _addmm_t if transposed else torch.addmm
         if not self.head:
-            return torch.addmm(Wm, *self.factors_in(Wm.dtype), alpha=alpha)
+            return mm(Wm, *self.factors_in(Wm.dtype), alpha=alpha)
         dtype, h = Wm.dtype, self.head
         U, Vt, inv = _as(self.U, dtype), _as(self.Vt, dtype), _as(self.inv_s[:h], dtype)
         if self.right:
             Q = Vt.mT
             QM = self.method.mul_right(Q, transpose=True)  # V M^T (in x r)
-            Wm = torch.addmm(Wm, W0, (Q[:, :h] * inv) @ QM[:, :h].mT, alpha=alpha)
-            return torch.addmm(Wm, U, QM[:, h:].mT, alpha=alpha) if QM.shape[1] > h else Wm
+            Wm = mm(Wm, W0, (Q[:, :h] * inv) @ QM[:, :h].mT, alpha=alpha)
+            return mm(Wm, U, QM[:, h:].mT, alpha=alpha) if QM.shape[1] > h else Wm
         QM = self.method.mul_right(U)  # U M (out x r)
-        Wm = torch.addmm(Wm, (QM[:, :h] * inv) @ U[:, :h].mT, W0, alpha=alpha)
-        return torch.addmm(Wm, QM[:, h:], Vt, alpha=alpha) if QM.shape[1] > h else Wm
+        Wm = mm(Wm, (QM[:, :h] * inv) @ U[:, :h].mT, W0, alpha=alpha)
+        return mm(Wm, QM[:, h:], Vt, alpha=alpha) if QM.shape[1] > h else Wm
 
 
 class AdapterLayerMixin:
@@ -289,8 +313,14 @@ class AdapterLayerMixin:
         return base.forward(*args, **kwargs)
 
     def _no_live_adapters(self, *args, **kwargs):
+        if self._disabled and self.merged:  # disabled means the base model's output, merged adapters included
+            return self._forward_unmerged(*args, **kwargs)
         self.__dict__["forward"] = self._pass_through
         return self._pass_through(*args, **kwargs)
+
+    def _forward_unmerged(self, x, *args, **kwargs):
+        """The wrapped module's output as if nothing were merged (while adapters are disabled)."""
+        raise NotImplementedError
 
     def _apply(self, *args, **kwargs):  # .to() / .cuda() / .half(): the cached views would be stale
         self.invalidate()
@@ -329,7 +359,7 @@ class AdapterLayerMixin:
 
     def set_scale(self, name: str, scale: float) -> None:
         if name in self.scales:
-            self.scales[name] = float(scale)
+            self.scales[name] = check_scale(scale)
             self.invalidate()
 
     def set_active(self, names: Iterable[str]) -> None:
@@ -513,10 +543,10 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         scale ``z`` instead of building ``U_a M_a``)."""
         kind, call = self.kind, self.call_scale
         if any(e.head and not e.right for e in live):  # one-sided left entries read the base output without bias
-            y = y_nb = kind.forward(x, kind.module.weight, None)
+            y = y_nb = self.base_module(x, *args, **kwargs)  # the base op as it is (bias fused): exact at M = 0
             base_bias = getattr(kind.module, "bias", None)
             if base_bias is not None:
-                y = kind.add_bias(y, base_bias)
+                y_nb = kind.add_bias(y, -base_bias)
             terms = [(e.factored(kind, x, y_nb)[1], e.scale * call) for e in live]
         else:  # one-sided right entries add their head's term to the base op's input (left and right never mix:
             x_in, terms = x, []  # the orientation follows the layer's shape)
@@ -563,7 +593,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         """``W + sum_a s_a * U_a M_a V_a^T`` as a fresh (out x in) matrix (``live`` is never empty here)."""
         W0 = Wm = self.kind.matrix(self.kind.module.weight)
         for e in live:
-            Wm = e.add_to(Wm, W0, e.scale * call)
+            Wm = e.add_to(Wm, W0, e.scale * call, self.kind.stores_transposed)
         return Wm
 
     def _weight_recipe_hooks(self, matrix: torch.Tensor, live):
@@ -640,6 +670,37 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
 
     def _merged_weight_delta(self) -> torch.Tensor:
         return self.kind.weight_from_matrix(self.delta_matrix(list(self.merged), self.merged, torch.float32))
+
+    @torch.no_grad()
+    def merge_problem(self, names: Optional[Iterable[str]] = None, factor: float = 1.0) -> Optional[str]:
+        """What `merge` would make non-finite (``"the weight of <kind> layer"``), or None; changes nothing."""
+        names = self._merge_names(names)
+        if not names:
+            return None
+        scales = {n: self.scales[n] * factor for n in names}
+        W = self.kind.module.weight
+        delta = self.kind.weight_from_matrix(self.delta_matrix(names, scales, torch.float32))
+        what = f"the weight of a {self.kind.name} layer {tuple(W.shape)}"
+        problem = _shift_problem(W, delta, what)
+        bias = self.delta_bias(names, scales)
+        base = getattr(self.kind.module, "bias", None)
+        if problem is None and bias is not None:
+            problem = _shift_problem(base if base is not None else torch.zeros_like(bias, dtype=W.dtype),
+                                     bias.detach().float(), f"the bias of a {self.kind.name} layer {tuple(W.shape)}")
+        return problem
+
+    def _forward_unmerged(self, x, *args, **kwargs):
+        kind = self.kind
+        W = kind.module.weight
+        delta = self._merged_weight_delta()
+        bias_delta = self.delta_bias(list(self.merged), self.merged)
+        if kind.stacked:  # a LoRA layer underneath: its output minus the merged delta's term
+            y = self.base_module(x, *args, **kwargs)
+            return y - kind.forward(x, delta.to(W.dtype), None if bias_delta is None else bias_delta.to(W.dtype))
+        bias = getattr(kind.module, "bias", None)
+        if bias is not None and bias_delta is not None:
+            bias = None if getattr(self, "_created_bias", False) else (bias.float() - bias_delta).to(bias.dtype)
+        return kind.forward(x, (W.float() - delta).to(W.dtype), bias)
 
     def _add_to_weight(self, name: str, scale: float, sign: float) -> None:
         W = self.kind.module.weight
@@ -725,6 +786,22 @@ class NormDeltaLayer(AdapterLayerMixin, nn.Module):
 
     def _merged_weight_delta(self) -> torch.Tensor:
         return self._delta(list(self.merged), self.merged).detach().float()
+
+    @torch.no_grad()
+    def merge_problem(self, names=None, factor: float = 1.0) -> Optional[str]:
+        names = self._merge_names(names)
+        if not names:
+            return None
+        w = self.base_module.weight
+        delta = self._delta(names, {n: self.scales[n] * factor for n in names}).detach().float()
+        return _shift_problem(w, delta, f"the weight of a norm layer {tuple(w.shape)}")
+
+    def _forward_unmerged(self, x):
+        base = self.base_module
+        weight = (base.weight.float() - self._merged_weight_delta()).to(base.weight.dtype)
+        if isinstance(base, nn.GroupNorm):
+            return F.group_norm(x, base.num_groups, weight, base.bias, base.eps)
+        return F.layer_norm(x, base.normalized_shape, weight, base.bias, base.eps)
 
     def _shift(self, delta: torch.Tensor, sign: float) -> None:
         w = self.base_module.weight

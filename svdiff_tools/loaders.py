@@ -25,12 +25,13 @@ from typing import Dict, Iterable, List, Optional, Union
 
 from torch import nn
 
+from .config import check_scale
 from .errors import SVDAdapterError, SVDAdapterFileError
 from .io import (DEFAULT_WEIGHT_NAME, component_state, parse_components, prepare_load, read_adapter_file,
                  resolve_path, write_adapter_file)
 from . import call_scale
-from .model import (adapter_configs, adapter_layers, disable_adapters, enable_adapters, merge_adapter,
-                    remove_adapter, set_active_adapters, unmerge_adapter)
+from .model import (adapter_configs, adapter_layers, check_merge, disable_adapters, enable_adapters,
+                    merge_adapter, remove_adapter, set_active_adapters, unmerge_adapter)
 
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -146,7 +147,8 @@ def set_svd_adapters(self, adapter_names: Union[str, List[str]],
         raise SVDAdapterError(f"got {len(weights)} adapter_weights for {len(names)} adapters; pass one each.")
     for comp, model in pipeline_components(self).items():
         present = [(n, w) for n, w in zip(names, weights) if n in adapter_configs(model)]
-        per = [(w.get(comp, 1.0) if isinstance(w, dict) else (1.0 if w is None else float(w))) for _, w in present]
+        per = [check_scale(w.get(comp, 1.0) if isinstance(w, dict) else (1.0 if w is None else w), "adapter_weights")
+               for _, w in present]
         if adapter_configs(model):
             set_active_adapters(model, [n for n, _ in present], per)
 
@@ -172,11 +174,16 @@ def fuse_svd_adapter(self, scale: float = 1.0, adapter_names: Optional[List[str]
                      components: Optional[List[str]] = None) -> None:
     """Merge the (active, or named) adapters into the weights: ``W += scale * weight * U M V^T``."""
     names = _known(self, adapter_names) if adapter_names is not None else None
+    todo = []
     for comp, model in pipeline_components(self).items():
         if components is None or comp in components:
             present = None if names is None else [n for n in names if n in adapter_configs(model)]
             if adapter_configs(model) and (present is None or present):
-                merge_adapter(model, present, scale=scale)
+                todo.append((model, present))
+    for model, present in todo:  # every component checked before any is fused
+        check_merge(model, present, scale)
+    for model, present in todo:
+        merge_adapter(model, present, scale=scale)
 
 
 def unfuse_svd_adapter(self, components: Optional[List[str]] = None) -> None:

@@ -18,8 +18,8 @@ from torch import nn
 
 from . import cache, call_scale
 from . import decomposition as dec
-from .config import SVDAdapterConfig
-from .errors import SVDTargetError
+from .config import SVDAdapterConfig, check_scale
+from .errors import SVDAdapterError, SVDTargetError
 from .layer import AdapterLayerMixin, NormDeltaLayer, SVDBasis, SVDLayer
 from .methods import SpectralMethod, method_class
 from .module_kinds import ModuleKind, kind_of
@@ -139,7 +139,10 @@ def decomposed_matrix(kind: ModuleKind, weight: torch.Tensor, trained_dtype: Opt
 
 def _decomposition_input(plan: PlannedAdapter, config: SVDAdapterConfig):
     """(matrix to decompose, basis key, the layer's existing basis under that key or None)."""
-    W = decomposed_matrix(plan.kind, _base(plan.module).weight, plan.weight_dtype)
+    weight = _base(plan.module).weight
+    if isinstance(plan.module, SVDLayer) and plan.module.merged:  # every basis comes from the unmerged weight
+        weight = plan.module.unmerged_weight().to(weight.dtype)
+    W = decomposed_matrix(plan.kind, weight, plan.weight_dtype)
     key = basis_key(plan.driver, plan.svd_rank, config.svd_dtype) + f"_{str(W.dtype).split('.')[-1]}"
     existing = plan.module.bases[key] if isinstance(plan.module, SVDLayer) and key in plan.module.bases else None
     return W, key, existing
@@ -257,7 +260,7 @@ def attach_planned(model: nn.Module, plans: List[PlannedAdapter], config: SVDAda
             attach_norms(model, config, adapter_name, norms)
         adapter_configs(model)[adapter_name] = config
     except BaseException:
-        remove_adapter(model, adapter_name)
+        discard_adapter(model, adapter_name)
         raise
     if call_scale.is_diffusers_model(model):
         call_scale.install_model_hooks(model)
@@ -291,10 +294,27 @@ def _names(model: nn.Module, adapter_names) -> Optional[List[str]]:
 
 def merge_adapter(model: nn.Module, adapter_names=None, scale: float = 1.0) -> None:
     """``W += scale * adapter_scale * U M V^T`` for the named (default: active) adapters; inference then
-    costs nothing. `unmerge_adapter` subtracts exactly what was added."""
-    names = _names(model, adapter_names)
+    costs nothing. `unmerge_adapter` subtracts exactly what was added. Like PEFT's ``safe_merge``, every
+    merged weight is computed and checked first (`check_merge`): if any would hold NaN or inf (or overflow its
+    dtype), nothing is merged. Refused while adapters are disabled (disabled means the base model's output)."""
+    names, scale = check_merge(model, adapter_names, scale)
     for _, layer in adapter_layers(model):
         layer.merge(names, factor=scale)
+
+
+def check_merge(model: nn.Module, adapter_names=None, scale: float = 1.0) -> Tuple[Optional[List[str]], float]:
+    """Everything `merge_adapter` refuses, checked without changing the model; returns (names, scale)."""
+    names = _names(model, adapter_names)
+    scale = check_scale(scale, "scale")
+    layers = [layer for _, layer in adapter_layers(model)]
+    if any(layer.adapters_disabled for layer in layers):
+        raise SVDAdapterError("adapters are disabled; call enable_adapters() before merging them.")
+    for layer in layers:
+        bad = layer.merge_problem(names, factor=scale)
+        if bad:
+            raise SVDAdapterError(f"merging {bad} (scale too large or adapter diverged); nothing was merged: "
+                                  "lower the scale or use an earlier checkpoint.")
+    return names, scale
 
 
 def unmerge_adapter(model: nn.Module, adapter_names=None) -> None:
@@ -306,6 +326,13 @@ def unmerge_adapter(model: nn.Module, adapter_names=None) -> None:
 
 def remove_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> None:
     """Remove one adapter (default: all). Layers left without adapters become the original modules again."""
+    if adapter_name is not None:
+        _names(model, adapter_name)
+    discard_adapter(model, adapter_name)
+
+
+def discard_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> None:
+    """`remove_adapter` without the name check: also clears a half-attached adapter after a failure."""
     names = [adapter_name] if adapter_name is not None else None
     for name, layer in list(adapter_layers(model)):
         for n in (names if names is not None else list(layer.scales)):
@@ -322,6 +349,7 @@ def remove_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> None
 
 def set_adapter_scale(model: nn.Module, adapter_name: str, scale: float) -> None:
     _names(model, adapter_name)
+    scale = check_scale(scale, "scale")
     for _, layer in adapter_layers(model):
         layer.set_scale(adapter_name, scale)
 
@@ -332,6 +360,8 @@ def set_active_adapters(model: nn.Module, adapter_names, weights: Optional[Itera
     weights = list(weights) if weights is not None else None
     if weights is not None and len(weights) != len(names):
         raise SVDTargetError(f"got {len(weights)} weights for {len(names)} adapters; pass one weight per adapter.")
+    if weights is not None:
+        weights = [check_scale(w, "weight") for w in weights]
     for _, layer in adapter_layers(model):
         layer.set_active(names)
         for n, w in zip(names, weights or []):

@@ -26,6 +26,7 @@ class ModuleKind:
     name = "base"
     has_channels_last_bias = True  # the layer has a bias slot: last dim (Linear) or dim 1 (conv)
     stacked = False  # the wrapped module is a PEFT tuner layer around the real one
+    stores_transposed = False  # the weight is kept as the transpose of the (out x in) matrix
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -102,6 +103,7 @@ class LinearKind(ModuleKind):
 
 class HFConv1DKind(LinearKind):
     name = "hf_conv1d"
+    stores_transposed = True
 
     def matrix(self, weight):
         return weight.mT
@@ -109,9 +111,10 @@ class HFConv1DKind(LinearKind):
     def weight_from_matrix(self, matrix):
         return matrix.mT
 
-    def forward(self, x, weight, bias):
-        out = torch.matmul(x, weight)
-        return out if bias is None else out + bias
+    def forward(self, x, weight, bias):  # as transformers' Conv1D.forward computes it (bit-equal at M = 0)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.mm(flat, weight) if bias is None else torch.addmm(bias, flat, weight)
+        return out.view(*x.shape[:-1], weight.shape[-1])
 
 
 class ConvKind(ModuleKind):

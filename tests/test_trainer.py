@@ -29,7 +29,8 @@ def _tiny_model_dir(tmp_path_factory):
 
 
 def launch(args, cwd, accelerate=True, env=None, processes=1):
-    launcher = ["accelerate", "launch", "--mixed_precision", "no"]
+    # through this interpreter: an unactivated virtual environment has no `accelerate` on PATH
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--mixed_precision", "no"]
     if processes > 1:
         import socket
 
@@ -130,11 +131,19 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 def test_half_written_checkpoint_is_never_picked(tmp_path):
     from svdiff_tools.training import checkpoints
 
-    (tmp_path / "checkpoint-2").mkdir()
-    (tmp_path / "checkpoint-2" / checkpoints.STATE_FILE).write_text('{"global_step": 2}')
+    config = {"method": "svfit"}
+    (tmp_path / checkpoints.RUN_FILE).write_text('{"run_id": "r1", "config": {"method": "svfit"}}')
+    for step in (2, 8):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / checkpoints.STATE_FILE).write_text(f'{{"global_step": {step}, "run_id": "r1"}}')
+        for name in ("adapter_state.safetensors", "optimizer.bin", "scheduler.bin", "random_states_0.pkl"):
+            (folder / name).write_bytes(b"x")
+    (tmp_path / "checkpoint-8" / "optimizer.bin").unlink()  # incomplete (an older version's half write)
     (tmp_path / ".checkpoint-4.tmp").mkdir()  # a kill during the write of checkpoint 4
     (tmp_path / "checkpoint-6").mkdir()  # a folder without state (not ours): ignored
-    assert checkpoints.resolve_resume(tmp_path, "latest") == tmp_path / "checkpoint-2"
+    plan = checkpoints.plan_run(tmp_path, config, "latest", overwrite=False)
+    assert plan.resume_path == tmp_path / "checkpoint-2" and plan.run_id == "r1"
 
 
 def test_two_processes(tmp_path):
@@ -168,6 +177,11 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--method", "svfit", "--rank", "999"], "rank 999 exceeds min"),
     (["--method", "svdiff", "--avf_k", "2"], "belongs to method='vectorfit'"),
     (["--resume_from_checkpoint", "checkpoint-7"], "does not exist; pass a checkpoint-N folder or 'latest'"),
+    (["--with_prior_preservation", "--class_data_dir", "c", "--class_prompt", "a toy", "--num_class_images", "0"],
+     "needs --num_class_images of at least 1"),
+    (["--instance_data_dir", "bomb", "--instance_prompt", "x"], "image bomb/huge.png declares more than"),
+    (["--output_dir", "afile"], "--output_dir afile is a file; pass a folder path"),
+    (["--output_dir", "afile/out"], "--output_dir afile/out lies under the file afile"),
     (["--use_8bit_adam"], "needs bitsandbytes"),
 ])
 def test_bad_input_fails_before_any_model_loads(tmp_path, monkeypatch, capsys, extra, match):
@@ -176,19 +190,37 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, monkeypatch, capsys, e
     (tmp_path / "corrupt").mkdir()
     Image.new("RGB", (16, 16)).save(tmp_path / "corrupt" / "good.png")
     (tmp_path / "corrupt" / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    (tmp_path / "bomb").mkdir()
+    (tmp_path / "bomb" / "huge.png").write_bytes(_png_declaring(20000, 20000))
+    (tmp_path / "afile").write_text("not a folder")
     if "--use_8bit_adam" in extra:
         pytest.importorskip("torch")  # the check only fires where bitsandbytes is absent
         if __import__("importlib").util.find_spec("bitsandbytes"):
             pytest.skip("bitsandbytes is installed")
     loaded = []
     monkeypatch.setattr("diffusers.UNet2DConditionModel.from_pretrained", lambda *a, **k: loaded.append(1))
-    code = train_dreambooth.main(extra + ["--output_dir", "out"])
+    code = train_dreambooth.main(["--output_dir", "out"] + extra)
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith("error: ") and "\n" not in err
     import re
 
     assert re.search(match, err), err
     assert not loaded and not (tmp_path / "out").exists()
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header declares ``width`` x ``height`` pixels."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    raw = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then length + type of the IHDR chunk
+    raw[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    raw[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(raw[ihdr - 4:ihdr + 13])))
+    return bytes(raw)
 
 
 def test_unknown_method_is_an_argparse_error(capsys):

@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     o = p.add_argument_group("output, checkpoints, validation")
     o.add_argument("--output_dir", default="svd-dreambooth-model")
+    o.add_argument("--overwrite_output_dir", action="store_true",
+                   help="start a new run in an --output_dir that holds another run's results (its checkpoints are "
+                        "removed, its final files overwritten)")
     o.add_argument("--checkpointing_steps", type=int, default=500)
     o.add_argument("--checkpoints_total_limit", type=int, default=None)
     o.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
@@ -182,6 +185,20 @@ def validate(args: argparse.Namespace) -> None:
             fail("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'.")
         if not args.class_data_dir:
             fail("--with_prior_preservation needs --class_data_dir (missing class images are generated there).")
+        if args.num_class_images < 1:
+            fail("--with_prior_preservation needs --num_class_images of at least 1 (100-200 is usual).")
+    out = Path(args.output_dir)
+    for parent in [out, *out.parents]:
+        if parent.exists() and not parent.is_dir():
+            what = "is a file" if parent == out else f"lies under the file {parent}"
+            fail(f"--output_dir {out} {what}; pass a folder path.")
+        if parent.is_dir():
+            import os
+
+            if not os.access(parent, os.W_OK | os.X_OK):
+                fail(f"--output_dir {out} cannot be created or written (no permission on {parent}); pass a "
+                     "writable folder.")
+            break
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
                  "sample_batch_size", "num_validation_images", "avf_interval"):
         if getattr(args, name) < 1:

@@ -1,7 +1,14 @@
-"""Crash-safe checkpoints: ``checkpoint-N/`` folders that appear only when complete.
+"""Crash-safe checkpoints that belong to one run, and the rules for starting or resuming a run in a folder.
 
 A checkpoint is written into ``.checkpoint-N.tmp`` and renamed into place, so a kill at any moment leaves
 either the previous set of checkpoints or the new one complete; ``latest`` never sees half a folder.
+
+A *run* is one training trajectory: ``run.json`` in the output folder records its id and the
+configuration that determines it (every flag but the operational ones, see `OPERATIONAL_FLAGS`), and each
+checkpoint's ``trainer_state.json`` records the same. Pruning and ``latest`` only ever see the current
+run's checkpoints; a new run refuses a folder that holds another run's results unless asked to overwrite
+them; a resume refuses a checkpoint whose configuration differs from the command line's, before any model
+is loaded.
 """
 
 from __future__ import annotations
@@ -10,55 +17,202 @@ import json
 import os
 import re
 import shutil
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+RUN_FILE = "run.json"
+ADAPTER_STATE = "adapter_state.safetensors"
+FINAL_FILES = ("svd_adapter.safetensors", "pytorch_lora_weights.safetensors")
+# Flags that may change between a run and its resumption: where things go and how often, not what is learned.
+OPERATIONAL_FLAGS = frozenset({
+    "output_dir", "logging_dir", "report_to", "resume_from_checkpoint", "overwrite_output_dir",
+    "checkpointing_steps", "checkpoints_total_limit", "validation_prompt", "num_validation_images",
+    "validation_steps", "push_to_hub", "hub_model_id", "hub_token", "dataloader_num_workers", "export_lora_rank",
+    "sample_batch_size", "prior_generation_precision", "max_train_steps", "num_train_epochs", "embedded_model",
+})
 
 
-def checkpoints(output_dir: Path) -> List[Tuple[int, Path]]:
-    """Complete checkpoints, oldest first."""
+class RunConflict(ValueError):
+    """The output folder or checkpoint does not fit this command line (one sentence says what to do)."""
+
+
+def run_config(args) -> dict:
+    """The configuration that determines a run's trajectory, JSON-friendly."""
+    out = {}
+    for key, value in sorted(vars(args).items()):
+        if key in OPERATIONAL_FLAGS:
+            continue
+        out[key] = value if isinstance(value, (int, float, str, bool, type(None))) else json.loads(
+            json.dumps(value, default=str))
+    return out
+
+
+def config_difference(recorded: dict, current: dict) -> Optional[str]:
+    """'--method: svdiff in the checkpoint, svfit now' for the first differing flag, or None."""
+    for key in sorted(set(recorded) | set(current)):
+        if key in OPERATIONAL_FLAGS:
+            continue
+        a, b = recorded.get(key), current.get(key)
+        if a != b:
+            return f"--{key}: {a!r} in the checkpoint, {b!r} now"
+    return None
+
+
+def checkpoints(output_dir: Path, run_id: Optional[str] = None) -> List[Tuple[int, Path]]:
+    """Complete checkpoints (of ``run_id`` when given), oldest first."""
+    output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if p.is_dir() and (m := PATTERN.match(p.name))
-             and (p / STATE_FILE).is_file()]
+    found = []
+    for p in output_dir.iterdir():
+        m = PATTERN.match(p.name)
+        if not (m and p.is_dir() and (p / STATE_FILE).is_file()):
+            continue
+        if run_id is not None and _state_or_empty(p).get("run_id") != run_id:
+            continue
+        found.append((int(m.group(1)), p))
     return sorted(found)
 
 
-def resolve_resume(output_dir: Path, spec: Optional[str]) -> Optional[Path]:
-    if not spec:
+def _state_or_empty(path: Path) -> dict:
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        return state if isinstance(state, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
+def incomplete_reason(path: Path) -> Optional[str]:
+    """Why ``path`` is not a complete trainer checkpoint, or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return "it does not exist"
+    state = _state_or_empty(path)
+    if not isinstance(state.get("global_step"), int):
+        return f"it has no readable {STATE_FILE}"
+    for required in (ADAPTER_STATE, "optimizer*.bin", "scheduler*.bin", "random_states_*.pkl"):
+        if not list(path.glob(required)):
+            return f"it lacks {required}"
+    return None
+
+
+def _has_results(output_dir: Path) -> bool:
+    return output_dir.is_dir() and (any(p.name.startswith("checkpoint-") for p in output_dir.iterdir())
+                                    or any((output_dir / f).exists() for f in FINAL_FILES + (RUN_FILE,)))
+
+
+def _read_run(output_dir: Path) -> Optional[dict]:
+    try:
+        run = json.loads((output_dir / RUN_FILE).read_text())
+    except (OSError, ValueError):
         return None
-    if spec == "latest":
-        found = checkpoints(output_dir)
-        return found[-1][1] if found else None
-    path = Path(spec)
-    return path if path.is_dir() else output_dir / path
+    return run if isinstance(run, dict) and isinstance(run.get("run_id"), str) else None
 
 
-def save(output_dir: Path, step: int, save_state: Callable[[Path], None], write_files: Callable[[Path], None],
-         state: dict, is_main: bool, wait: Callable[[], None], total_limit: Optional[int] = None) -> Path:
-    """``save_state(tmp)`` runs on every process (Accelerate's collective save); the main process adds its
-    files and the trainer state, then renames the folder into place and prunes the oldest."""
+@dataclass
+class RunPlan:
+    """What this invocation does: resume ``resume_path`` (or start fresh) as run ``run_id``."""
+
+    run_id: str
+    resume_path: Optional[Path]
+    fresh: bool              # a new run: run.json is (re)written and older runs' checkpoints removed
+    config: dict
+
+
+def plan_run(output_dir: Path, config: dict, resume: Optional[str], overwrite: bool) -> RunPlan:
+    """Decide, before any model is loaded, whether this command starts a run or resumes one; raise
+    `RunConflict` when the folder holds another run's results or the checkpoint another configuration."""
+    output_dir = Path(output_dir)
+    current = _read_run(output_dir)
+    if resume and resume != "latest":
+        path = Path(resume)
+        path = path if path.is_dir() else output_dir / path
+        reason = incomplete_reason(path)
+        if reason:
+            raise RunConflict(f"--resume_from_checkpoint {resume} is not a complete checkpoint ({reason}); pass a "
+                              "checkpoint-N folder or 'latest'.")
+        return _resume(path, config)
+    if resume == "latest" and current is not None and config_difference(current.get("config", {}), config) is None:
+        own = [p for _, p in checkpoints(output_dir, current["run_id"]) if incomplete_reason(p) is None]
+        if own:
+            return _resume(own[-1], config)
+        return RunPlan(current["run_id"], None, False, config)  # this run never reached a checkpoint
+    if _has_results(output_dir) and not overwrite:
+        if current is not None and resume == "latest":
+            diff = config_difference(current.get("config", {}), config)
+            raise RunConflict(f"{output_dir} holds a run with another configuration ({diff.replace('checkpoint', 'folder')}); "
+                              "pass --overwrite_output_dir to replace it, or choose another --output_dir.")
+        raise RunConflict(f"{output_dir} already holds a training run's results; pass --resume_from_checkpoint latest "
+                          "to continue it, --overwrite_output_dir to replace it, or choose another --output_dir.")
+    return RunPlan(uuid.uuid4().hex, None, True, config)
+
+
+def _resume(path: Path, config: dict) -> RunPlan:
+    state = read_state(path)
+    recorded = state.get("config")
+    if recorded is not None:
+        diff = config_difference(recorded, config)
+        if diff:
+            raise RunConflict(f"{path} was trained with other settings ({diff}); resume with the same flags, or "
+                              "start a new run in another --output_dir.")
+    return RunPlan(state.get("run_id") or uuid.uuid4().hex, path, False, config)
+
+
+def start(output_dir: Path, plan: RunPlan) -> None:
+    """Main process, before training: record the run; a fresh run removes older runs' checkpoints and every
+    temporary file a killed writer left."""
+    from ..atomic import atomic_path, remove_orphans
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for tmp in output_dir.glob(".checkpoint-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    remove_orphans(output_dir)
+    if plan.fresh:
+        for _, old in checkpoints(output_dir):
+            if _state_or_empty(old).get("run_id") != plan.run_id:
+                shutil.rmtree(old, ignore_errors=True)
+        for p in output_dir.glob("checkpoint-*"):
+            if p.is_dir() and not (p / STATE_FILE).is_file():
+                shutil.rmtree(p, ignore_errors=True)  # a folder an older version left half written
+    with atomic_path(output_dir / RUN_FILE) as tmp:
+        tmp.write_text(json.dumps({"run_id": plan.run_id, "config": plan.config}, indent=2, sort_keys=True))
+
+
+def save(output_dir: Path, step: int, accelerator, state: dict,
+         tensor_files: Optional[Dict[str, Dict]] = None, total_limit: Optional[int] = None,
+         run_id: Optional[str] = None) -> Path:
+    """``accelerator.save_state`` into ``.checkpoint-N.tmp`` (on every process: Accelerate's collective save),
+    then on the main process the safetensors ``tensor_files`` ({file name: tensors}) and the trainer state;
+    the folder is renamed into place and this run's oldest checkpoints beyond ``total_limit`` are pruned."""
+    from safetensors.torch import save_file
+
+    output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
-    if is_main:
+    main = accelerator.is_main_process
+    if main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    wait()
-    save_state(tmp)
-    if is_main:
-        write_files(tmp)
-        (tmp / STATE_FILE).write_text(json.dumps(dict(state, global_step=step), indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if main:
+        for name, tensors in (tensor_files or {}).items():
+            save_file(tensors, str(tmp / name))
+        (tmp / STATE_FILE).write_text(json.dumps(dict(state, global_step=step, run_id=run_id), indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         if total_limit is not None:
-            for _, old in checkpoints(output_dir)[:-total_limit]:
+            for _, old in checkpoints(output_dir, run_id)[:-total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
-    wait()
+    accelerator.wait_for_everyone()
     return final
-
-
-def read_state(path: Path) -> dict:
-    return json.loads((path / STATE_FILE).read_text())

@@ -32,6 +32,9 @@ def open_rgb(path: Path) -> Image.Image:
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 return Image.alpha_composite(background, rgba).convert("RGB")
             return img.convert("RGB")
+    except Image.DecompressionBombError:
+        raise TrainingInputError(f"image {path} declares more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels (a "
+                                 "decompression bomb or a huge scan); resize it or remove it.") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise TrainingInputError(f"image {path} cannot be read ({type(exc).__name__}); remove or replace it.") from None
 

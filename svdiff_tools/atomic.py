@@ -1,0 +1,68 @@
+"""Files that appear only when complete: written under a temporary name beside the target, then renamed.
+
+The temporary file is ``.<name>.<random>.tmp`` in the target's folder (so the rename never crosses file
+systems); it is removed on any failure, and a kill leaves at most such an orphan, which
+`remove_orphans` cleans. The final file gets the mode the process's umask gives new files (``mkstemp``
+alone would leave 0600, unreadable to a serving process running as another user).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, Iterator, Optional
+
+import torch
+from safetensors.torch import save_file
+
+SUFFIX = ".tmp"
+
+
+def default_mode() -> int:
+    """What ``open(..., "w")`` would give a new file: 0666 minus the umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on success it is renamed to ``path`` (umask mode), else removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=SUFFIX)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, default_mode())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_safetensors(tensors: Dict[str, torch.Tensor], path: os.PathLike,
+                     metadata: Optional[Dict[str, str]] = None) -> Path:
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(path)
+
+
+def remove_orphans(folder: os.PathLike, older_than_s: float = 0.0) -> int:
+    """Delete temporary files `atomic_path` left behind in ``folder`` (a killed writer's), those at least
+    ``older_than_s`` old; returns how many."""
+    folder, removed = Path(folder), 0
+    if not folder.is_dir():
+        return 0
+    now = time.time()
+    for p in folder.glob(f".*{SUFFIX}"):
+        try:
+            if p.is_file() and now - p.stat().st_mtime >= older_than_s:
+                p.unlink()
+                removed += 1
+        except OSError:
+            pass
+    return removed
