@@ -7,11 +7,12 @@ adapted weight, with a structured middle matrix ``M`` (see the README for the pe
 __version__ = "0.1.0"
 
 from .avf import AdaptiveVectorFreezing
-from .config import METHODS, SVDAdapterConfig
+from .config import SVDAdapterConfig
 from .errors import SVDAdapterError, SVDAdapterFileError, SVDConfigError, SVDTargetError
 from .export import LoRAExportReport, export_lora
 from .io import DEFAULT_WEIGHT_NAME, load_adapter, save_adapter
 from .layer import NormDeltaLayer, SVDLayer
+from .methods import METHODS
 from .model import (adapters_disabled, count_parameters, disable_adapters, enable_adapters, get_adapter_names,
                     get_parameter_groups, inject_adapter, merge_adapter, print_trainable_parameters,
                     remove_adapter, set_active_adapters, set_adapter_scale, unmerge_adapter)

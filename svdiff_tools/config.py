@@ -10,7 +10,6 @@ from typing import Any, Optional, Union
 
 from .errors import SVDConfigError
 
-METHODS = ("svdiff", "svfit", "svft", "vectorfit")
 SVFT_PATTERNS = ("plain", "banded", "random", "top_k")
 AVF_METRICS = ("mean_abs", "rms", "max_abs")
 SVD_DRIVERS = ("auto", "gram", "full", "randomized")
@@ -39,7 +38,7 @@ class SVDAdapterConfig:
     Every method computes ``W' = W + scale * U_S M V_S^T`` from the thin SVD ``W = U diag(sigma) V^T``
     of each targeted weight (conv kernels flattened to ``out x in*kh*kw``).
 
-    method:          "svdiff" | "svfit" | "svft" | "vectorfit".
+    method:          a registered method: "svdiff" | "svfit" | "svft" | "vectorfit" (`methods.REGISTRY`).
     rank:            components S. ``None`` = every (numerically non-zero) component. An int r = the top r
                      (svfit, svft). A float in (0, 1) = per matrix, the fewest top components whose energy
                      sum(sigma_i^2) reaches that fraction of ||W||_F^2 (svfit).
@@ -93,8 +92,10 @@ class SVDAdapterConfig:
             if value not in allowed:
                 raise SVDConfigError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}.")
 
+        from .methods import method_class  # the registry (methods import this module)
+
         self.scale = check_scale(self.scale, "scale")
-        choice("method", self.method, METHODS)
+        method = method_class(self.method) if isinstance(self.method, str) else method_class(repr(self.method))
         choice("svft_pattern", self.svft_pattern, SVFT_PATTERNS)
         choice("avf_metric", self.avf_metric, AVF_METRICS)
         choice("svd_driver", self.svd_driver, SVD_DRIVERS)
@@ -111,25 +112,24 @@ class SVDAdapterConfig:
                 raise SVDConfigError(f"rank={rank!r}: a float rank is an energy fraction and must lie in (0, 1).")
         if isinstance(rank, int) and rank < 1:
             raise SVDConfigError(f"rank={rank} must be at least 1 (or None for every component).")
-        if self.method in ("svdiff", "vectorfit") and rank is not None:
-            raise SVDConfigError(
-                f"{self.method} trains every singular value, so rank must be None; use svfit or svft for top-r."
-            )
-        if self.method == "svft" and isinstance(rank, float):
-            raise SVDConfigError("svft takes an int rank (top r) or None; energy fractions are for svfit.")
         for name in ("svft_offset", "svft_seed", "avf_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise SVDConfigError(f"{name}={value!r} must be a non-negative int.")
         if not isinstance(self.avf_interval, int) or self.avf_interval < 1:
             raise SVDConfigError(f"avf_interval={self.avf_interval!r} must be a positive int.")
-        if self.avf_k and self.method != "vectorfit":
-            raise SVDConfigError("avf_k (Adaptive Vector Freezing) belongs to method='vectorfit'.")
+        method.validate_config(self)
 
     # ------------------------------------------------------------------ derived
     @property
+    def method_class(self) -> type:
+        from .methods import method_class
+
+        return method_class(self.method)
+
+    @property
     def trains_bias(self) -> bool:
-        return self.method == "vectorfit" if self.train_bias is None else bool(self.train_bias)
+        return self.method_class.trains_bias_by_default if self.train_bias is None else bool(self.train_bias)
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:

@@ -349,12 +349,9 @@ def _check_tensors(path, plans: List[PlannedAdapter], tensors: Dict[str, torch.T
             if torch.is_floating_point(got) and not torch.isfinite(got).all():
                 raise SVDAdapterFileError(f"{path}: tensor {key} holds NaN or inf; the training run diverged, "
                                           "use an earlier checkpoint.")
-        if hasattr(method, "rows"):
-            rows, cols = tensors[f"{plan.name}.rows"], tensors[f"{plan.name}.cols"]
-            if rows.numel() and (min(int(rows.min()), int(cols.min())) < 0
-                                 or max(int(rows.max()), int(cols.max())) >= method.rank):
-                raise SVDAdapterFileError(f"{path}: SVFT indices of {plan.name} fall outside its rank "
-                                          f"{method.rank}; the file is damaged.")
+        problem = method.state_problem({t: tensors[f"{plan.name}.{t}"] for t in method.state_dict()})
+        if problem:
+            raise SVDAdapterFileError(f"{path}: module {plan.name}: {problem}; the file is damaged.")
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}

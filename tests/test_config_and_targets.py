@@ -87,3 +87,15 @@ def test_exclude_modules_and_duplicate_adapter_names():
         st.inject_adapter(unet, st.SVDAdapterConfig(target_modules="unet-attention"))
     with pytest.raises(st.SVDTargetError, match="without dots"):
         st.inject_adapter(unet, st.SVDAdapterConfig(target_modules="unet-attention"), adapter_name="a.b")
+
+
+def test_every_registered_method_runs_through_the_shared_suite():
+    """The registry is the only list of methods: each has a case in the shared suite and states its defaults."""
+    from conftest import METHOD_CASES
+    from svdiff_tools.methods import REGISTRY
+
+    covered = {case["method"] for case in METHOD_CASES.values()}
+    assert covered == set(REGISTRY) == set(st.METHODS)
+    for name, cls in REGISTRY.items():
+        assert cls.lr_source and cls.default_lr > 0, name
+        st.SVDAdapterConfig(method=name)  # the defaults are valid

@@ -8,31 +8,44 @@ toward the base model, never toward zero singular values.
 
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Optional, Union
+from typing import ClassVar, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ..config import SVDAdapterConfig
+from ..errors import SVDConfigError
 
 REGISTRY: Dict[str, type] = {}
 
 
 def register(cls: type) -> type:
+    """Class decorator: make a `SpectralMethod` subclass available under ``cls.name`` everywhere (config
+    validation, files, the trainer's ``--method`` choices and default learning rates)."""
     REGISTRY[cls.name] = cls
     return cls
 
 
 def method_class(name: str) -> type:
+    if name not in REGISTRY:
+        raise SVDConfigError(f"method={name!r} is not supported; choose one of {', '.join(REGISTRY)}.")
     return REGISTRY[name]
 
 
 class SpectralMethod(nn.Module):
     """Base class. Subclasses set ``name`` and implement `diag_values` (diagonal M) or override
-    `mul_right` and `dense` (general sparse M)."""
+    `mul_right` and `dense` (general sparse M). Class attributes state everything the rest of the library
+    asks about a method: which ranks it takes, its default learning rate and where that comes from, whether it
+    trains biases and Adaptive Vector Freezing by default."""
 
     name: ClassVar[str] = ""
     diagonal: ClassVar[bool] = True
+    rank_forms: ClassVar[Tuple[str, ...]] = ()  # "top_r" (an int), "energy" (a float in (0, 1)); () = every one
+    default_rank: ClassVar[Optional[int]] = None  # when rank is None: None = every component
+    default_lr: ClassVar[float] = 1e-3
+    lr_source: ClassVar[str] = ""
+    trains_bias_by_default: ClassVar[bool] = False
+    supports_avf: ClassVar[bool] = False  # VectorFit's Adaptive Vector Freezing
 
     def __init__(self, sigma: torch.Tensor, config: SVDAdapterConfig, out_features: Optional[int],
                  U: Optional[torch.Tensor] = None, V: Optional[torch.Tensor] = None):
@@ -46,11 +59,32 @@ class SpectralMethod(nn.Module):
         else:
             self.bias_delta = None
 
+    # --- configuration -------------------------------------------------------------------
+    @classmethod
+    def validate_config(cls, config: SVDAdapterConfig) -> None:
+        """Raise `SVDConfigError` for settings this method cannot take (``config.rank`` is already an int,
+        a float in (0, 1) or None)."""
+        rank = config.rank
+        if rank is not None and not cls.rank_forms:
+            raise SVDConfigError(f"{cls.name} trains every singular value, so rank must be None; use "
+                                 f"{' or '.join(n for n, c in REGISTRY.items() if 'top_r' in c.rank_forms)} for top-r.")
+        if isinstance(rank, float) and "energy" not in cls.rank_forms:
+            raise SVDConfigError(f"{cls.name} takes an int rank (top r) or None; energy fractions are for "
+                                 f"{', '.join(n for n, c in REGISTRY.items() if 'energy' in c.rank_forms)}.")
+        if config.avf_k and not cls.supports_avf:
+            raise SVDConfigError(f"avf_k (Adaptive Vector Freezing) belongs to method="
+                                 f"{next((n for n, c in REGISTRY.items() if c.supports_avf), 'vectorfit')!r}.")
+
+    @classmethod
+    def learning_rate(cls, config: SVDAdapterConfig) -> float:
+        """The default learning rate for this configuration (see ``lr_source``)."""
+        return cls.default_lr
+
     # --- which components ---------------------------------------------------------------
     @classmethod
     def requested_rank(cls, config: SVDAdapterConfig) -> Optional[Union[int, float]]:
         """None = every component; int = top r; float = energy fraction (svfit)."""
-        return config.rank
+        return cls.default_rank if config.rank is None else config.rank
 
     @classmethod
     def needs_factors(cls, config: SVDAdapterConfig) -> bool:
@@ -72,6 +106,11 @@ class SpectralMethod(nn.Module):
 
     def bias(self) -> Optional[torch.Tensor]:
         return self.bias_delta
+
+    def state_problem(self, state: Mapping[str, torch.Tensor]) -> Optional[str]:
+        """What is wrong with a state dict read from a file for this module (beyond names, shapes, dtypes and
+        finiteness, which the loader checks for every method), or None."""
+        return None
 
     # --- Adaptive Vector Freezing ----------------------------------------------------------
     def vectors(self) -> Dict[str, nn.Parameter]:

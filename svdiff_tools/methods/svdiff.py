@@ -12,6 +12,7 @@ from .base import DiagonalDeltaMethod, register
 @register
 class SVDiff(DiagonalDeltaMethod):
     name = "svdiff"
+    lr_source = "SVDiff paper (Han et al. 2023): 1e-3 for the spectral shifts"
 
     def diag_values(self):
         return torch.clamp(self.delta, min=-self.sigma)

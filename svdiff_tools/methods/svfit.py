@@ -15,10 +15,9 @@ DEFAULT_RANK = 16
 @register
 class SVFit(DiagonalDeltaMethod):
     name = "svfit"
-
-    @classmethod
-    def requested_rank(cls, config):
-        return DEFAULT_RANK if config.rank is None else config.rank
+    rank_forms = ("top_r", "energy")
+    default_rank = DEFAULT_RANK
+    lr_source = "SVFit trains singular values like SVDiff: the same scale"
 
     @property
     def singular_values(self) -> torch.Tensor:

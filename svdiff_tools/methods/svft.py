@@ -46,10 +46,25 @@ def pattern_indices(pattern: str, r: int, offset: int, seed: int, U=None, V=None
 @register
 class SVFT(SpectralMethod):
     name = "svft"
+    rank_forms = ("top_r",)
+    default_lr = 5e-3
+    lr_source = "SVFT paper (Lingam et al. 2024): ~5e-3 for banded patterns, ~5e-2 for plain"
+    PLAIN_LR = 5e-2
+
+    @classmethod
+    def learning_rate(cls, config):
+        return cls.PLAIN_LR if config.svft_pattern == "plain" else cls.default_lr
 
     @classmethod
     def needs_factors(cls, config):
         return config.svft_pattern == "top_k"
+
+    def state_problem(self, state):
+        rows, cols = state.get("rows"), state.get("cols")
+        if rows is not None and rows.numel() and (min(int(rows.min()), int(cols.min())) < 0
+                                                 or max(int(rows.max()), int(cols.max())) >= self.rank):
+            return f"SVFT indices (rows/cols) fall outside its rank {self.rank}"
+        return None
 
     def __init__(self, sigma, config, out_features, U=None, V=None):
         super().__init__(sigma, config, out_features)

@@ -10,3 +10,6 @@ from .base import DiagonalDeltaMethod, register
 @register
 class VectorFit(DiagonalDeltaMethod):
     name = "vectorfit"
+    lr_source = "VectorFit paper (Hegde et al. 2025), DreamBooth setting"
+    trains_bias_by_default = True
+    supports_avf = True

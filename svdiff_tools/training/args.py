@@ -10,22 +10,21 @@ import argparse
 from pathlib import Path
 from typing import List, Optional
 
-from ..config import BASIS_STORAGE, METHODS, SVFT_PATTERNS
+from ..config import BASIS_STORAGE, SVFT_PATTERNS
+from ..methods import METHODS, REGISTRY
 from ..targets import PRESETS
 
 EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "example_subject"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
-ALL_METHODS = METHODS + ("lora", "pissa")
-# Learning-rate defaults and where they come from.
-DEFAULT_LR = {
-    "svdiff": 1e-3,      # SVDiff paper (Han et al. 2023): 1e-3 for the spectral shifts
-    "svfit": 1e-3,       # SVFit trains singular values like SVDiff; same scale
-    "svft": 5e-3,        # SVFT paper (Lingam et al. 2024): ~5e-2 for plain, ~5e-3 for banded (see below)
-    "vectorfit": 1e-3,   # VectorFit paper (Hegde et al. 2025) DreamBooth setting
-    "lora": 1e-4,        # diffusers' train_dreambooth_lora.py default
-    "pissa": 1e-4,       # as LoRA
-}
-SVFT_PLAIN_LR = 5e-2
+PEFT_METHODS = {"lora": "diffusers' train_dreambooth_lora.py default", "pissa": "as LoRA"}  # the PEFT backend's
+PEFT_LR = 1e-4
+ALL_METHODS = METHODS + tuple(PEFT_METHODS)
+
+
+def _lr_help() -> str:
+    parts = [f"{n} {c.default_lr:g} ({c.lr_source})" for n, c in REGISTRY.items()]
+    parts += [f"{n} {PEFT_LR:g} ({source})" for n, source in PEFT_METHODS.items()]
+    return "default per method: " + "; ".join(parts)
 
 
 class TrainingInputError(ValueError):
@@ -88,9 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num_train_epochs", type=int, default=1, help="used when --max_train_steps is not set")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--gradient_checkpointing", action="store_true")
-    t.add_argument("--learning_rate", type=float, default=None,
-                   help="default per method: svdiff/svfit/vectorfit 1e-3 (papers), svft 5e-2 plain / 5e-3 banded "
-                        "(SVFT paper), lora/pissa 1e-4 (diffusers)")
+    t.add_argument("--learning_rate", type=float, default=None, help=_lr_help())
     t.add_argument("--scale_lr", action="store_true")
     t.add_argument("--lr_scheduler", default="constant",
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
@@ -151,17 +148,16 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.resolution = 32 if embedded else 512
     if args.max_train_steps is None and embedded:
         args.max_train_steps = 12
-    if args.learning_rate is None:
-        plain = args.method == "svft" and args.svft_pattern == "plain"
-        args.learning_rate = SVFT_PLAIN_LR if plain else DEFAULT_LR[args.method]
     if args.target_modules is None:
-        args.target_modules = "unet-attention" if args.method in ("lora", "pissa") else "unet"
+        args.target_modules = "unet-attention" if args.method in PEFT_METHODS else "unet"
     elif "," in args.target_modules:
         args.target_modules = [t.strip() for t in args.target_modules.split(",") if t.strip()]
     if args.rank is not None and float(args.rank).is_integer() and args.rank >= 1:
         args.rank = int(args.rank)
-    if args.method in ("lora", "pissa") and args.rank is None:
+    if args.method in PEFT_METHODS and args.rank is None:
         args.rank = 4
+    if args.learning_rate is None:
+        args.learning_rate = PEFT_LR if args.method in PEFT_METHODS else _spectral_lr(args)
     if args.validation_prompt is None:
         args.validation_prompt = args.instance_prompt
 
@@ -229,11 +225,20 @@ def validate(args: argparse.Namespace) -> None:
             fail("--use_8bit_adam needs bitsandbytes: pip install 'svdiff-tools[bnb]' (or drop the flag).")
 
 
+def _spectral_lr(args: argparse.Namespace) -> float:
+    from ..errors import SVDConfigError
+
+    try:
+        return REGISTRY[args.method].learning_rate(spectral_config(args))
+    except SVDConfigError:  # reported by validate, in one sentence
+        return REGISTRY[args.method].default_lr
+
+
 def spectral_config(args: argparse.Namespace, train_text_encoder: bool = False):
     """The `SVDAdapterConfig` for the UNet (or, with ``train_text_encoder``, the text encoders)."""
     from ..config import SVDAdapterConfig
 
-    rank = args.rank if args.method in ("svfit", "svft") else None
+    rank = args.rank if REGISTRY[args.method].rank_forms else None
     return SVDAdapterConfig(
         method=args.method, rank=rank,
         target_modules="text-encoder" if train_text_encoder else args.target_modules,
