@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import build_unet, table  # noqa: E402
-from svdiff_tools.layer import SVDBasis  # noqa: E402
+from svdiff_tools.basis import SVDBasis  # noqa: E402
 from svdiff_tools.module_kinds import kind_of  # noqa: E402
 from svdiff_tools.targets import resolve_targets  # noqa: E402
 

@@ -22,105 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import path_cost
+from .basis import Parts, SVDBasis, TwoSidedBasis, as_dtype
 from .config import check_scale
 from .methods import SpectralMethod
 from .module_kinds import ModuleKind
-
-
-class SVDBasis(nn.Module):
-    """Fixed factors of one decomposition ``W = U diag(S) V^T`` with q components.
-
-    Two-sided (``head == 0``): ``U`` (out x q), ``V`` (in x q). ``V`` is kept as the transpose of a contiguous
-    (q x in) tensor, so the rows of ``V^T`` that a projection ``x V`` reads are the contiguous weight of a Linear
-    or the kernel of a conv (no copy per call); ``U`` is stored contiguous (out x q).
-
-    One-sided (``head > 0``, full-spectrum bases only): the smaller factor whole, and of the larger one only
-    its last ``q - head`` columns. The first ``head`` columns follow from the weight itself,
-    ``V_h = W^T U_h diag(1/S_h)`` (``right``: ``U_h = W V_h diag(1/S_h)``), so they are never stored; U and V
-    of a square weight each cost as much as the weight. Only well-conditioned components are derived
-    (``S_i >= S_1 / HEAD_CONDITION``): rounding in ``U_h^T W`` is ``~ eps * S_1``, so a derived column's
-    relative error is ``~ eps * S_1 / S_i <= HEAD_CONDITION * eps``. The rest (the tail) stay stored.
-    """
-
-    HEAD_CONDITION = 8.0
-    AUTO_MIN_NUMEL = 1 << 18  # "auto": smaller weights stay two-sided (little memory, per-op overhead dominates)
-
-    def __init__(self, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, driver: str,
-                 svd_rank: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None,
-                 head: int = 0, right: bool = False):
-        super().__init__()
-        self.driver = driver
-        self.svd_rank = svd_rank
-        self.weight_dtype = weight_dtype  # dtype of the weight matrix that was decomposed
-        self.head = int(head)
-        self.right = bool(right)  # one-sided with V (in x q) the stored, smaller factor
-        self.merge_head = 0  # head of a one-sided basis stored whole for a merge (restored by `unmerge_done`)
-        self.register_buffer("U", U, persistent=False)
-        self.register_buffer("S", S, persistent=False)
-        self.register_buffer("V", _transposed_contiguous(V), persistent=False)
-
-    @classmethod
-    def worth_one_sided(cls, storage: str, shape: Tuple[int, int], input_correction: bool) -> bool:
-        """Whether ``basis_storage`` asks for a one-sided basis of an (out x in) full-spectrum weight. "auto":
-        where the weight has at least ``AUTO_MIN_NUMEL`` elements (below that the saving is small and the
-        one-sided product's extra kernels cost more than its flops, measured on the CPU) and the factored path
-        stays open: ``out <= in`` (U stored; ``x V_h = (x W^T) U_h / S_h`` comes from the base output), or
-        ``out > in`` on a kind that takes an input correction (V stored; the head's term enters the base op's
-        input, see `LiveAdapter.factored`), which rules out convolutions with kernels wider than 1x1."""
-        out_f, in_f = shape
-        factored = out_f <= in_f or input_correction
-        return storage == "one_sided" or (storage == "auto" and factored and out_f * in_f >= cls.AUTO_MIN_NUMEL)
-
-    @classmethod
-    def one_sided(cls, U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, driver: str,
-                  svd_rank: Optional[int] = None, weight_dtype: Optional[torch.dtype] = None) -> "SVDBasis":
-        """Keep the smaller factor and the larger one's tail (see the class docstring)."""
-        top = float(S[0]) if S.numel() else 0.0
-        head = int(((S > 0) & (S >= top / cls.HEAD_CONDITION)).sum()) if top > 0 else 0
-        right = U.shape[0] > V.shape[0]
-        if right:
-            U = U[:, head:].clone()
-        else:
-            V = V[:, head:].clone()
-        return cls(U, S, V, driver, svd_rank, weight_dtype, head, right)
-
-    def full_factors(self, W: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(U, V)`` whole, the derived columns computed in float64 from ``W`` (out x in, the unmerged base
-        weight as a matrix), returned in the stored dtype."""
-        if not self.head:
-            return self.U, self.V
-        h, inv = self.head, 1.0 / self.S[:self.head].double()
-        if self.right:
-            derived = (W.double() @ self.V[:, :h].double()) * inv
-            return torch.cat([derived.to(self.V.dtype), self.U], 1), self.V
-        derived = (W.double().mT @ self.U[:, :h].double()) * inv
-        return self.U, torch.cat([derived.to(self.U.dtype), self.V], 1)
-
-    def materialize(self, W: Optional[torch.Tensor], for_merge: bool = False) -> None:
-        """Store both factors whole from now on (before a merge changes ``W``, or for the factored path);
-        ``for_merge``: only until the layer's last adapter is unmerged (`unmerge_done`). ``W`` (the unmerged
-        base weight as a matrix) is read only while the basis is one-sided."""
-        if self.head:
-            U, V = self.full_factors(W)
-            self.U, self.V = U, _transposed_contiguous(V)
-            self.head, self.merge_head = 0, self.head if for_merge else 0
-        elif not for_merge:
-            self.merge_head = 0  # asked for both factors for good
-
-    def unmerge_done(self) -> None:
-        """Back to one-sided storage after the merge that stored both factors is undone."""
-        h, self.merge_head = self.merge_head, 0
-        if h:
-            if self.right:
-                self.U = self.U[:, h:].clone()
-            else:
-                self.V = _transposed_contiguous(self.V[:, h:])
-            self.head = h
-
-
-def _transposed_contiguous(V: torch.Tensor) -> torch.Tensor:
-    """``V`` (in x q) as the transpose of a contiguous (q x in) copy (a new tensor, never a view of the input)."""
-    return V.mT.clone(memory_format=torch.contiguous_format).mT
 
 
 # PEFT's tuner-layer protocol: diffusers and PEFT probe for these names (``hasattr(m, "base_layer")``) to find
@@ -157,114 +63,20 @@ def _shift_problem(weight: torch.Tensor, delta: torch.Tensor, what: str) -> Opti
     return None
 
 
-def _addmm_t(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
-    """``C + alpha * A @ B`` computed as the transpose of ``C^T + alpha * B^T A^T`` (result laid out (n x m))."""
-    return torch.addmm(C.mT, B.mT, A.mT, alpha=alpha).mT
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 class LiveAdapter(NamedTuple):
-    """What one adapter needs per call, computed once per state change: the method, the stored parts of
-    ``U_S`` (out x r) and ``V_S^T`` (r x in) as views of the basis, its own scale and forward mode; for a
-    one-sided basis also ``head`` (components whose larger-side column is derived from ``W``) and ``inv_s``
-    (r,): ``1 / S_i`` for those, then ones. Two-sided: ``U``, ``Vt`` whole. One-sided left: ``U`` whole, ``Vt``
-    its tail rows (r - head x in); ``right``: ``Vt`` whole, ``U`` its tail columns."""
+    """What one adapter needs per call, computed once per state change: its method, its basis and the views
+    of it that the adapter reads (`basis.Parts`), its own scale and forward mode."""
     method: SpectralMethod
-    U: torch.Tensor
-    Vt: torch.Tensor
+    basis: SVDBasis
+    parts: Parts
     scale: float
     mode: str
-    head: int = 0
-    inv_s: Optional[torch.Tensor] = None
-    right: bool = False
 
-    def factors_in(self, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(U M, V^T)`` in ``dtype``: the two operands of this adapter's product (cast only when needed).
-        Two-sided entries only."""
-        return self.method.mul_right(_as(self.U, dtype)), _as(self.Vt, dtype)
-
-    def factored(self, kind, x: torch.Tensor, y_nb: Optional[torch.Tensor]
-                 ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """``(dx, dy)`` with ``x (U M V^T)^T = dy + dx W^T``, through thin projections.
-
-        Two-sided: ``dx = None``, ``dy = project_out(project_in(x, V^T), U M)``.
-        One-sided left: ``x V_h = (x W^T) U_h diag(1/S_h)`` is read from ``y_nb``, the base output without bias
-        (``out`` channels instead of ``in * prod(kernel)``); ``dx = None``.
-        One-sided right (``U_h = W V_h diag(1/S_h)``, for kinds with ``supports_input_correction``): the head's
-        term is ``dx W^T`` with ``dx = x (M V^T)_h^T diag(1/S_h) V_h^T``, added to the base op's input, so no
-        second base-sized product; the tail's ``dy = x (M V^T)_t^T U_t^T``."""
-        dtype, h = x.dtype, self.head
-        U, Vt = _as(self.U, dtype), _as(self.Vt, dtype)
-        d = None if self.inv_s is None else _as(self.inv_s, dtype)  # 1/S_h on the derived head, then ones
-        if self.right:
-            return self._factored_right(kind, x, U, Vt, d)
-        parts = []  # (z, the columns of U it meets): z_h = y_nb U_h (U_h^T a view of the basis), z_t = x V_t
-        if h:
-            parts.append((kind.project_out(y_nb, U[:, :h].mT), slice(0, h)))
-        if Vt.shape[0]:
-            parts.append((kind.project_in(x, Vt), slice(h, U.shape[1])))
-        out = UM = md = None
-        for z, cols in parts:
-            if self.method.diagonal and z.numel() < U[:, cols].numel():
-                # few tokens: scale z (kept for backward) rather than build an out x r operand to keep
-                if md is None:
-                    md = self._diag_times(dtype, d)
-                term = kind.project_out(kind.scale_channels(z, md[cols]), U[:, cols])
-            else:
-                if UM is None:
-                    UM = self.method.mul_right(U) if d is None else self.method.mul_right(U) * d
-                term = kind.project_out(z, UM[:, cols])
-            out = term if out is None else out + term
-        return None, out
-
-    def _diag_times(self, dtype: torch.dtype, d: Optional[torch.Tensor]) -> torch.Tensor:
-        """``diag(M) * d`` (r,) in ``dtype`` (diagonal methods)."""
-        m = _as(self.method.diag_values(), dtype)
-        return m if d is None else m * d
-
-    def _factored_right(self, kind, x, U, Vt, d):
-        """`factored` for a one-sided right basis: ``Vt`` whole (r x in), ``U`` its tail columns (out x t)."""
-        h, r = self.head, Vt.shape[0]
-        md = self._diag_times(x.dtype, d) if self.method.diagonal and kind.tokens(x) < Vt.shape[1] else None
-        A = None  # diag(d) M V^T (r x in), built only with many tokens or a non-diagonal M
-
-        def term(rows: slice, P: torch.Tensor) -> torch.Tensor:  # x (M V^T)_rows^T diag(d_rows) P^T
-            nonlocal A
-            if md is not None:  # few tokens: scale z (kept for backward) rather than build an r x in operand
-                return kind.project_out(kind.scale_channels(kind.project_in(x, Vt[rows]), md[rows]), P)
-            if A is None:
-                A = self.method.mul_right(Vt.mT, transpose=True).mT * d[:, None]
-            return kind.project_out(kind.project_in(x, A[rows]), P)
-
-        return term(slice(0, h), Vt[:h].mT), (term(slice(h, r), U) if r > h else None)
+    def factored(self, kind, x: torch.Tensor, y_nb: Optional[torch.Tensor]):
+        return self.basis.factored(self.parts, self.method, kind, x, y_nb)
 
     def add_to(self, Wm: torch.Tensor, W0: torch.Tensor, alpha: float, transposed: bool = False) -> torch.Tensor:
-        """``Wm + alpha * U M V^T`` (out x in) in ``Wm``'s dtype; ``W0`` is the base weight as a matrix in that
-        dtype (read by one-sided entries only).
-
-        One-sided left (``V_h^T = diag(1/S_h) U_h^T W``):
-            ``U M V^T = [(U M)_h diag(1/S_h) U_h^T] W0 + (U M)_t V_t^T``   (an out x out core, then one GEMM)
-        right (``U_h = W V_h diag(1/S_h)``):
-            ``U M V^T = W0 [V_h diag(1/S_h) (V M^T)_h^T] + U_t (V M^T)_t^T``   (an in x in core)
-
-        ``transposed``: the result is stored as the transpose of a contiguous (in x out) tensor, the layout of
-        weights kept as (in, out) (GPT-2's Conv1D), so the base op sees the weight's own layout."""
-        mm = _addmm_t if transposed else torch.addmm
-        if not self.head:
-            return mm(Wm, *self.factors_in(Wm.dtype), alpha=alpha)
-        dtype, h = Wm.dtype, self.head
-        U, Vt, inv = _as(self.U, dtype), _as(self.Vt, dtype), _as(self.inv_s[:h], dtype)
-        if self.right:
-            Q = Vt.mT
-            QM = self.method.mul_right(Q, transpose=True)  # V M^T (in x r)
-            Wm = mm(Wm, W0, (Q[:, :h] * inv) @ QM[:, :h].mT, alpha=alpha)
-            return mm(Wm, U, QM[:, h:].mT, alpha=alpha) if QM.shape[1] > h else Wm
-        QM = self.method.mul_right(U)  # U M (out x r)
-        Wm = mm(Wm, (QM[:, :h] * inv) @ U[:, :h].mT, W0, alpha=alpha)
-        return mm(Wm, QM[:, h:], Vt, alpha=alpha) if QM.shape[1] > h else Wm
+        return self.basis.add_to(self.parts, self.method, Wm, W0, alpha, transposed)
 
 
 class AdapterLayerMixin:
@@ -387,7 +199,6 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
 
     PATH_CACHE_SIZE = 64  # input shapes whose forward-path choice is remembered
     RECOMPUTE_MIN_NUMEL = 1 << 18  # rebuild W' in backward instead of keeping it, from 256Ki elements (1 MiB fp32)
-    FACTORED_OP_FLOPS = 2**22  # see use_factored; tuned on the tiny UNet on the 2-core CPU
 
     def __init__(self, base_module: nn.Module, kind: ModuleKind):
         nn.Module.__init__(self)
@@ -408,9 +219,11 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         if basis_key not in self.bases:
             self.bases[basis_key] = basis
         basis = self.bases[basis_key]
-        keep_both = basis_storage == "both" or (forward_mode == "factored" and not self._factorable(basis.right))
-        if keep_both or (basis.head and self.merged):
-            basis.materialize(self._base_matrix() if basis.head else None, for_merge=not keep_both)
+        keep_both = basis_storage == "both" or (forward_mode == "factored" and not basis.factored_on(self.kind))
+        if keep_both and isinstance(basis, TwoSidedBasis):
+            basis.restores = None  # asked for both factors for good: no split after a merge
+        elif keep_both or (basis.head and self.merged):
+            self._store_whole(basis_key, for_merge=not keep_both)
         self.svd_adapters[name] = method
         self.basis_of[name] = basis_key
         self.scales[name] = float(scale)
@@ -429,10 +242,21 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
             del self.bases[key]
         self.invalidate()
 
-    def _factorable(self, right: bool) -> bool:
-        """Whether the factored path can serve a basis of this orientation: a one-sided basis with U derived
-        (``right``) adds its head's term to the input, which needs ``kind.supports_input_correction``."""
-        return not right or self.kind.supports_input_correction()
+    def _store_whole(self, key: str, for_merge: bool) -> None:
+        """Store both factors of basis ``key`` from now on (derived columns from the unmerged weight); with
+        ``for_merge`` only until the layer's last merge is undone (`_split_bases`)."""
+        basis = self.bases[key]
+        if basis.head:
+            whole = basis.whole(self._base_matrix())
+            if not for_merge:
+                whole.restores = None
+            self.bases[key] = whole
+
+    def _split_bases(self) -> None:
+        """Bases stored whole for a merge go back to one-sided storage."""
+        for key, basis in list(self.bases.items()):
+            if isinstance(basis, TwoSidedBasis) and basis.restores is not None:
+                self.bases[key] = basis.split()
 
     def _base_matrix(self) -> torch.Tensor:
         """The base weight without merged adapters, as an (out x in) matrix."""
@@ -443,22 +267,14 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         computed from the weight, in float64)."""
         basis = self.bases[self.basis_of[name]]
         r = self.svd_adapters[name].rank
-        U, V = basis.full_factors(self._base_matrix()) if basis.head else (basis.U, basis.V)
+        U, V = basis.full_factors(self._base_matrix() if basis.head else None)
         return U[:, :r], V[:, :r]
 
     def entry(self, name: str, scale: float) -> LiveAdapter:
         """Adapter ``name``'s `LiveAdapter` (views of its basis) with ``scale``."""
         basis = self.bases[self.basis_of[name]]
         method = self.svd_adapters[name]
-        r, mode = method.rank, self.forward_modes[name]
-        if not basis.head:
-            return LiveAdapter(method, basis.U[:, :r], basis.V[:, :r].mT, scale, mode)
-        h = min(basis.head, r)
-        tail = max(r - basis.head, 0)
-        U, V = (basis.U[:, :tail], basis.V[:, :r]) if basis.right else (basis.U[:, :r], basis.V[:, :tail])
-        inv_s = torch.ones_like(basis.S[:r])
-        inv_s[:h] = 1.0 / basis.S[:h]
-        return LiveAdapter(method, U, V.mT, scale, mode, h, inv_s, basis.right)
+        return LiveAdapter(method, basis, basis.parts(method.rank), scale, self.forward_modes[name])
 
     def live(self) -> Tuple[LiveAdapter, ...]:
         """The live adapters with their factors (cached until the next state change)."""
@@ -475,8 +291,8 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         entries = [self.entry(n, scales[n]) for n in names]
         W0 = self.kind.matrix(self.kind.module.weight)  # read by one-sided bases, which never coexist with merges
         dtype = dtype or W0.dtype
-        if any(e.head for e in entries):
-            W0 = _as(W0, dtype)
+        if any(e.parts.head for e in entries):
+            W0 = as_dtype(W0, dtype)
         total = torch.zeros(W0.shape, dtype=dtype, device=W0.device)
         for e in entries:
             total = e.add_to(total, W0, e.scale)
@@ -488,38 +304,23 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
 
     # --- forward ------------------------------------------------------------------------------
     def use_factored(self, x: torch.Tensor, live: Tuple[LiveAdapter, ...]) -> bool:
-        """Factored or recomposed path for this input, by cost (remembered per input shape and grad mode).
-
-        Flops, training (grad enabled, adapter tensors trainable): recompose ~ 2*out*in*r (build the delta
-        and its gradient G @ V) + tokens*out*in (the weight gradient); factored ~ 3*tokens*(out+in)*r.
-        Inference: out*in*r against tokens*(out+in)*r. The factored path also runs more and thinner kernels
-        (two projections, an add; their backward), charged as ``FACTORED_OP_FLOPS`` each: measured on the
-        tiny UNet, thin r-channel convolutions lose to one ``addmm`` plus the weight gradient even where
-        they save several million flops."""
+        """Factored or recomposed path for this input: forced by a forward mode, impossible for some kinds and
+        bases, else by `path_cost` (remembered per input shape and grad mode)."""
         key = (x.shape, torch.is_grad_enabled())
         choice = self._paths.get(key)
         if choice is not None:
             return choice
         modes = {e.mode for e in live}
         if (not self.kind.supports_factored() or "recompose" in modes
-                or not all(self._factorable(e.right) for e in live)):
+                or not all(e.basis.factored_on(self.kind) for e in live)):
             choice = False
         elif "factored" in modes:
             choice = True
         else:
-            out_f, in_f = self.kind.matrix_shape
-            tokens = self.kind.tokens(x)
+            shape = self.kind.matrix_shape
             training = key[1] and any(p.requires_grad for e in live for p in e.method.parameters())
-            build = project = extra_ops = 0
-            small, big = sorted((out_f, in_f))
-            for e in live:  # one-sided: a small x small core on the recomposed path, h small-side projections
-                r, h = e.method.rank, e.head
-                build += out_f * in_f * (r - h) + small * small * (big + h) * (h > 0)
-                project += (out_f + in_f) * r - (big - small) * h
-                extra_ops += (2 + 3 * training) * (1 + (0 < h < r))
-            recompose = build * (2 if training else 1) + (tokens * out_f * in_f if training else 0)
-            factored = tokens * project * (3 if training else 1)
-            choice = factored + extra_ops * self.FACTORED_OP_FLOPS < recompose
+            choice = path_cost.factored_is_cheaper((e.basis.flops(e.method.rank, shape) for e in live), shape,
+                                                   self.kind.tokens(x), training)
         if len(self._paths) >= self.PATH_CACHE_SIZE:
             self._paths.clear()
         self._paths[key] = choice
@@ -542,7 +343,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         one-sided entries read ``x V_h`` from the base output without bias, and diagonal methods with few tokens
         scale ``z`` instead of building ``U_a M_a``)."""
         kind, call = self.kind, self.call_scale
-        if any(e.head and not e.right for e in live):  # one-sided left entries read the base output without bias
+        if any(e.basis.reads_base_output for e in live):  # one-sided left entries read the base output w/o bias
             y = y_nb = self.base_module(x, *args, **kwargs)  # the base op as it is (bias fused): exact at M = 0
             base_bias = getattr(kind.module, "bias", None)
             if base_bias is not None:
@@ -641,9 +442,8 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
         done = []
         names = self._merge_names(names)
         if names and not self.merged:  # derived columns come from the unmerged weight: store them first
-            W0 = self._base_matrix()
-            for basis in self.bases.values():
-                basis.materialize(W0, for_merge=True)
+            for key in list(self.bases):
+                self._store_whole(key, for_merge=True)
         for name in names:
             scale = self.scales[name] * factor
             self._add_to_weight(name, scale, +1.0)
@@ -663,8 +463,7 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
             self.kind.module.bias = None  # the base had no bias: put it back exactly as it was
             self._created_bias = False
         if done and not self.merged:
-            for basis in self.bases.values():
-                basis.unmerge_done()
+            self._split_bases()
         self.invalidate()
         return done
 

@@ -20,7 +20,8 @@ from . import cache, call_scale
 from . import decomposition as dec
 from .config import SVDAdapterConfig, check_scale
 from .errors import SVDAdapterError, SVDTargetError
-from .layer import AdapterLayerMixin, NormDeltaLayer, SVDBasis, SVDLayer
+from .basis import SVDBasis, TwoSidedBasis
+from .layer import AdapterLayerMixin, NormDeltaLayer, SVDLayer
 from .methods import SpectralMethod, method_class
 from .module_kinds import ModuleKind, kind_of
 from .targets import base_of as _base, norm_modules, resolve_targets
@@ -185,7 +186,7 @@ def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bo
                                                plan.kind.supports_input_correction()) and plan.svd_rank is None
                      and cls.requested_rank(config) is None and not plan.kind.stacked
                      and W.dtype == base.weight.dtype)
-        make = SVDBasis.one_sided if one_sided else SVDBasis
+        make = SVDBasis.one_sided if one_sided else TwoSidedBasis
         basis = make(U.to(dt), S.to(torch.float32), V.to(dt), plan.driver, plan.svd_rank, W.dtype)
     n_valid = dec.numerical_rank(S.float(), plan.shape)
     r = _choose_rank(plan.rank, S, W, n_valid, plan.name, fixed_rank)

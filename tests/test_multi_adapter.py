@@ -149,7 +149,7 @@ def test_cached_live_state_follows_every_change():
         if hasattr(layer, "bases"):
             entry = layer.live()[0]
             basis = layer.bases[layer.basis_of["b"]]
-            assert entry.U.dtype == torch.float64 and entry.U.untyped_storage().data_ptr() == \
+            assert entry.parts.U.dtype == torch.float64 and entry.parts.U.untyped_storage().data_ptr() == \
                 basis.U.untyped_storage().data_ptr()
 
 
