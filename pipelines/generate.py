@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 import svdiff_tools  # noqa: F401  (adds pipe.load_svd_adapter and friends)
 from svdiff_tools.errors import SVDAdapterError
-from svdiff_tools.images import labelled_grid
-from svdiff_tools.loaders import resolve_adapter_source
+from svdiff_tools.training.images import labelled_grid
+from svdiff_tools.diffusers.loaders import resolve_adapter_source
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -4,7 +4,7 @@ Every method is ``W' = W + scale * U_S M V_S^T`` over the thin SVD ``W = U diag(
 adapted weight, with a structured middle matrix ``M`` (see the README for the per-method table).
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401  (public)
 
 from .avf import AdaptiveVectorFreezing
 from .config import SVDAdapterConfig
@@ -27,6 +27,6 @@ __all__ = [
     "unmerge_adapter",
 ]
 
-from . import loaders as _loaders
+from .diffusers import install_when_imported as _install_when_imported
 
-_loaders.install()  # pipe.load_svd_adapter(...) and friends on every diffusers DiffusionPipeline
+_install_when_imported()  # pipe.load_svd_adapter(...) and friends once diffusers' pipelines are imported

@@ -17,7 +17,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -182,16 +182,6 @@ def _collect(model: nn.Module, name: str, rank: Optional[int], key_format: str, 
         out.has_embedding |= layer.kind.name == "embedding"
 
 
-def _pipeline_prefix(pipe, component: str, model: nn.Module, key_format: str) -> str:
-    if key_format == "diffusers":
-        return component + "."
-    if component in ("unet", "transformer"):
-        return "lora_unet_" if component == "unet" else "lora_transformer_"
-    te = {"text_encoder": "lora_te1_" if getattr(pipe, "text_encoder_2", None) is not None else "lora_te_",
-          "text_encoder_2": "lora_te2_", "text_encoder_3": "lora_te3_"}[component]
-    return te + _kohya_text_model_level(model)
-
-
 def _pad_kohya_to_uniform_rank(tensors: Dict[str, torch.Tensor]) -> None:
     """Zero-pad every pair to the largest rank R with alpha = R, so the LoRA scaling alpha/rank is 1 whatever
     alpha a consumer falls back to (diffusers' kohya conversion drops some SD 1.5 attn2 alphas)."""
@@ -207,8 +197,37 @@ def _pad_kohya_to_uniform_rank(tensors: Dict[str, torch.Tensor]) -> None:
         tensors[f"{stem}.alpha"] = torch.tensor(float(R), dtype=tensors[f"{stem}.alpha"].dtype)
 
 
-def _is_pipeline(obj) -> bool:
-    return hasattr(obj, "components") and hasattr(obj, "load_svd_adapter") and not isinstance(obj, nn.Module)
+class AdapterHost:
+    """Several adapted models under component names (a diffusers pipeline), as `export_lora` writes them into
+    one file. Integrations register a factory in `HOST_FACTORIES` that wraps their objects in a subclass."""
+
+    def components(self) -> Dict[str, nn.Module]:
+        """``{component: model}`` of the components that carry adapters."""
+        raise NotImplementedError
+
+    def prefix(self, component: str, model: nn.Module, key_format: str) -> str:
+        """Key prefix of ``component`` in a ``key_format`` file ("diffusers" or "kohya")."""
+        raise NotImplementedError
+
+    def load(self, path, adapter_name: str) -> None:
+        raise NotImplementedError
+
+    def unload(self, adapter_name: str) -> None:
+        raise NotImplementedError
+
+
+HOST_FACTORIES: List[Callable[[object], Optional[AdapterHost]]] = []
+
+
+def as_host(obj) -> Optional[AdapterHost]:
+    """``obj`` wrapped by the first registered factory that takes it, or None."""
+    if isinstance(obj, nn.Module):
+        return None
+    for factory in HOST_FACTORIES:
+        host = factory(obj)
+        if host is not None:
+            return host
+    return None
 
 
 def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, base=None, rank: Optional[int] = None,
@@ -231,37 +250,37 @@ def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, b
         raise SVDAdapterError(f"key_format={key_format!r} is not supported; choose one of {', '.join(KEY_FORMATS)}.")
     if rank is not None and (not isinstance(rank, int) or rank < 1):
         raise SVDAdapterError(f"rank={rank!r} must be None (exact) or a positive int.")
-    if not isinstance(source, nn.Module) and not _is_pipeline(source):
+    host = as_host(source)
+    if not isinstance(source, nn.Module) and host is None:
         if base is None:
             raise SVDAdapterError("exporting an adapter file needs base=<the model or pipeline it was trained on>.")
         tmp_name = "svdiff_tools_export"
-        if _is_pipeline(base):
-            base.load_svd_adapter(source, adapter_name=tmp_name)
+        base_host = as_host(base)
+        if base_host is not None:
+            base_host.load(source, tmp_name)
         else:
             load_adapter(base, source, adapter_name=tmp_name)
         try:
             return export_lora(base, out_path, rank=rank, key_format=key_format, adapter_name=tmp_name,
                                prefix=prefix, dtype=dtype)
         finally:
-            if _is_pipeline(base):
-                base.delete_svd_adapters(tmp_name)
+            if base_host is not None:
+                base_host.unload(tmp_name)
             else:
                 remove_adapter(base, tmp_name)
     report = LoRAExportReport(path=None)
     out = _Collected()
-    if _is_pipeline(source):
+    if host is not None:
         if key_format == "peft":
             raise SVDAdapterError("a pipeline exports as key_format='diffusers' or 'kohya'; 'peft' is per model.")
-        from .loaders import pipeline_components
-
-        parts = {c: m for c, m in pipeline_components(source).items() if adapter_configs(m)}
+        parts = host.components()
         names = {n for m in parts.values() for n in adapter_configs(m)}
         name = adapter_name or (next(iter(names)) if len(names) == 1 else None)
         if name is None or name not in names:
             raise SVDAdapterError(f"the pipeline has SVD adapters {sorted(names)}; pass adapter_name= to choose one.")
         for comp, model in parts.items():
             if name in adapter_configs(model):
-                _collect(model, name, rank, key_format, _pipeline_prefix(source, comp, model, key_format), dtype,
+                _collect(model, name, rank, key_format, host.prefix(comp, model, key_format), dtype,
                          report, out, label=f"{comp}.")
         method = next(adapter_configs(m)[name].method for m in parts.values() if name in adapter_configs(m))
     else:

@@ -33,8 +33,8 @@ from .config import SVDAdapterConfig
 from .errors import SVDAdapterError, SVDAdapterFileError
 from .fingerprint import fingerprint, mismatch
 from .layer import NormDeltaLayer, SVDLayer
-from .model import (PlannedAdapter, adapter_configs, adapter_layers, adapter_parameters, attach_planned,
-                    build_planned, remove_adapter)
+from .model import (ModuleRecord, PlannedAdapter, adapter_configs, adapter_layers, adapter_parameters,
+                    attach_planned, build_planned, check_adapter_name, remove_adapter)
 from .module_kinds import is_norm, kind_of
 from .targets import base_of
 
@@ -82,7 +82,7 @@ def component_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Di
 def write_adapter_file(path: Union[str, os.PathLike], components: Dict[str, Tuple[Dict[str, torch.Tensor], dict]],
                        adapter_name: str, extra_metadata: Optional[Dict[str, str]] = None) -> Path:
     """Write ``{component: (tensors, entry)}`` to one file (atomically). ``path`` may be a folder."""
-    from . import __version__
+    from .version import __version__
 
     path = Path(path)
     if path.is_dir() or not path.suffix:
@@ -283,17 +283,11 @@ def _check_against_model(path, model: nn.Module, modules: dict, norms: dict, ten
     owned = set()
     for name, info in modules.items():
         module = _module_at(path, model, name, "module")
-        if isinstance(module, SVDLayer) and adapter_name in module.svd_adapters:
-            raise SVDAdapterError(f"module {name} already has an adapter named {adapter_name!r}; "
-                                  "pass another adapter_name.")
         base = base_of(module)
         kind = kind_of(base)
         if kind is None or kind.name != info.get("kind"):
             raise SVDAdapterFileError(f"{path} expects a {info.get('kind')} layer at {name}, but this model has "
                                       f"{type(base).__name__}; it was trained for another architecture.")
-        if info.get("driver") not in dec.DRIVERS:
-            raise SVDAdapterFileError(f"{path} names an unknown decomposition {info.get('driver')!r} for {name}; "
-                                      "upgrade svdiff-tools or re-save the adapter.")
         _check_fingerprint(path, name, info, module.unmerged_weight() if isinstance(module, SVDLayer)
                            else base.weight, "module")
         owned |= {k for k in tensors if k.startswith(name + ".") and "." not in k[len(name) + 1:]}
@@ -320,7 +314,7 @@ def _check_tensors(path, plans: List[PlannedAdapter], tensors: Dict[str, torch.T
     of the expected kind of dtype (floating deltas, integer indices), finite, in range."""
     expected = {f"{n}.weight_delta" for n in norms}
     for plan in plans:
-        expected |= {f"{plan.name}.{t}" for t in plan.built[2].state_dict()}
+        expected |= {f"{plan.name}.{t}" for t in plan.method.state_dict()}
     stray = sorted(set(tensors) - expected)
     if stray:
         raise SVDAdapterFileError(f"{path} holds tensor {stray[0]} that belongs to no adapted module; the file is "
@@ -334,7 +328,7 @@ def _check_tensors(path, plans: List[PlannedAdapter], tensors: Dict[str, torch.T
             raise SVDAdapterFileError(f"{path}: tensor {n}.weight_delta is not a finite floating tensor; the file "
                                       "is damaged or the run diverged: use an earlier checkpoint.")
     for plan in plans:
-        method = plan.built[2]
+        method = plan.method
         for tname, t in method.state_dict().items():
             key = f"{plan.name}.{tname}"
             got = tensors.get(key)
@@ -357,7 +351,7 @@ def _check_tensors(path, plans: List[PlannedAdapter], tensors: Dict[str, torch.T
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
-def _warn_on_lossy_basis(model: nn.Module, config: SVDAdapterConfig, weight_dtypes: dict) -> None:
+def _warn_on_lossy_basis(model: nn.Module, config: SVDAdapterConfig, records: dict) -> None:
     """Warn once when the model's weights are less precise than those the adapter was trained on.
 
     The training basis cannot be rebuilt from rounded weights, and the rounding (bf16: ~0.4% of each weight)
@@ -365,7 +359,8 @@ def _warn_on_lossy_basis(model: nn.Module, config: SVDAdapterConfig, weight_dtyp
     spectrum, svdiff adapter, fp32 -> bf16 (tests/test_reliability.py::test_bf16_load_is_as_good_as_casting):
     the adapter's effect is reproduced to 4-5%, as casting the adapted fp32 model to bf16 gives (5-6%); the
     weights to 0.25-0.27% (cast: 0.17%). Off-diagonal SVFT entries also meet slightly rotated vectors."""
-    for name, trained in weight_dtypes.items():
+    for name, record in records.items():
+        trained = record.weight_dtype
         module = model.get_submodule(name)
         weight = getattr(module, "base_module", module).weight
         if trained is not None and torch.finfo(weight.dtype).eps > torch.finfo(trained).eps:
@@ -392,7 +387,7 @@ class PreparedLoad:
         try:
             with torch.no_grad():
                 for plan in self.plans:
-                    method = plan.built[2]
+                    method = plan.method
                     method.load_state_dict({t: self.entry.tensors[f"{plan.name}.{t}"] for t in method.state_dict()})
                 for n in self.entry.norms:
                     self.model.get_submodule(n).weight_deltas[self.name].copy_(self.entry.tensors[f"{n}.weight_delta"])
@@ -411,15 +406,12 @@ def prepare_load(model: nn.Module, entry: ComponentEntry, name: str, path, runti
     if bad:
         raise SVDAdapterError(f"load options {bad} are unknown; allowed: {', '.join(RUNTIME_OPTIONS)}.")
     config = entry.config.replace(**runtime_options) if runtime_options else entry.config
-    if name in adapter_configs(model):
-        raise SVDAdapterError(f"the model already has an adapter named {name!r}; pass another adapter_name.")
+    check_adapter_name(model, name)
     _check_against_model(path, model, entry.modules, entry.norms, entry.tensors, name)
-    weight_dtypes = {n: _DTYPES.get(m.get("weight_dtype")) for n, m in entry.modules.items()}
-    _warn_on_lossy_basis(model, config, weight_dtypes)
-    plans = build_planned(model, config, name,
-                          ranks={n: int(m["rank"]) for n, m in entry.modules.items()},
-                          drivers={n: (m["driver"], m.get("svd_rank")) for n, m in entry.modules.items()},
-                          weight_dtypes=weight_dtypes)
+    records = {n: ModuleRecord(int(m["rank"]), m["driver"], m.get("svd_rank"), _DTYPES.get(m.get("weight_dtype")))
+               for n, m in entry.modules.items()}
+    _warn_on_lossy_basis(model, config, records)
+    plans = build_planned(model, config, name, records=records)
     _check_tensors(path, plans, entry.tensors, entry.norms)
     return PreparedLoad(model, name, config, plans, entry, is_trainable)
 

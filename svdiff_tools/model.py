@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import cache, call_scale
+from . import cache
 from . import decomposition as dec
 from .config import SVDAdapterConfig, check_scale
 from .errors import SVDAdapterError, SVDTargetError
@@ -29,6 +29,10 @@ from .targets import base_of as _base, norm_modules, resolve_targets
 logger = logging.getLogger(__name__)
 CONFIGS_ATTR = "_svd_adapter_configs"
 HASH_THREADS = 16
+# Integrations (e.g. svdiff_tools.diffusers' per-call scale) run these on a model after an adapter is attached,
+# and after its last adapter is removed.
+ATTACH_HOOKS: List = []
+REMOVE_HOOKS: List = []
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -61,6 +65,16 @@ def basis_key(driver: str, rank: Optional[int], svd_dtype: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- planning
+@dataclass(frozen=True)
+class ModuleRecord:
+    """How a file says one module was adapted: its rank and decomposition (route, randomised rank, the dtype
+    of the decomposed weight)."""
+    rank: int
+    driver: str
+    svd_rank: Optional[int] = None
+    weight_dtype: Optional[torch.dtype] = None
+
+
 @dataclass
 class PlannedAdapter:
     name: str
@@ -72,39 +86,49 @@ class PlannedAdapter:
     svd_rank: Optional[int]  # the rank a randomized decomposition is computed for (None when full)
     weight_dtype: Optional[torch.dtype] = None  # decompose the weight as this dtype (from a file)
     digest: Optional[str] = None  # cache key of the matrix to decompose (filled in parallel, see build_planned)
-    built: Optional[Tuple[str, SVDBasis, SpectralMethod]] = None
+    basis_key: Optional[str] = None  # filled by build_adapter
+    basis: Optional[SVDBasis] = None
+    method: Optional[SpectralMethod] = None
+
+
+def check_adapter_name(model: nn.Module, adapter_name: str) -> None:
+    """The one check that ``adapter_name`` is a valid, free name on ``model`` (its modules included)."""
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise SVDTargetError(f"adapter_name={adapter_name!r} must be a non-empty string without dots.")
+    taken = adapter_name in adapter_configs(model) or any(
+        adapter_name in layer.scales for _, layer in adapter_layers(model))
+    if taken:
+        raise SVDTargetError(f"the model already has an adapter named {adapter_name!r}; pick another adapter_name "
+                             "or remove_adapter() it first.")
 
 
 def plan_adapters(model: nn.Module, config: SVDAdapterConfig, adapter_name: str,
-                  ranks: Optional[Dict[str, int]] = None,
-                  drivers: Optional[Dict[str, Tuple[str, Optional[int]]]] = None,
-                  weight_dtypes: Optional[Dict[str, torch.dtype]] = None) -> List[PlannedAdapter]:
-    """Check targets and ranks (cheap, before any SVD). ``ranks`` (from a file) fixes module and rank."""
-    if ranks is not None:
-        targets = [(n, model.get_submodule(n)) for n in ranks]
+                  records: Optional[Dict[str, ModuleRecord]] = None) -> List[PlannedAdapter]:
+    """Check targets and ranks (cheap, before any SVD). ``records`` (from a file) fix the modules, ranks and
+    decompositions."""
+    if records is not None:
+        targets = [(n, model.get_submodule(n)) for n in records]
     else:
         targets = resolve_targets(model, config.target_modules, config.exclude_modules)
     cls = method_class(config.method)
     plans = []
     for name, module in targets:
-        if isinstance(module, SVDLayer) and adapter_name in module.svd_adapters:
-            raise SVDTargetError(f"module {name} already has an adapter named {adapter_name!r}; "
-                                 "pick another adapter_name or remove_adapter() it first.")
         base = _base(module)
         kind = kind_of(base)
         shape = tuple(kind.matrix(base.weight).shape)
         k = min(shape)
-        rank = ranks[name] if ranks is not None else cls.requested_rank(config)
+        record = records[name] if records is not None else None
+        rank = record.rank if record is not None else cls.requested_rank(config)
         if isinstance(rank, int) and rank > k:
             raise SVDTargetError(f"rank {rank} exceeds min(out, in) = {k} of module {name} (matrix {shape[0]}x"
                                  f"{shape[1]}); lower --rank or exclude that module.")
-        if drivers is not None:
-            driver, svd_rank = drivers[name]
+        if record is not None:
+            driver, svd_rank = record.driver, record.svd_rank
         else:
             driver = dec.resolve_driver(config.svd_driver, rank if isinstance(rank, int) else None, k)
             svd_rank = rank if driver == "randomized" else None
         plans.append(PlannedAdapter(name, module, kind, shape, rank, driver, svd_rank,
-                                    (weight_dtypes or {}).get(name)))
+                                    record.weight_dtype if record is not None else None))
     return plans
 
 
@@ -195,17 +219,17 @@ def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bo
     out_features = plan.kind.out_features if plan.kind.has_channels_last_bias else None
     method = cls(S[:r].float(), config, out_features, U[:, :r], V[:, :r])
     method.to(base.weight.device)
-    plan.built = (key, basis, method)
+    plan.basis_key, plan.basis, plan.method = key, basis, method
 
 
 def attach(model: nn.Module, plans: List[PlannedAdapter], config: SVDAdapterConfig, adapter_name: str) -> None:
     for plan in plans:
-        key, basis, method = plan.built
         layer = plan.module
         if not isinstance(layer, SVDLayer):
             layer = SVDLayer(plan.module, plan.kind)
             _replace(model, plan.name, layer)
-        layer.add_adapter(adapter_name, method, key, basis, config.scale, config.forward_mode, config.basis_storage)
+        layer.add_adapter(adapter_name, plan.method, plan.basis_key, plan.basis, config.scale, config.forward_mode,
+                          config.basis_storage)
 
 
 def attach_norms(model: nn.Module, config: SVDAdapterConfig, adapter_name: str,
@@ -235,20 +259,14 @@ def inject_adapter(model: nn.Module, config: SVDAdapterConfig, adapter_name: str
 
 
 def build_planned(model: nn.Module, config: SVDAdapterConfig, adapter_name: str, *,
-                  ranks: Optional[Dict[str, int]] = None,
-                  drivers: Optional[Dict[str, Tuple[str, Optional[int]]]] = None,
-                  weight_dtypes: Optional[Dict[str, torch.dtype]] = None) -> List[PlannedAdapter]:
-    """Plan and build every adapter off the model (decompositions included). ``ranks``/``drivers``/
-    ``weight_dtypes`` pin the modules, ranks and decompositions as recorded in an adapter file."""
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise SVDTargetError(f"adapter_name={adapter_name!r} must be a non-empty string without dots.")
-    if adapter_name in adapter_configs(model):
-        raise SVDTargetError(f"the model already has an adapter named {adapter_name!r}; "
-                             "pick another adapter_name or remove_adapter() it first.")
-    plans = plan_adapters(model, config, adapter_name, ranks, drivers, weight_dtypes)
+                  records: Optional[Dict[str, ModuleRecord]] = None) -> List[PlannedAdapter]:
+    """Plan and build every adapter off the model (decompositions included). ``records`` pin the modules,
+    ranks and decompositions as an adapter file recorded them."""
+    check_adapter_name(model, adapter_name)
+    plans = plan_adapters(model, config, adapter_name, records)
     hash_weights(plans, config)
     for plan in plans:  # the expensive part, still off the model
-        build_adapter(plan, config, fixed_rank=ranks is not None)
+        build_adapter(plan, config, fixed_rank=records is not None)
     return plans
 
 
@@ -263,8 +281,8 @@ def attach_planned(model: nn.Module, plans: List[PlannedAdapter], config: SVDAda
     except BaseException:
         discard_adapter(model, adapter_name)
         raise
-    if call_scale.is_diffusers_model(model):
-        call_scale.install_model_hooks(model)
+    for hook in ATTACH_HOOKS:
+        hook(model)
 
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> Dict[str, nn.Parameter]:
@@ -345,7 +363,8 @@ def discard_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> Non
     for n in (names if names is not None else list(configs)):
         configs.pop(n, None)
     if not configs:
-        call_scale.remove_model_hooks(model)
+        for hook in REMOVE_HOOKS:
+            hook(model)
 
 
 def set_adapter_scale(model: nn.Module, adapter_name: str, scale: float) -> None:

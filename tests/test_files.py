@@ -182,7 +182,6 @@ def test_failure_while_attaching_rolls_back(saved, monkeypatch):
 def test_a_crash_while_saving_keeps_the_previous_file(saved, monkeypatch):
     _, model, path = saved
     before = path.read_bytes()
-    import svdiff_tools.io as io_mod
 
     def crash(tensors, filename, metadata=None):
         with open(filename, "wb") as f:

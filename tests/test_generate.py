@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import svdiff_tools as st
-from svdiff_tools.tiny import tiny_pipeline_path
+from svdiff_tools.training.tiny import tiny_pipeline_path
 
 from reference import randomize_adapter
 

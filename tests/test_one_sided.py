@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import svdiff_tools as st
-from svdiff_tools.call_scale import set_call_scale
+from svdiff_tools.diffusers.call_scale import set_call_scale
 from svdiff_tools.basis import SVDBasis
 
 from reference import delta64, rel_err, set_weight_matrix, randomize_adapter, reference_model

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from svdiff_tools.tiny import tiny_pipeline
+from svdiff_tools.training.tiny import tiny_pipeline
 
 from test_pipelines import adapt, run
 

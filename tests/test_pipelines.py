@@ -9,8 +9,8 @@ import torch
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import svdiff_tools as st
-from svdiff_tools.loaders import pipeline_components
-from svdiff_tools.tiny import tiny_pipeline
+from svdiff_tools.diffusers.components import pipeline_components
+from svdiff_tools.training.tiny import tiny_pipeline
 
 from reference import randomize_adapter
 

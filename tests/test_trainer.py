@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import svdiff_tools  # noqa: F401
-from svdiff_tools.tiny import tiny_pipeline_path
+from svdiff_tools.training.tiny import tiny_pipeline_path
 from svdiff_tools.training.args import EXAMPLE_DATA
 from svdiff_tools.training.data import open_rgb
 
@@ -306,7 +306,7 @@ def test_pissa_export_is_the_trained_model_on_the_original_weights(tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from svdiff_tools.tiny import tiny_pipeline
+    from svdiff_tools.training.tiny import tiny_pipeline
 
     pipe = tiny_pipeline("sd15")
     unet = copy.deepcopy(pipe.unet)
@@ -320,8 +320,11 @@ def test_pissa_export_is_the_trained_model_on_the_original_weights(tmp_path):
     x, t, e = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([10]), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
         trained, base = unet(x, t, e).sample, pipe.unet(x, t, e).sample
-    train_dreambooth.save_final_adapter(argparse.Namespace(method="pissa", train_text_encoder=False), "base", unet,
-                                        {}, tmp_path, "StableDiffusionPipeline", init)
+    from svdiff_tools.training.backends import PeftLoraBackend
+
+    backend = PeftLoraBackend(argparse.Namespace(method="pissa", train_text_encoder=False))
+    backend.pissa_init = init
+    backend.save_final(tmp_path, "base", "StableDiffusionPipeline", unet, {}, None)
     pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
     with torch.no_grad():
         exported = pipe.unet(x, t, e).sample

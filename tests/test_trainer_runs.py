@@ -1,11 +1,9 @@
 """Issue 11, trainer items: a run owns its checkpoints; resumes and new runs never take another run's state."""
 
 import json
-import os
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

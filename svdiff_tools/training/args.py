@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
     o.add_argument("--validation_prompt", default=None, help="default: the instance prompt")
     o.add_argument("--num_validation_images", type=int, default=2)
+    o.add_argument("--num_inference_steps", type=int, default=None,
+                   help="denoising steps for validation and class images (default: 25, or 4 for the embedded model)")
     o.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (default: only at the end)")
     o.add_argument("--report_to", default="none", help="tensorboard, wandb, all or none")
     o.add_argument("--logging_dir", default="logs")
@@ -160,6 +162,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.learning_rate = PEFT_LR if args.method in PEFT_METHODS else _spectral_lr(args)
     if args.validation_prompt is None:
         args.validation_prompt = args.instance_prompt
+    if args.num_inference_steps is None:
+        args.num_inference_steps = 4 if embedded else 25
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -196,7 +200,7 @@ def validate(args: argparse.Namespace) -> None:
                      "writable folder.")
             break
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
-                 "sample_batch_size", "num_validation_images", "avf_interval"):
+                 "sample_batch_size", "num_validation_images", "avf_interval", "num_inference_steps"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1.")
     if args.max_train_steps is not None and args.max_train_steps < 1:

@@ -13,10 +13,11 @@ import inspect
 
 from torch import nn
 
-from .config import check_scale
-from .layer import AdapterLayerMixin
+from .. import model as core_model
+from ..config import check_scale
+from ..layer import AdapterLayerMixin
+from .components import DENOISERS, TEXT_ENCODERS
 
-DENOISERS = ("unet", "transformer")
 SCALE_KWARGS = ("cross_attention_kwargs", "joint_attention_kwargs", "attention_kwargs")
 
 
@@ -45,6 +46,18 @@ def _post_hook(module, args, kwargs, output):
 
 def is_diffusers_model(module: nn.Module) -> bool:
     return any(c.__module__.startswith("diffusers.") for c in type(module).__mro__)
+
+
+def _attach_hook(module: nn.Module) -> None:
+    if is_diffusers_model(module):
+        install_model_hooks(module)
+
+
+def register() -> None:
+    """Adapters attached to any diffusers model (by `inject_adapter` too) follow the per-call scale."""
+    if _attach_hook not in core_model.ATTACH_HOOKS:
+        core_model.ATTACH_HOOKS.append(_attach_hook)
+        core_model.REMOVE_HOOKS.append(remove_model_hooks)
 
 
 def install_model_hooks(module: nn.Module) -> None:
@@ -81,8 +94,7 @@ def install(pipe) -> None:
             scale = None
         if scale is None or check_scale(scale, "lora_scale") == 1.0:
             return encode(*args, **kwargs)
-        encoders = [getattr(pipe, c) for c in ("text_encoder", "text_encoder_2", "text_encoder_3")
-                    if isinstance(getattr(pipe, c, None), nn.Module)]
+        encoders = [getattr(pipe, c) for c in TEXT_ENCODERS if isinstance(getattr(pipe, c, None), nn.Module)]
         for m in encoders:
             set_call_scale(m, float(scale))
         try:

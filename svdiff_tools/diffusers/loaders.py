@@ -23,22 +23,16 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Union
 
-from torch import nn
 
-from .config import check_scale
-from .errors import SVDAdapterError, SVDAdapterFileError
-from .io import (DEFAULT_WEIGHT_NAME, component_state, parse_components, prepare_load, read_adapter_file,
+from ..config import check_scale
+from ..errors import SVDAdapterError, SVDAdapterFileError
+from ..io import (DEFAULT_WEIGHT_NAME, component_state, parse_components, prepare_load, read_adapter_file,
                  resolve_path, write_adapter_file)
 from . import call_scale
-from .model import (adapter_configs, adapter_layers, check_merge, disable_adapters, enable_adapters,
+from .components import pipeline_components
+from ..model import (adapter_configs, adapter_layers, check_merge, disable_adapters, enable_adapters,
                     merge_adapter, remove_adapter, set_active_adapters, unmerge_adapter)
 
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-
-
-def pipeline_components(pipe) -> Dict[str, nn.Module]:
-    """The adaptable components a pipeline has (denoiser and text encoders)."""
-    return {c: getattr(pipe, c) for c in COMPONENTS if isinstance(getattr(pipe, c, None), nn.Module)}
 
 
 def resolve_adapter_source(source: Union[str, os.PathLike], weight_name: Optional[str] = None,
@@ -203,17 +197,3 @@ MIXIN_METHODS = {f.__name__: f for f in (
     load_svd_adapter, save_svd_adapter, get_list_svd_adapters, get_active_svd_adapters, set_svd_adapters,
     enable_svd_adapters, disable_svd_adapters, delete_svd_adapters, fuse_svd_adapter, unfuse_svd_adapter,
     unload_svd_adapter)}
-
-
-def install() -> bool:
-    """Add the methods to `diffusers.DiffusionPipeline` (idempotent). False if diffusers is missing."""
-    try:
-        from diffusers import DiffusionPipeline
-    except Exception:  # pragma: no cover - diffusers is a dependency
-        return False
-    for name, fn in MIXIN_METHODS.items():
-        setattr(DiffusionPipeline, name, fn)
-    from . import fused_projections
-
-    fused_projections.install()
-    return True
