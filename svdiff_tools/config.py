@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .errors import SVDConfigError
+from .methods import method_class
 
 SVFT_PATTERNS = ("plain", "banded", "random", "top_k")
 AVF_METRICS = ("mean_abs", "rms", "max_abs")
@@ -92,8 +93,6 @@ class SVDAdapterConfig:
             if value not in allowed:
                 raise SVDConfigError(f"{name}={value!r} is not supported; choose one of {', '.join(allowed)}.")
 
-        from .methods import method_class  # the registry (methods import this module)
-
         self.scale = check_scale(self.scale, "scale")
         method = method_class(self.method) if isinstance(self.method, str) else method_class(repr(self.method))
         choice("svft_pattern", self.svft_pattern, SVFT_PATTERNS)
@@ -123,8 +122,6 @@ class SVDAdapterConfig:
     # ------------------------------------------------------------------ derived
     @property
     def method_class(self) -> type:
-        from .methods import method_class
-
         return method_class(self.method)
 
     @property

@@ -8,13 +8,14 @@ toward the base model, never toward zero singular values.
 
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
-from ..config import SVDAdapterConfig
 from ..errors import SVDConfigError
+
+SVDAdapterConfig = Any  # an svdiff_tools.config.SVDAdapterConfig, passed in (methods sit below config)
 
 REGISTRY: Dict[str, type] = {}
 
