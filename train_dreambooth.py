@@ -98,7 +98,8 @@ def make_accelerator(args):
 
 
 def make_data(args, run: Run, accelerator, class_images):
-    """(dataset, sampler, loader, optimizer updates per epoch, max steps, epochs)."""
+    """(dataset, sampler, loader, max optimizer steps). An accumulation window may span two epochs (Accelerate
+    counts micro-batches across them), so positions are counted in micro-batches (see `batches`)."""
     from svdiff_tools.training.data import DreamBoothDataset, EpochSampler, collate
 
     dataset = DreamBoothDataset(run.instance_images, args.resolution, args.center_crop, args.random_flip, run.seed,
@@ -108,7 +109,7 @@ def make_data(args, run: Run, accelerator, class_images):
                                          collate_fn=collate, num_workers=args.dataloader_num_workers)
     updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    return dataset, sampler, loader, updates_per_epoch, max_steps, math.ceil(max_steps / updates_per_epoch)
+    return dataset, sampler, loader, max_steps
 
 
 def cached_latents(args, dataset, vae, device, dtype):
@@ -135,11 +136,14 @@ def maybe_die(step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def batches(loader, sampler, first_epoch: int, num_epochs: int, skip: int):
-    """(epoch, batch) in order from ``first_epoch``, the first ``skip`` batches of it left out (a resume)."""
-    for epoch in range(first_epoch, num_epochs):
+def batches(loader, sampler, consumed: int):
+    """(epoch, batch) forever, starting after the first ``consumed`` micro-batches (a resume: optimizer steps
+    times accumulation steps), epoch by epoch as an uninterrupted run would see them."""
+    epoch, skip = divmod(consumed, len(loader))
+    for epoch in itertools.count(epoch):
         sampler.set_epoch(epoch)
-        yield from ((epoch, b) for b in itertools.islice(loader, skip if epoch == first_epoch else 0, None))
+        yield from ((epoch, b) for b in itertools.islice(loader, skip, None))
+        skip = 0
 
 
 # ----------------------------------------------------------------------------------- training
@@ -179,9 +183,7 @@ class Session:
     lr_scheduler: object
     loader: object
     sampler: object
-    per_epoch: int
     max_steps: int
-    num_epochs: int
     loss_fn: object
     trainable: int
     start_step: int
@@ -221,7 +223,7 @@ def build_session(run: Run, accelerator) -> Session:
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(args, backend.parameter_groups(unet, encoders))
-    dataset, sampler, loader, per_epoch, max_steps, num_epochs = make_data(args, run, accelerator, class_images)
+    dataset, sampler, loader, max_steps = make_data(args, run, accelerator, class_images)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes,
@@ -244,7 +246,7 @@ def build_session(run: Run, accelerator) -> Session:
         accelerator.init_trackers("dreambooth-svd", config={k: v for k, v in vars(args).items()
                                                             if isinstance(v, (int, float, str, bool))})
     return Session(run, accelerator, base, unet, encoders, raw_unet, raw_encoders, trained, optimizer, lr_scheduler,
-                   loader, sampler, per_epoch, max_steps, num_epochs, loss_fn, trainable, start)
+                   loader, sampler, max_steps, loss_fn, trainable, start)
 
 
 def training_loop(s: Session) -> int:
@@ -255,12 +257,13 @@ def training_loop(s: Session) -> int:
 
     args, accelerator, backend = s.run.args, s.accelerator, s.run.backend
     step, accum_index, last_good = s.start_step, 0, s.run.plan.resume_path
+    if step >= s.max_steps:  # resumed at (or past) a shorter --max_train_steps
+        return step
     with tqdm(total=s.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process) as bar:
         s.unet.train()
         for name in s.trained:
             s.encoders[name].train()
-        skip = (step % s.per_epoch) * args.gradient_accumulation_steps
-        for _, batch in batches(s.loader, s.sampler, step // s.per_epoch, s.num_epochs, skip):
+        for _, batch in batches(s.loader, s.sampler, step * args.gradient_accumulation_steps):
             with accelerator.accumulate(s.unet):
                 # noise depends only on (seed, step, micro-batch within the step, process): resumable
                 gen = torch.Generator().manual_seed(s.run.seed * 1_000_003 + step * 997 + accum_index

@@ -25,6 +25,7 @@ import train_dreambooth  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def _tiny_model_dir(tmp_path_factory):
     os.environ["SVDIFF_TOOLS_TINY_DIR"] = str(tmp_path_factory.mktemp("tiny_models"))
+    os.environ["SVDIFF_TOOLS_EMBEDDED"] = "tiny"  # in-process runs too
     tiny_pipeline_path("sd15")  # built once per worker, then loaded with from_pretrained like a hub model
 
 
@@ -41,8 +42,8 @@ def launch(args, cwd, accelerate=True, env=None, processes=1):
     else:
         launcher += ["--num_processes", "1"]
     cmd = (launcher if accelerate else [sys.executable]) + [SCRIPT] + args
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, **(env or {})))
+    env = {"SVDIFF_TOOLS_EMBEDDED": "tiny", **(env or {})}  # the fast tiny model unless a test asks otherwise
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=900, env=dict(os.environ, **env))
 
 
 def render(pipe):

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--class_prompt", default=None)
     d.add_argument("--with_prior_preservation", action="store_true")
     d.add_argument("--prior_loss_weight", type=float, default=1.0)
-    d.add_argument("--num_class_images", type=int, default=100)
+    d.add_argument("--num_class_images", type=int, default=None, help="default: 100 (32 for the embedded model)")
     d.add_argument("--sample_batch_size", type=int, default=4)
     d.add_argument("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None)
     d.add_argument("--resolution", type=int, default=None, help="default: 512, or 32 for the embedded model")
@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoints_total_limit", type=int, default=None)
     o.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
     o.add_argument("--validation_prompt", default=None, help="default: the instance prompt")
-    o.add_argument("--num_validation_images", type=int, default=2)
+    o.add_argument("--num_validation_images", type=int, default=None,
+                   help="per validation prompt; default: 2 (8 for the embedded model)")
     o.add_argument("--num_inference_steps", type=int, default=None,
                    help="denoising steps for validation and class images (default: 25, or 4 for the embedded model)")
     o.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (default: only at the end)")
@@ -143,13 +144,21 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def fill_defaults(args: argparse.Namespace) -> None:
     embedded = args.pretrained_model_name_or_path is None
     args.embedded_model = embedded
+    args.embedded_kind = _embedded_kind() if embedded else None
+    args.validation_prompts = None
+    if embedded and args.embedded_kind == "toyworld" and args.instance_data_dir is None:
+        _toyworld_preset(args)
     if args.instance_data_dir is None:
         args.instance_data_dir = str(EXAMPLE_DATA)
         args.instance_prompt = args.instance_prompt or "a photo of sks toy"
     if args.resolution is None:
-        args.resolution = 32 if embedded else 512
-    if args.max_train_steps is None and embedded:
+        args.resolution = 32 if args.embedded_kind == "tiny" else 64 if embedded else 512
+    if args.max_train_steps is None and args.embedded_kind == "tiny":
         args.max_train_steps = 12
+    if args.num_class_images is None:
+        args.num_class_images = 100
+    if args.num_validation_images is None:
+        args.num_validation_images = 2
     if args.target_modules is None:
         args.target_modules = "unet-attention" if args.method in PEFT_METHODS else "unet"
     elif "," in args.target_modules:
@@ -162,8 +171,42 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.learning_rate = PEFT_LR if args.method in PEFT_METHODS else _spectral_lr(args)
     if args.validation_prompt is None:
         args.validation_prompt = args.instance_prompt
+    if args.validation_prompts is None:
+        args.validation_prompts = [args.validation_prompt]
     if args.num_inference_steps is None:
-        args.num_inference_steps = 4 if embedded else 25
+        args.num_inference_steps = 4 if args.embedded_kind == "tiny" else 25
+
+
+def _embedded_kind() -> str:
+    """"toyworld" where the pretrained toy-world pipeline is shipped, else "tiny" (random weights);
+    ``SVDIFF_TOOLS_EMBEDDED=tiny`` picks the tiny one (the test suite's fast runs)."""
+    import os
+
+    from ..toyworld import dreambooth
+
+    if os.environ.get("SVDIFF_TOOLS_EMBEDDED") == "tiny" or not dreambooth.available():
+        return "tiny"
+    return "toyworld"
+
+
+def _toyworld_preset(args: argparse.Namespace) -> None:
+    """The main job's defaults on the toy world (flags the user gave win): the shipped subject, prior
+    preservation with cached class images, per-method learning rate and steps, two validation prompts."""
+    from ..toyworld import dreambooth as toy
+
+    args.instance_data_dir = str(EXAMPLE_DATA)
+    args.instance_prompt = args.instance_prompt or toy.SUBJECT.instance_prompt
+    args.with_prior_preservation = True
+    args.class_prompt = args.class_prompt or toy.SUBJECT.class_prompt
+    args.class_data_dir = args.class_data_dir or str(toy.class_data_dir())
+    args.num_class_images = args.num_class_images or toy.NUM_CLASS_IMAGES
+    args.num_validation_images = args.num_validation_images or toy.NUM_VALIDATION_IMAGES
+    lr, steps, _ = toy.METHOD_DEFAULTS[args.method]
+    args.learning_rate = args.learning_rate or lr
+    args.max_train_steps = args.max_train_steps or steps
+    if args.validation_prompt is None:
+        args.validation_prompts = toy.validation_prompts()
+        args.validation_prompt = args.validation_prompts[0]
 
 
 def validate(args: argparse.Namespace) -> None:

@@ -11,7 +11,11 @@ from .args import TrainingInputError
 
 
 def resolve_base(args) -> str:
-    if args.embedded_model:
+    if args.embedded_kind == "toyworld":
+        from ..toyworld import dreambooth
+
+        return str(dreambooth.pipeline_folder())
+    if args.embedded_kind == "tiny":
         from .tiny import tiny_pipeline_path
 
         return str(tiny_pipeline_path("sd15"))

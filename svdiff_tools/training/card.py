@@ -5,21 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+EMBEDDED_NAMES = {"toyworld": "the embedded toy-world Stable Diffusion", "tiny": "the embedded tiny Stable Diffusion"}
+EMBEDDED_LOAD = {
+    "toyworld": ["from svdiff_tools.toyworld.assets import pipeline_path",
+                 "pipe = DiffusionPipeline.from_pretrained(pipeline_path())"],
+    "tiny": ["from svdiff_tools.training.tiny import tiny_pipeline_path",
+             'pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path("sd15"))'],
+}
+
 
 def write_model_card(output_dir: Path, *, base_model: str, method: str, trainable: int, adapter_file: Path,
                      instance_prompt: str, validation_prompt: str, steps: int, grid: Optional[Path],
-                     extra_files: List[Path], command: str) -> Path:
+                     extra_files: List[Path], command: str, embedded: Optional[str] = None,
+                     report: Optional[dict] = None) -> Path:
+    """``embedded``: "toyworld" / "tiny" when the trainer used an embedded base (its load lines are runnable
+    as written); ``report``: the toy world's subject measurements (`toyworld.evaluate.dreambooth_report`)."""
     size_kib = adapter_file.stat().st_size / 1024
+    shown = EMBEDDED_NAMES.get(embedded, base_model)
     lines = [
         "---",
-        f"base_model: {base_model}",
+        f"base_model: {base_model if embedded is None else 'svdiff-tools/' + embedded}",
         "library_name: svdiff-tools",
         "tags: [text-to-image, dreambooth, svd-adapter, " + method + "]",
         "---",
         "",
         f"# DreamBooth {method} adapter",
         "",
-        f"- base model: `{base_model}`",
+        f"- base model: {shown} (`{base_model}`)",
         f"- method: `{method}`",
         f"- trainable parameters: {trainable:,}",
         f"- adapter file: `{adapter_file.name}` ({size_kib:.1f} KiB)",
@@ -30,9 +42,17 @@ def write_model_card(output_dir: Path, *, base_model: str, method: str, trainabl
     lines += [f"- also: `{p.name}`" for p in extra_files]
     if grid is not None:
         lines += ["", f"![validation images]({grid.name})"]
+    if report is not None:
+        from ..toyworld.evaluate import report_lines
+
+        lines += ["", "## Subject measured on the toy world", "",
+                  "Same prompts and seeds for the adapted and the base pipeline; identification by the toy world's "
+                  "metric network (nearest neighbour among renders of the subject and of other toys).", ""]
+        lines += report_lines(report)
+    load = EMBEDDED_LOAD.get(embedded, [f'pipe = DiffusionPipeline.from_pretrained("{base_model}")'])
     lines += ["", "## Use", "", "```python", "import svdiff_tools  # adds load_svd_adapter to diffusers pipelines",
-              "from diffusers import DiffusionPipeline", f'pipe = DiffusionPipeline.from_pretrained("{base_model}")',
-              f'pipe.load_svd_adapter("{adapter_file.name}")', f'image = pipe("{validation_prompt}").images[0]', "```",
+              "from diffusers import DiffusionPipeline", *load,
+              f'pipe.load_svd_adapter("{adapter_file}")', f'image = pipe("{validation_prompt}").images[0]', "```",
               "", "## Training command", "", "```bash", command, "```", ""]
     path = output_dir / "README.md"
     path.write_text("\n".join(lines))

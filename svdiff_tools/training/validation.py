@@ -40,30 +40,38 @@ def generate_class_images(args, load_pipeline, accelerator, weight_dtype) -> Non
     del pipe
 
 
-def render_validation(args, pipe, step: int, folder: Path, accelerator=None):
-    """Generate --num_validation_images with fixed seeds; save them and return the PIL images."""
+def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> list:
+    """--num_validation_images per validation prompt with fixed seeds (the same seeds for every prompt); saved as
+    ``step{N}_{i}.png`` (first prompt) and ``step{N}_p{k}_{i}.png``. Returns one list of PIL images per prompt."""
     folder.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    images = []
-    for i in range(args.num_validation_images):
-        gen = torch.Generator().manual_seed((args.seed or 0) + i)
-        img = pipe(args.validation_prompt, num_inference_steps=args.num_inference_steps, height=args.resolution,
-                   width=args.resolution, generator=gen).images[0]
-        img.save(folder / f"step{step:06d}_{i}.png")
-        images.append(img)
+    rows = []
+    for k, prompt in enumerate(args.validation_prompts):
+        images = []
+        for i in range(args.num_validation_images):
+            gen = torch.Generator().manual_seed((args.seed or 0) + i)
+            img = pipe(prompt, num_inference_steps=args.num_inference_steps, height=args.resolution,
+                       width=args.resolution, generator=gen).images[0]
+            img.save(folder / (f"step{step:06d}_{i}.png" if k == 0 else f"step{step:06d}_p{k}_{i}.png"))
+            images.append(img)
+        rows.append(images)
     if accelerator is not None:
         import numpy as np
 
         for tracker in accelerator.trackers:
             if tracker.name == "tensorboard":
-                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in images]), step,
+                tracker.writer.add_images("validation", np.stack([np.asarray(im) for im in rows[0]]), step,
                                           dataformats="NHWC")
-    return images
+    return rows
 
 
 def final_check_and_card(args, base: str, backend, files: list, output_dir: Path, trainable: int, steps: int,
                          load_pipeline) -> Path:
-    """Reload the saved adapter into a fresh base pipeline, render the final images, write the model card."""
+    """Reload the saved adapter into a fresh base pipeline, render the final images, measure the subject on the
+    toy world (embedded default), write the model card."""
+    import json
+    import logging
+
     import svdiff_tools  # noqa: F401  (the loader methods)
 
     from .card import write_model_card
@@ -71,12 +79,22 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
 
     pipe = load_pipeline()
     backend.load_into(pipe, files)
-    images = render_validation(args, pipe, steps, output_dir / "validation", None)
+    rows = render_validation(args, pipe, steps, output_dir / "validation", None)
     grid = output_dir / "grid.png"
-    labelled_grid([images], [f"{args.method}, step {steps}"], caption=args.validation_prompt).save(grid)
+    labelled_grid(rows, [f"{args.method}, step {steps}: {p}" for p in args.validation_prompts]).save(grid)
+    report = None
+    if args.embedded_kind == "toyworld":
+        from ..toyworld import dreambooth, evaluate
+
+        report = evaluate.dreambooth_report(pipe, load_pipeline(), dreambooth.SUBJECT,
+                                            seeds=range((args.seed or 0), (args.seed or 0) + args.num_validation_images),
+                                            steps=args.num_inference_steps, guidance=dreambooth.GUIDANCE)
+        (output_dir / "toyworld_report.json").write_text(json.dumps(report, indent=2))
+        for line in evaluate.report_lines(report):
+            logging.getLogger("train_dreambooth").info("%s", line)
     command = "accelerate launch train_dreambooth.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_model_card(output_dir, base_model=base if not args.embedded_model else "embedded tiny Stable Diffusion",
-                     method=args.method, trainable=trainable, adapter_file=files[0],
-                     instance_prompt=args.instance_prompt, validation_prompt=args.validation_prompt, steps=steps,
-                     grid=grid, extra_files=files[1:], command=command)
+    write_model_card(output_dir, base_model=base, embedded=args.embedded_kind, method=args.method,
+                     trainable=trainable, adapter_file=files[0], instance_prompt=args.instance_prompt,
+                     validation_prompt=args.validation_prompts[0], steps=steps, grid=grid, extra_files=files[1:],
+                     command=command, report=report)
     return grid
