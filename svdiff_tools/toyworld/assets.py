@@ -1,0 +1,50 @@
+"""Where the toy world's shipped files live, and small helpers that turn its tensors into pictures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from PIL import Image
+
+DATA = Path(__file__).resolve().parent.parent / "data" / "toyworld"
+
+
+def pipeline_path() -> Path:
+    """The shipped pretrained pipeline folder (a diffusers `StableDiffusionPipeline`)."""
+    path = DATA / "pipeline"
+    if not (path / "model_index.json").is_file():
+        raise FileNotFoundError(f"the toy-world pipeline is not at {path}; pretrain it with "
+                                "`python -m svdiff_tools.toyworld.pretrain` (see docs/toyworld.md)")
+    return path
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """(n, 3, h, w) in [-1, 1] -> PIL images."""
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arr]
+
+
+def prompt_grid(images: torch.Tensor, prompts: Sequence[str], per_prompt: int, rows: int = 12,
+                scale: int = 2) -> Image.Image:
+    """One row per prompt (its text above, its `per_prompt` images below), the first `rows` prompts."""
+    from ..training.images import labelled_grid
+
+    pil = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(images)]
+    grid_rows = [pil[i * per_prompt:(i + 1) * per_prompt] for i in range(min(rows, len(prompts)))]
+    return labelled_grid(grid_rows, row_labels=list(prompts[:rows]))
+
+
+def write_subject_images(subject, folder: Path, n: int = 5, seed: int = 0) -> list:
+    """The subject's ``n`` training views (`Subject.views`) as PNG files in ``folder``."""
+    from .render import render
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, scene in enumerate(subject.views(n, seed)):
+        path = folder / f"{subject.name}_{i}.png"
+        render(scene).save(path)
+        paths.append(path)
+    return paths

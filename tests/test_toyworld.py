@@ -1,0 +1,89 @@
+"""The toy world: deterministic scenes and captions, a real CLIPTokenizer with whole-word tokens, held-out
+combinations kept out of pretraining, and the metric network's heads and identification."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from svdiff_tools.toyworld import metric, render, world
+from svdiff_tools.toyworld.tokenizer import load_tokenizer, write_tokenizer_files
+
+
+def test_scenes_and_captions_are_deterministic():
+    for seed in (0, 1, 12345):
+        a, b = world.sample_scene(seed), world.sample_scene(seed)
+        assert a == b
+        assert np.array_equal(np.asarray(render.render(a)), np.asarray(render.render(b)))
+        assert world.caption(a, random.Random(seed)) == world.caption(b, random.Random(seed))
+    assert world.sample_scene(0) != world.sample_scene(1)
+
+
+def test_the_world_has_the_promised_variety():
+    assert len(world.SHAPES) >= 8 and len(world.COLOURS) >= 8 and len(world.PATTERNS) >= 3
+    assert len(world.SIZES) >= 2 and len(world.POSITIONS) >= 5 and len(world.BACKGROUNDS) >= 6
+    scenes = [world.sample_scene(i, two_object_rate=0.0) for i in range(3000)]
+    objs = [s.objects[0] for s in scenes]
+    for attr, values in (("shape", world.SHAPES), ("colour", world.COLOURS), ("pattern", world.PATTERNS),
+                         ("cls", world.CLASSES), ("position", world.POSITIONS)):
+        assert {getattr(o, attr) for o in objs} == set(values), attr
+    assert {s.background for s in scenes} == set(world.BACKGROUNDS)
+    assert len({o.identity for o in objs if o.cls == "toy"}) > 500  # instances vary beyond what captions say
+
+
+def test_held_out_combinations_never_occur_in_pretraining():
+    held = set(world.HELD_OUT)
+    for i in range(5000):
+        for o in world.sample_scene(i, two_object_rate=0.3).objects:
+            assert (o.cls, o.shape, o.colour) not in held
+    for subject in world.SUBJECTS.values():
+        o = subject.obj
+        assert (o.cls, o.shape, o.colour) in held
+
+
+def test_captions_name_what_the_scene_shows():
+    for i in range(200):
+        scene = world.sample_scene(i, two_object_rate=0.0)
+        text, named = world.describe(scene, random.Random(i))
+        (obj,) = scene.objects
+        assert named["class"] == obj.cls and obj.cls in text.split()
+        for attr, value in named.items():
+            truth = scene.background if attr == "background" else getattr(obj, "cls" if attr == "class" else attr)
+            assert value == truth
+
+
+def test_every_word_is_one_token_of_a_real_clip_tokenizer(tmp_path):
+    tok = load_tokenizer(write_tokenizer_files(tmp_path))
+    assert type(tok).__name__ == "CLIPTokenizer"
+    for word in world.vocabulary():
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tok("a photo of sks toy").input_ids
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and len(ids) == 7
+    assert len(tok("an unknown zebra!", add_special_tokens=False).input_ids) > 3  # other text still tokenizes
+
+
+def test_generator_speed_is_enough_to_stream():
+    import time
+
+    start = time.perf_counter()
+    for i in range(300):
+        render.render(world.sample_scene(i))
+    assert 300 / (time.perf_counter() - start) > 300  # >= 2,000/s on a quiet core; a loose bound for busy CI
+
+
+def test_subject_views_vary_placement_not_identity():
+    subject = world.SUBJECTS["example_toy"]
+    views = subject.views(6)
+    assert len({v.background for v in views}) >= 3
+    assert len({v.objects[0].identity for v in views}) == 1
+
+
+def test_metric_labels_and_supcon():
+    scene = world.sample_scene(3, two_object_rate=0.0)
+    labels = metric.labels(scene)
+    assert labels["class"] == world.CLASSES.index(scene.objects[0].cls)
+    e = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+    ids = torch.tensor([0, 0, 1, 1, 2, 2])
+    aligned = torch.nn.functional.normalize(torch.eye(8)[[0, 0, 1, 1, 2, 2]], dim=-1)
+    assert metric.supcon(aligned, ids) < metric.supcon(e, ids)
