@@ -14,7 +14,7 @@ from .io import DEFAULT_WEIGHT_NAME, load_adapter, save_adapter
 from .layer import NormDeltaLayer, SVDLayer
 from .methods import METHODS
 from .model import (adapters_disabled, count_parameters, disable_adapters, enable_adapters, get_adapter_names,
-                    get_parameter_groups, inject_adapter, merge_adapter, print_trainable_parameters,
+                    get_parameter_groups, inject_adapter, merge_adapter, merge_and_unload, print_trainable_parameters,
                     remove_adapter, set_active_adapters, set_adapter_scale, unmerge_adapter)
 from .targets import PRESETS
 
@@ -22,7 +22,7 @@ __all__ = [
     "AdaptiveVectorFreezing", "DEFAULT_WEIGHT_NAME", "LoRAExportReport", "METHODS", "NormDeltaLayer", "PRESETS",
     "SVDAdapterConfig", "SVDAdapterError", "SVDAdapterFileError", "SVDConfigError", "SVDLayer", "SVDTargetError",
     "adapters_disabled", "count_parameters", "disable_adapters", "enable_adapters", "export_lora",
-    "get_adapter_names", "get_parameter_groups", "inject_adapter", "load_adapter", "merge_adapter",
+    "get_adapter_names", "get_parameter_groups", "inject_adapter", "load_adapter", "merge_adapter", "merge_and_unload",
     "print_trainable_parameters", "remove_adapter", "save_adapter", "set_active_adapters", "set_adapter_scale",
     "unmerge_adapter",
 ]

@@ -13,6 +13,7 @@ optimal rank-R approximation with relative Frobenius error ``sqrt(sum_{i>R} lam_
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -28,30 +29,59 @@ from .io import load_adapter
 from .layer import NormDeltaLayer, SVDLayer
 from .model import adapter_configs, adapter_layers, remove_adapter
 
+logger = logging.getLogger(__name__)
 KEY_FORMATS = ("diffusers", "peft", "kohya")
+# Every kohya pair gets this alpha, with rank / alpha folded into its weights. Per-layer alphas would be enough for
+# A1111 and ComfyUI, but diffusers' kohya conversion names the alphas of attention-processor layers (to_q/k/v/out
+# of attn1/attn2) so that they match no module, and PEFT then gives those layers the file's most common alpha:
+# with per-layer ranks, SD-1.5's attn2.to_k/to_v (rank min(out, 768)) got alpha/rank != 1. With one alpha for all,
+# the fallback alpha is that alpha, and every consumer computes the same scale.
+KOHYA_ALPHA = 1.0
 
 
 @dataclass
 class LoRAExportReport:
-    """What `export_lora` wrote: per-layer rank and relative Frobenius error, overall error, drops."""
+    """What `export_lora` wrote: per-layer rank and relative Frobenius error, overall error, drops, the file's
+    bytes and the bytes of the weights it modifies (at the export dtype)."""
 
     path: Optional[Path]
     ranks: Dict[str, int] = field(default_factory=dict)
     errors: Dict[str, float] = field(default_factory=dict)
     overall_error: float = 0.0
     dropped: List[str] = field(default_factory=list)
+    file_bytes: int = 0
+    weight_bytes: int = 0
+
+    @property
+    def summary(self) -> str:
+        ranks = list(self.ranks.values()) or [0]
+        return (f"{len(self.ranks)} layers, ranks {min(ranks)}-{max(ranks)}, overall relative error "
+                f"{self.overall_error:.2e}, {self.file_bytes / 2**20:.1f} MiB "
+                f"({self.file_bytes / max(self.weight_bytes, 1):.2f}x the {self.weight_bytes / 2**20:.1f} MiB of "
+                "weights it modifies)")
 
     def __str__(self) -> str:
         lines = [f"{'layer':<60} {'rank':>5} {'rel. error':>11}"]
         lines += [f"{n:<60} {self.ranks[n]:>5} {self.errors[n]:>11.3e}" for n in self.ranks]
         lines.append(f"overall relative Frobenius error: {self.overall_error:.3e}")
         lines += [f"dropped: {d}" for d in self.dropped]
+        lines.append(self.summary)
         return "\n".join(lines)
 
 
-def lora_factors(layer: SVDLayer, adapter_name: str, rank: Optional[int] = None
+def energy_rank(lam: torch.Tensor, fraction: float, exact: int) -> int:
+    """The fewest leading components whose squared singular values hold ``fraction`` of the total."""
+    if exact == 0:
+        return 0
+    energy = torch.cumsum(lam[:exact].double().pow(2), 0)
+    wanted = fraction * float(energy[-1]) * (1 - 1e-12)
+    return min(exact, int(torch.searchsorted(energy, torch.tensor(wanted, dtype=energy.dtype)).item()) + 1)
+
+
+def lora_factors(layer: SVDLayer, adapter_name: str, rank: Optional[Union[int, float]] = None
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(B (out x R), A (R x in), lam (all singular values of D, descending), R) in float64."""
+    """(B (out x R), A (R x in), lam (all singular values of D, descending), R) in float64. ``rank``: None =
+    exact, an int = at most that rank, a float in (0, 1] = the energy fraction to keep (`energy_rank`)."""
     method = layer.svd_adapters[adapter_name]
     scale = layer.scales[adapter_name]
     U, V = (t.detach().double() for t in layer.factors(adapter_name))
@@ -65,7 +95,12 @@ def lora_factors(layer: SVDLayer, adapter_name: str, rank: Optional[int] = None
         left, right = U @ P, V @ Qh.mT
     tol = float(lam[0]) * max(U.shape[0], V.shape[0]) * torch.finfo(torch.float32).eps if lam.numel() else 0.0
     exact = int((lam > tol).sum()) if lam.numel() and float(lam[0]) > 0 else 0
-    R = exact if rank is None else min(int(rank), exact)
+    if rank is None:
+        R = exact
+    elif isinstance(rank, float):
+        R = energy_rank(lam, rank, exact)
+    else:
+        R = min(int(rank), exact)
     root = lam[:R].sqrt()
     return left[:, :R] * root, (right[:, :R] * root).mT, lam, R
 
@@ -107,10 +142,12 @@ def _layer_tensors(layer: SVDLayer, name: str, B: torch.Tensor, A: torch.Tensor,
             return {}, f"{name}: embedding layers have no kohya LoRA form"
         return {f"{prefix}{name}.lora_embedding_A": B.mT.contiguous().to(dtype),
                 f"{prefix}{name}.lora_embedding_B": A.mT.contiguous().to(dtype)}, None
-    if key_format == "kohya":
+    if key_format == "kohya":  # consumers apply (alpha / rank) * up @ down: fold rank / alpha into the pair
         stem = prefix + name.replace(".", "_")
-        return {f"{stem}.lora_down.weight": A.contiguous().to(dtype), f"{stem}.lora_up.weight": B.contiguous().to(dtype),
-                f"{stem}.alpha": torch.tensor(float(R), dtype=dtype)}, None
+        root = math.sqrt(R / KOHYA_ALPHA)
+        return {f"{stem}.lora_down.weight": (A * root).contiguous().to(dtype),
+                f"{stem}.lora_up.weight": (B * root).contiguous().to(dtype),
+                f"{stem}.alpha": torch.tensor(KOHYA_ALPHA, dtype=dtype)}, None
     return {f"{prefix}{name}.lora_A.weight": A.contiguous().to(dtype),
             f"{prefix}{name}.lora_B.weight": B.contiguous().to(dtype)}, None
 
@@ -135,6 +172,12 @@ class _Collected:
     has_embedding: bool = False
     total_sq: float = 0.0
     dropped_sq: float = 0.0
+    weight_bytes: int = 0
+    spectra: List[Tuple[torch.Tensor, int, int]] = field(default_factory=list)  # (lam, exact rank, bytes per rank)
+
+    def bytes_at(self, fraction: float) -> int:
+        """What the pairs would weigh at an energy-fraction rank."""
+        return sum(energy_rank(lam, fraction, exact) * per_rank for lam, exact, per_rank in self.spectra)
 
 
 def _collect(model: nn.Module, name: str, rank: Optional[int], key_format: str, prefix: str, dtype: torch.dtype,
@@ -159,6 +202,9 @@ def _collect(model: nn.Module, name: str, rank: Optional[int], key_format: str, 
         if R == 0:  # only a bias delta: a rank-1 pair of zeros carries it
             B = torch.zeros(B.shape[0], 1, dtype=B.dtype)
             A = torch.zeros(1, A.shape[1], dtype=A.dtype)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        out.weight_bytes += layer.base_module.weight.numel() * itemsize
+        out.spectra.append((lam, int((lam > 0).sum()), (A.shape[1] + B.shape[0]) * itemsize))
         layer_tensors, dropped = _layer_tensors(layer, lname, B, A, key_format, prefix, dtype)
         if dropped:
             report.dropped.append(label + dropped)
@@ -180,21 +226,6 @@ def _collect(model: nn.Module, name: str, rank: Optional[int], key_format: str, 
         out.peft_ranks[lname] = A.shape[0]
         out.has_hf_conv1d |= layer.kind.name == "hf_conv1d"
         out.has_embedding |= layer.kind.name == "embedding"
-
-
-def _pad_kohya_to_uniform_rank(tensors: Dict[str, torch.Tensor]) -> None:
-    """Zero-pad every pair to the largest rank R with alpha = R, so the LoRA scaling alpha/rank is 1 whatever
-    alpha a consumer falls back to (diffusers' kohya conversion drops some SD 1.5 attn2 alphas)."""
-    downs = [k for k in tensors if k.endswith(".lora_down.weight")]
-    R = max((tensors[k].shape[0] for k in downs), default=0)
-    for k in downs:
-        stem = k[: -len(".lora_down.weight")]
-        down, up = tensors[k], tensors[f"{stem}.lora_up.weight"]
-        pad = R - down.shape[0]
-        if pad:
-            tensors[k] = torch.cat([down, down.new_zeros((pad,) + tuple(down.shape[1:]))])
-            tensors[f"{stem}.lora_up.weight"] = torch.cat([up, up.new_zeros((up.shape[0], pad) + tuple(up.shape[2:]))], 1)
-        tensors[f"{stem}.alpha"] = torch.tensor(float(R), dtype=tensors[f"{stem}.alpha"].dtype)
 
 
 class AdapterHost:
@@ -248,8 +279,10 @@ def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, b
     """
     if key_format not in KEY_FORMATS:
         raise SVDAdapterError(f"key_format={key_format!r} is not supported; choose one of {', '.join(KEY_FORMATS)}.")
-    if rank is not None and (not isinstance(rank, int) or rank < 1):
-        raise SVDAdapterError(f"rank={rank!r} must be None (exact) or a positive int.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))
+                             or (isinstance(rank, int) and rank < 1)
+                             or (isinstance(rank, float) and not 0.0 < rank <= 1.0)):
+        raise SVDAdapterError(f"rank={rank!r} must be None (exact), a positive int, or an energy fraction in (0, 1].")
     host = as_host(source)
     if not isinstance(source, nn.Module) and host is None:
         if base is None:
@@ -295,8 +328,6 @@ def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, b
             module = key[len(prefix):-len(".lora_B.bias")]
             report.dropped.append(f"{module}: bias delta (PEFT cannot combine lora_bias with Embedding targets)")
         out.bias_keys = []
-    if key_format == "kohya":
-        _pad_kohya_to_uniform_rank(out.tensors)
     report.overall_error = math.sqrt(out.dropped_sq / out.total_sq) if out.total_sq > 0 else 0.0
     if out_path is not None:
         path = Path(out_path)
@@ -317,4 +348,12 @@ def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, b
             {"source_method": method, "rank": rank, "overall_relative_error": report.overall_error})}
         save_safetensors(out.tensors, path, metadata)
         report.path = path
+    report.weight_bytes = out.weight_bytes
+    report.file_bytes = report.path.stat().st_size if report.path is not None else sum(
+        t.numel() * t.element_size() for t in out.tensors.values())
+    if report.file_bytes > report.weight_bytes > 0:
+        logger.warning("the LoRA file (%.1f MiB) is larger than the weights it modifies (%.1f MiB): a full-spectrum "
+                       "delta is full rank. rank=0.99 (99%% of each layer's energy) would take %.1f MiB, rank=0.9 "
+                       "%.1f MiB.", report.file_bytes / 2**20, report.weight_bytes / 2**20, out.bytes_at(0.99) / 2**20,
+                       out.bytes_at(0.9) / 2**20)
     return report

@@ -343,6 +343,25 @@ def unmerge_adapter(model: nn.Module, adapter_names=None) -> None:
         layer.unmerge(names)
 
 
+def merge_and_unload(model: nn.Module, adapter_names=None, scale: float = 1.0) -> nn.Module:
+    """Merge the named (default: active) adapters into the weights for good and remove every adapter layer:
+    the model is a plain model again, with the adapted weights (PEFT's ``merge_and_unload``). Adapters not
+    merged are dropped. Returns ``model``."""
+    check_merge(model, adapter_names, scale)
+    merge_adapter(model, adapter_names, scale=scale)
+    created = [name for name, layer in adapter_layers(model) if getattr(layer, "_created_bias", False)]
+    if created:
+        logger.warning("merged bias deltas into %d layers that had no bias (e.g. %s): the model now carries those "
+                       "biases, but a saved copy loads them only where its architecture has a bias slot (diffusers "
+                       "attention projections have none, and drop them).", len(created), created[0])
+    for name, layer in list(adapter_layers(model)):
+        _replace(model, name, layer.base_module)  # merged weights (and a bias a merge created) stay
+    adapter_configs(model).clear()
+    for hook in REMOVE_HOOKS:
+        hook(model)
+    return model
+
+
 def remove_adapter(model: nn.Module, adapter_name: Optional[str] = None) -> None:
     """Remove one adapter (default: all). Layers left without adapters become the original modules again."""
     if adapter_name is not None:

@@ -42,14 +42,15 @@ def test_kohya_keys_alpha_and_conv_shapes(tmp_path):
     stem = "lora_unet_down_blocks_0_resnets_0_conv1"
     assert sd[f"{stem}.lora_down.weight"].shape == (3, 16, 3, 3)
     assert sd[f"{stem}.lora_up.weight"].shape == (16, 3, 1, 1)
-    assert float(sd[f"{stem}.alpha"]) == 3.0
+    assert float(sd[f"{stem}.alpha"]) == 1.0  # one alpha for every pair (see export.KOHYA_ALPHA)
     assert any("bias delta (kohya LoRA has no bias)" in d for d in report.dropped)
-    # lora_up @ lora_down reproduces the optimal rank-3 approximation of the delta
+    # what a kohya consumer adds, (alpha / rank) * lora_up @ lora_down, is the optimal rank-3 approximation
     layer = unet.get_submodule("down_blocks.0.resnets.0.conv1")
     D = delta64(layer, "default")
     U, S, Vh = torch.linalg.svd(D, full_matrices=False)
     best = U[:, :3] @ torch.diag(S[:3]) @ Vh[:3]
-    approx = sd[f"{stem}.lora_up.weight"].double().reshape(16, 3) @ sd[f"{stem}.lora_down.weight"].double().reshape(3, -1)
+    up, down = sd[f"{stem}.lora_up.weight"].double().reshape(16, 3), sd[f"{stem}.lora_down.weight"].double()
+    approx = float(sd[f"{stem}.alpha"]) / 3 * up @ down.reshape(3, -1)
     assert (approx - best).norm() / best.norm() < 1e-5
 
 

@@ -4,7 +4,6 @@ combinations kept out of pretraining, and the metric network's heads and identif
 import random
 
 import numpy as np
-import pytest
 import torch
 
 from svdiff_tools.toyworld import metric, render, world

@@ -7,6 +7,7 @@
     pipe.enable_svd_adapters() / pipe.disable_svd_adapters()
     pipe.delete_svd_adapters(names)
     pipe.fuse_svd_adapter(scale=1.0, adapter_names=None) / pipe.unfuse_svd_adapter()
+    pipe.merge_and_unload_svd_adapter(scale=1.0)          # fused for good, adapter layers gone (save_pretrained)
     pipe.unload_svd_adapter()
 
 Adapters live at the weight level (`SVDLayer`), so every attention processor sees them. The per-call
@@ -31,7 +32,7 @@ from ..io import (DEFAULT_WEIGHT_NAME, component_state, parse_components, prepar
 from . import call_scale
 from .components import pipeline_components
 from ..model import (adapter_configs, adapter_layers, check_merge, disable_adapters, enable_adapters,
-                    merge_adapter, remove_adapter, set_active_adapters, unmerge_adapter)
+                    merge_adapter, merge_and_unload, remove_adapter, set_active_adapters, unmerge_adapter)
 
 
 
@@ -180,6 +181,23 @@ def fuse_svd_adapter(self, scale: float = 1.0, adapter_names: Optional[List[str]
         merge_adapter(model, present, scale=scale)
 
 
+def merge_and_unload_svd_adapter(self, scale: float = 1.0, adapter_names: Optional[List[str]] = None) -> None:
+    """Fuse the (active, or named) adapters into the weights for good and remove the adapter layers: the pipeline
+    is a plain pipeline with the adapted weights, which ``save_pretrained`` writes for tools that read only full
+    weights. Every component is checked before any is changed."""
+    names = _known(self, adapter_names) if adapter_names is not None else None
+    todo = [(m, None if names is None else [n for n in names if n in adapter_configs(m)])
+            for m in pipeline_components(self).values() if adapter_configs(m)]
+    todo = [(m, present) for m, present in todo if present is None or present]
+    for model, present in todo:
+        check_merge(model, present, scale)
+    for model, present in todo:
+        merge_and_unload(model, present, scale=scale)
+    for model in pipeline_components(self).values():  # adapters of other names go too
+        remove_adapter(model)
+    call_scale.remove(self)
+
+
 def unfuse_svd_adapter(self, components: Optional[List[str]] = None) -> None:
     for comp, model in pipeline_components(self).items():
         if (components is None or comp in components) and adapter_configs(model):
@@ -196,4 +214,5 @@ def unload_svd_adapter(self) -> None:
 MIXIN_METHODS = {f.__name__: f for f in (
     load_svd_adapter, save_svd_adapter, get_list_svd_adapters, get_active_svd_adapters, set_svd_adapters,
     enable_svd_adapters, disable_svd_adapters, delete_svd_adapters, fuse_svd_adapter, unfuse_svd_adapter,
+    merge_and_unload_svd_adapter,
     unload_svd_adapter)}

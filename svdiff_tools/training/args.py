@@ -31,6 +31,17 @@ class TrainingInputError(ValueError):
     """Bad flags or data, found before any model is loaded."""
 
 
+def _int_or_fraction(text: str):
+    """'8' -> 8, '0.99' -> 0.99 (argparse type)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is neither a rank nor a fraction") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="DreamBooth with spectral adapters (SVDiff, SVFit, SVFT, VectorFit) or, for comparison, "
@@ -56,8 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the weight has >= 2**18 elements and is not a convolution wider than 1x1 with out > in")
     m.add_argument("--learning_rate_1d", type=float, default=1e-6,
                    help="learning rate of 1-D (norm) deltas; SVDiff paper: 1e-6")
-    m.add_argument("--export_lora_rank", type=int, default=None,
-                   help="also write pytorch_lora_weights.safetensors at this rank (0 = exact)")
+    m.add_argument("--export_lora_rank", type=_int_or_fraction, default=None,
+                   help="also write pytorch_lora_weights.safetensors: 0 = exact, an int = at most that rank per layer, "
+                        "a fraction in (0, 1] = per layer the fewest components holding that share of the delta's "
+                        "energy (e.g. 0.99)")
 
     d = p.add_argument_group("model and data")
     d.add_argument("--pretrained_model_name_or_path", default=None,
@@ -250,8 +263,9 @@ def validate(args: argparse.Namespace) -> None:
         fail("--max_train_steps must be at least 1.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         fail("--checkpoints_total_limit must be at least 1.")
-    if args.export_lora_rank is not None and args.export_lora_rank < 0:
-        fail("--export_lora_rank must be 0 (exact) or a positive rank.")
+    rank = args.export_lora_rank
+    if rank is not None and (rank < 0 or (isinstance(rank, float) and rank > 1)):
+        fail("--export_lora_rank must be 0 (exact), a positive rank, or an energy fraction in (0, 1].")
     if args.method in METHODS:
         from ..errors import SVDConfigError
 

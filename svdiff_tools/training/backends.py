@@ -165,8 +165,8 @@ class SpectralBackend(Backend):
                                  rank=args.export_lora_rank or None)
             import logging
 
-            logging.getLogger("train_dreambooth").info("exported LoRA (rank %s): overall relative error %.3e",
-                                                       args.export_lora_rank or "exact", report.overall_error)
+            logging.getLogger("train_dreambooth").info("exported LoRA (rank %s): %s", args.export_lora_rank or "exact",
+                                                       report.summary)
             written.append(output_dir / LORA_FILE)
         return written
 
