@@ -161,15 +161,23 @@ def supcon(e: torch.Tensor, ids: torch.Tensor, temperature: float = 0.1) -> torc
     return -(logp.masked_fill(~pos, 0).sum(1)[has] / pos.sum(1)[has]).mean()
 
 
-def train(out: Path, steps: int = 3000, lr: float = 2e-3, seed: int = 0, log_every: int = 100) -> MetricNet:
+def train(out: Path, steps: int = 3000, lr: float = 2e-3, seed: int = 0, log_every: int = 100,
+          init: Optional[Path] = None, vae=None, vae_fraction: float = 0.5) -> MetricNet:
+    """Train (or, from ``init``, fine-tune) the network. With ``vae``, a ``vae_fraction`` of every batch is
+    replaced by its VAE reconstruction (sampled latents): generated images reach the network through that
+    decoder, so it learns to read the world through it (labels stay the scenes' ground truth)."""
     torch.manual_seed(seed)
-    net = MetricNet()
+    net = load(init).train() if init is not None else MetricNet()
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.05)
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     for step in range(steps):
-        x, y, ids, n_pairs = training_batch(step)
+        x, y, ids, n_pairs = training_batch(step + (10**6 if init is not None else 0))
+        if vae is not None:
+            pick = torch.rand(len(x), generator=g) < vae_fraction
+            with torch.no_grad():
+                x[pick] = vae.decode(vae.encode(x[pick]).latent_dist.sample(g)).sample.clamp(-1, 1)
         x = degrade(x, g)
         logits, e = net(x)
         loss = sum(F.cross_entropy(logits[k], y[k], ignore_index=IGNORE) for k in HEADS if (y[k] != IGNORE).any())
@@ -262,12 +270,23 @@ class Identifier:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train or evaluate the toy world's metric network.")
-    p.add_argument("command", choices=["train", "evaluate"])
+    p.add_argument("command", choices=["train", "finetune", "evaluate"])
     p.add_argument("--out", default=str(DEFAULT_PATH))
     p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--init", default=None, help="finetune: the network to start from")
+    p.add_argument("--vae", default=None, help="finetune: an AutoencoderKL folder whose reconstructions to mix in")
+    p.add_argument("--lr", type=float, default=None)
     p.add_argument("--n", type=int, default=2000, help="evaluate: fresh scenes")
     args = p.parse_args(argv)
-    net = train(Path(args.out), steps=args.steps) if args.command == "train" else load(Path(args.out))
+    if args.command == "evaluate":
+        net = load(Path(args.out))
+    elif args.command == "train":
+        net = train(Path(args.out), steps=args.steps, lr=args.lr or 2e-3)
+    else:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae).eval() if args.vae else None
+        net = train(Path(args.out), steps=args.steps, lr=args.lr or 5e-4, init=Path(args.init), vae=vae)
     scenes = [sample_scene(2 * 10**9 + i, two_object_rate=0.0, hold_out=False) for i in range(args.n)]
     print(json.dumps({"accuracy_fresh_scenes": accuracy(net, scenes)}, indent=1))
 
