@@ -80,16 +80,22 @@ def test_readme_main_job(tmp_path):
     ["--method", "vectorfit", "--avf_k", "2", "--avf_interval", "2"],
     ["--method", "lora", "--rank", "2"],
     ["--method", "pissa", "--rank", "2"],
+    ["--method", "full", "--learning_rate", "1e-3"],
 ], ids=lambda a: a[1])
 def test_every_method_trains_and_reloads(tmp_path, method_args):
-    result = launch(method_args + ["--max_train_steps", "3", "--learning_rate", "5e-2", "--output_dir", "out",
-                                   "--seed", "1"], tmp_path, accelerate=False)
+    lr = [] if "--learning_rate" in method_args else ["--learning_rate", "5e-2"]
+    result = launch(method_args + lr + ["--max_train_steps", "3", "--output_dir", "out", "--seed", "1"], tmp_path,
+                    accelerate=False)
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
     pipe = base_pipe()
     before = render(pipe)
     if method_args[1] in ("lora", "pissa"):
         pipe.load_lora_weights(str(out / "pytorch_lora_weights.safetensors"))
+    elif method_args[1] == "full":
+        from diffusers import UNet2DConditionModel
+
+        pipe.unet = UNet2DConditionModel.from_pretrained(out / "unet")
     else:
         pipe.load_svd_adapter(out / "svd_adapter.safetensors")
     assert np.abs(render(pipe) - before).max() > 1e-4

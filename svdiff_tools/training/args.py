@@ -18,12 +18,14 @@ EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "example_subjec
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 PEFT_METHODS = {"lora": "diffusers' train_dreambooth_lora.py default", "pissa": "as LoRA"}  # the PEFT backend's
 PEFT_LR = 1e-4
-ALL_METHODS = METHODS + tuple(PEFT_METHODS)
+FULL_LR = 5e-6  # diffusers' train_dreambooth.py (full fine-tuning) default
+ALL_METHODS = METHODS + tuple(PEFT_METHODS) + ("full",)
 
 
 def _lr_help() -> str:
     parts = [f"{n} {c.default_lr:g} ({c.lr_source})" for n, c in REGISTRY.items()]
     parts += [f"{n} {PEFT_LR:g} ({source})" for n, source in PEFT_METHODS.items()]
+    parts.append(f"full {FULL_LR:g} (diffusers' train_dreambooth.py)")
     return "default per method: " + "; ".join(parts)
 
 
@@ -49,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "on the shipped example subject, offline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("method")
-    m.add_argument("--method", choices=ALL_METHODS, default="svfit", help="adapter method")
+    m.add_argument("--method", choices=ALL_METHODS, default="svfit",
+                   help="adapter method; 'full' fine-tunes every UNet weight (DreamBooth's original recipe)")
     m.add_argument("--rank", type=float, default=None,
                    help="svfit: top-r (int) or energy fraction in (0, 1); svft: top-r truncation; lora/pissa: rank "
                         "(default 4). svdiff and vectorfit train every singular value.")
@@ -181,7 +184,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
     if args.method in PEFT_METHODS and args.rank is None:
         args.rank = 4
     if args.learning_rate is None:
-        args.learning_rate = PEFT_LR if args.method in PEFT_METHODS else _spectral_lr(args)
+        args.learning_rate = PEFT_LR if args.method in PEFT_METHODS else FULL_LR if args.method == "full" else \
+            _spectral_lr(args)
     if args.validation_prompt is None:
         args.validation_prompt = args.instance_prompt
     if args.validation_prompts is None:

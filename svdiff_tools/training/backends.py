@@ -1,7 +1,7 @@
 """What differs between adapter families in the trainer, behind one small interface.
 
-`SpectralBackend` (svdiff, svfit, svft, vectorfit: this library's adapters) and `PeftLoraBackend` (lora, pissa:
-real PEFT, as diffusers' DreamBooth-LoRA script runs them) each answer: check the targets on a weightless
+`SpectralBackend` (svdiff, svfit, svft, vectorfit: this library's adapters), `PeftLoraBackend` (lora, pissa:
+real PEFT, as diffusers' DreamBooth-LoRA script runs them) and `FullBackend` (every UNet weight) each answer: check the targets on a weightless
 model, inject, give the optimizer's parameter groups, capture and restore the trainable state for
 checkpoints, act after an optimizer step, write the final files, and load those files into a pipeline.
 `train_dreambooth.py` has no method branches; a new family is a new backend.
@@ -266,7 +266,52 @@ class PeftLoraBackend(Backend):
         pipe.load_lora_weights(str(files[0].parent), weight_name=files[0].name)
 
 
+class FullBackend(Backend):
+    """Full fine-tuning of the UNet (and the text encoders with --train_text_encoder), DreamBooth's original
+    recipe and the quality benchmark's upper anchor: every weight trains in float32; the final files are
+    diffusers model folders (``unet/``, ``text_encoder/``) that replace the base's components."""
+
+    def check_targets(self, unet, encoders):
+        pass
+
+    def inject(self, unet, encoders):
+        for _, model in _adapted(unet, encoders, self.args.train_text_encoder):
+            model.to(torch.float32)  # master weights in float32, as diffusers' script keeps them
+            model.requires_grad_(True)
+
+    def parameter_groups(self, unet, encoders):
+        groups = [{"params": list(unet.parameters()), "lr": self.args.learning_rate}]
+        if self.args.train_text_encoder:
+            te_lr = self.args.text_encoder_lr or self.args.learning_rate
+            groups += [{"params": list(e.parameters()), "lr": te_lr} for e in encoders.values()]
+        return groups
+
+    def state(self, unet, encoders):
+        return {f"{prefix}.{k}": v.detach().float().cpu().contiguous()
+                for prefix, model in _adapted(unet, encoders, self.args.train_text_encoder)
+                for k, v in model.state_dict().items()}
+
+    def restore(self, unet, encoders, tensors):
+        for prefix, model in _adapted(unet, encoders, self.args.train_text_encoder):
+            part = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+            model.load_state_dict(part)
+
+    def save_final(self, output_dir, base, pipeline_cls, unet, encoders, load_pipeline):
+        written = []
+        for name, model in _adapted(unet, encoders, self.args.train_text_encoder):
+            model.save_pretrained(output_dir / name, safe_serialization=True)
+            written.append(output_dir / name)
+        return written
+
+    def load_into(self, pipe, files):
+        for folder in files:
+            current = getattr(pipe, folder.name)
+            setattr(pipe, folder.name, type(current).from_pretrained(folder, torch_dtype=current.dtype))
+
+
 def make_backend(args) -> Backend:
+    if args.method == "full":
+        return FullBackend(args)
     return PeftLoraBackend(args) if args.method in PEFT_METHODS else SpectralBackend(args)
 
 

@@ -20,7 +20,8 @@ def write_model_card(output_dir: Path, *, base_model: str, method: str, trainabl
                      report: Optional[dict] = None) -> Path:
     """``embedded``: "toyworld" / "tiny" when the trainer used an embedded base (its load lines are runnable
     as written); ``report``: the toy world's subject measurements (`toyworld.evaluate.dreambooth_report`)."""
-    size_kib = adapter_file.stat().st_size / 1024
+    files = [p for p in adapter_file.rglob("*") if p.is_file()] if adapter_file.is_dir() else [adapter_file]
+    size_kib = sum(p.stat().st_size for p in files) / 1024
     shown = EMBEDDED_NAMES.get(embedded, base_model)
     lines = [
         "---",
@@ -52,7 +53,9 @@ def write_model_card(output_dir: Path, *, base_model: str, method: str, trainabl
     load = EMBEDDED_LOAD.get(embedded, [f'pipe = DiffusionPipeline.from_pretrained("{base_model}")'])
     lines += ["", "## Use", "", "```python", "import svdiff_tools  # adds load_svd_adapter to diffusers pipelines",
               "from diffusers import DiffusionPipeline", *load,
-              f'pipe.load_svd_adapter("{adapter_file}")', f'image = pipe("{validation_prompt}").images[0]', "```",
+              *([f'pipe.unet = type(pipe.unet).from_pretrained("{adapter_file}")'] if method == "full" else
+                [f'pipe.load_svd_adapter("{adapter_file}")']),
+              f'image = pipe("{validation_prompt}").images[0]', "```",
               "", "## Training command", "", "```bash", command, "```", ""]
     path = output_dir / "README.md"
     path.write_text("\n".join(lines))
