@@ -133,8 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoints_total_limit", type=int, default=None)
     o.add_argument("--resume_from_checkpoint", default=None, help="a checkpoint folder, or 'latest'")
     o.add_argument("--validation_prompt", default=None, help="default: the instance prompt")
+    o.add_argument("--validation_prompts", nargs="+", default=None,
+                   help="several validation prompts (the same seeds for each); overrides --validation_prompt")
     o.add_argument("--num_validation_images", type=int, default=None,
                    help="per validation prompt; default: 2 (8 for the embedded model)")
+    o.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance of validation and class images (default: 7.5, the toy world's 5)")
+    o.add_argument("--validation_seed", type=int, default=None,
+                   help="validation image i uses seed validation_seed + i (default: --seed)")
     o.add_argument("--num_inference_steps", type=int, default=None,
                    help="denoising steps for validation and class images (default: 25, or 4 for the embedded model)")
     o.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (default: only at the end)")
@@ -161,9 +167,9 @@ def fill_defaults(args: argparse.Namespace) -> None:
     embedded = args.pretrained_model_name_or_path is None
     args.embedded_model = embedded
     args.embedded_kind = _embedded_kind() if embedded else None
-    args.validation_prompts = None
-    if embedded and args.embedded_kind == "toyworld" and args.instance_data_dir is None:
-        _toyworld_preset(args)
+    args.validation_prompts = args.validation_prompts or None
+    if args.embedded_kind == "toyworld":
+        _toyworld_defaults(args, subject_preset=args.instance_data_dir is None)
     if args.instance_data_dir is None:
         args.instance_data_dir = str(EXAMPLE_DATA)
         args.instance_prompt = args.instance_prompt or "a photo of sks toy"
@@ -190,8 +196,12 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.validation_prompt = args.instance_prompt
     if args.validation_prompts is None:
         args.validation_prompts = [args.validation_prompt]
+    else:
+        args.validation_prompt = args.validation_prompts[0]
     if args.num_inference_steps is None:
         args.num_inference_steps = 4 if args.embedded_kind == "tiny" else 25
+    if args.guidance_scale is None:
+        args.guidance_scale = 7.5
 
 
 def _embedded_kind() -> str:
@@ -206,22 +216,26 @@ def _embedded_kind() -> str:
     return "toyworld"
 
 
-def _toyworld_preset(args: argparse.Namespace) -> None:
-    """The main job's defaults on the toy world (flags the user gave win): the shipped subject, prior
-    preservation with cached class images, per-method learning rate and steps, two validation prompts."""
+def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
+    """On the toy world (flags the user gave win): per-method learning rate and steps for this world, 64 px,
+    more validation images; with ``subject_preset`` (no data flags) also the shipped subject, prior
+    preservation with cached class images and the recontextualisation validation prompt."""
     from ..toyworld import dreambooth as toy
 
+    lr, steps, _ = toy.METHOD_DEFAULTS[args.method]
+    args.learning_rate = args.learning_rate or lr
+    args.max_train_steps = args.max_train_steps or steps
+    args.num_validation_images = args.num_validation_images or toy.NUM_VALIDATION_IMAGES
+    args.guidance_scale = args.guidance_scale or toy.GUIDANCE
+    if not subject_preset:
+        return
     args.instance_data_dir = str(EXAMPLE_DATA)
     args.instance_prompt = args.instance_prompt or toy.SUBJECT.instance_prompt
     args.with_prior_preservation = True
     args.class_prompt = args.class_prompt or toy.SUBJECT.class_prompt
     args.class_data_dir = args.class_data_dir or str(toy.class_data_dir())
     args.num_class_images = args.num_class_images or toy.NUM_CLASS_IMAGES
-    args.num_validation_images = args.num_validation_images or toy.NUM_VALIDATION_IMAGES
-    lr, steps, _ = toy.METHOD_DEFAULTS[args.method]
-    args.learning_rate = args.learning_rate or lr
-    args.max_train_steps = args.max_train_steps or steps
-    if args.validation_prompt is None:
+    if args.validation_prompt is None and args.validation_prompts is None:
         args.validation_prompts = toy.validation_prompts()
         args.validation_prompt = args.validation_prompts[0]
 

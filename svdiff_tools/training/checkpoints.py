@@ -33,7 +33,8 @@ OPERATIONAL_FLAGS = frozenset({
     "checkpointing_steps", "checkpoints_total_limit", "validation_prompt", "num_validation_images",
     "validation_steps", "push_to_hub", "hub_model_id", "hub_token", "dataloader_num_workers", "export_lora_rank",
     "sample_batch_size", "prior_generation_precision", "max_train_steps", "num_train_epochs", "embedded_model",
-    "num_inference_steps", "embedded_kind", "validation_prompts",
+    "num_inference_steps", "embedded_kind", "validation_prompts", "validation_seed",
+    "guidance_scale",
 })
 
 

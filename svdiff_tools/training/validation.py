@@ -32,12 +32,17 @@ def generate_class_images(args, load_pipeline, accelerator, weight_dtype) -> Non
             n = min(args.sample_batch_size, missing - done)
             gen = torch.Generator().manual_seed((args.seed or 0) + start + done)
             images = pipe([args.class_prompt] * n, num_inference_steps=args.num_inference_steps,
-                          height=args.resolution, width=args.resolution, generator=gen).images
+                          guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
+                          generator=gen).images
             for i, img in enumerate(images):
                 img.save(folder / f"class_{start + done + i:05d}.png")
             done += n
             bar.update(n)
     del pipe
+
+
+def validation_seed(args) -> int:
+    return args.validation_seed if args.validation_seed is not None else (args.seed or 0)
 
 
 def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> list:
@@ -49,9 +54,9 @@ def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> 
     for k, prompt in enumerate(args.validation_prompts):
         images = []
         for i in range(args.num_validation_images):
-            gen = torch.Generator().manual_seed((args.seed or 0) + i)
-            img = pipe(prompt, num_inference_steps=args.num_inference_steps, height=args.resolution,
-                       width=args.resolution, generator=gen).images[0]
+            gen = torch.Generator().manual_seed(validation_seed(args) + i)
+            img = pipe(prompt, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                       height=args.resolution, width=args.resolution, generator=gen).images[0]
             img.save(folder / (f"step{step:06d}_{i}.png" if k == 0 else f"step{step:06d}_p{k}_{i}.png"))
             images.append(img)
         rows.append(images)
@@ -86,9 +91,10 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
     if args.embedded_kind == "toyworld":
         from ..toyworld import dreambooth, evaluate
 
+        first = validation_seed(args)
         report = evaluate.dreambooth_report(pipe, load_pipeline(), dreambooth.SUBJECT,
-                                            seeds=range((args.seed or 0), (args.seed or 0) + args.num_validation_images),
-                                            steps=args.num_inference_steps, guidance=dreambooth.GUIDANCE)
+                                            seeds=range(first, first + args.num_validation_images),
+                                            steps=args.num_inference_steps, guidance=args.guidance_scale)
         (output_dir / "toyworld_report.json").write_text(json.dumps(report, indent=2))
         for line in evaluate.report_lines(report):
             logging.getLogger("train_dreambooth").info("%s", line)

@@ -1,0 +1,427 @@
+#!/usr/bin/env python
+"""DreamBooth quality on the toy world: every method against PEFT LoRA and full fine-tuning, one protocol.
+
+    python benchmarks/dreambooth_quality.py --out runs/quality                 # the full run (hours on a CPU)
+    python benchmarks/dreambooth_quality.py --quick --out runs/quality-quick   # 1 subject, 1 seed, 4 methods
+    python benchmarks/dreambooth_quality.py --subject DIR --class_word dog --instance_prompt "a photo of sks dog"
+
+Each (subject, row, seed) trains with `train_dreambooth.py` (the trainer's documented default learning rate
+for the method on this world, the same steps for every row, prior preservation with class images made by the
+base and shared by all rows) in its own folder, and is skipped when its `result.json` exists: the run resumes
+per row. The trainer renders every evaluation prompt at every `--curve_points` step with the same seeds; the
+shipped metric network scores those images:
+
+- subject fidelity: identification rate and cosine to the subject's identity embedding (DINO-style), on
+  ``a photo of <id> <class>``;
+- prompt fidelity: the fraction whose requested attribute is read back, on four recontextualisation prompts
+  (background, position, size, pattern);
+- prior drift: ``a photo of a <class>`` against the base pipeline with the same seeds: 1 - cosine of the
+  identity embeddings, and the total-variation distance of the attribute distributions (mean over attributes);
+- overfitting: identification and prompt fidelity against training steps (`curves.png`);
+- cost: trainable parameters, adapter file bytes, and (in this process, on the toy-world UNet, batch 2 at
+  64 px) time per training step and peak memory against the frozen floor.
+
+Writes `results.json`, `results.csv`, `table.md`, `curves.png` and `grid_<subject>.png` (rows = methods,
+columns = prompts) under `--out`. A row that does no better than the base pipeline is reported as such.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+ROWS = {  # label -> trainer flags (the trainer documents each method's default learning rate on this world)
+    "full FT": ["--method", "full"],
+    "LoRA r4": ["--method", "lora", "--rank", "4"],
+    "LoRA r16": ["--method", "lora", "--rank", "16"],
+    "PiSSA r4": ["--method", "pissa", "--rank", "4"],
+    "svdiff": ["--method", "svdiff"],
+    "svdiff + TE": ["--method", "svdiff", "--train_text_encoder"],
+    "svfit r16": ["--method", "svfit", "--rank", "16"],
+    "svfit r4": ["--method", "svfit", "--rank", "4"],
+    "svft plain": ["--method", "svft", "--svft_pattern", "plain"],
+    "svft banded d=2": ["--method", "svft", "--svft_pattern", "banded", "--svft_offset", "2"],
+    "vectorfit": ["--method", "vectorfit"],
+    "vectorfit + AVF": ["--method", "vectorfit", "--avf_k", "8", "--avf_interval", "25"],
+}
+QUICK_ROWS = ["LoRA r4", "svdiff", "svfit r16", "vectorfit"]
+RECONTEXT = {  # attribute -> (prompt template, wanted value)
+    "background": ("a {id} {cls} on a green background", "green"),
+    "position": ("a {id} {cls} on the left", "left"),
+    "size": ("a small {id} {cls}", "small"),
+    "pattern": ("a striped {id} {cls}", "striped"),
+}
+DRIFT_ATTRIBUTES = ("shape", "colour", "pattern", "background", "position", "size")
+
+
+class Subject:
+    """A shipped toy-world subject or a user folder."""
+
+    def __init__(self, name: str, folder: Path, identifier: str, class_word: str, instance_prompt: Optional[str],
+                 toy=None):
+        self.name, self.folder, self.identifier, self.class_word, self.toy = name, folder, identifier, class_word, toy
+        self.instance_prompt = instance_prompt or f"a photo of {identifier} {class_word}"
+
+    def prompts(self) -> Dict[str, str]:
+        out = {"instance": self.instance_prompt}
+        out.update({a: t.format(id=self.identifier, cls=self.class_word) for a, (t, _) in RECONTEXT.items()})
+        out["class"] = f"a photo of a {self.class_word}"
+        return out
+
+
+def shipped_subjects(names: List[str]) -> List[Subject]:
+    from svdiff_tools.toyworld.assets import DATA
+    from svdiff_tools.toyworld.world import SUBJECTS
+
+    return [Subject(n, DATA / "subjects" / n, SUBJECTS[n].identifier, SUBJECTS[n].class_word, None, SUBJECTS[n])
+            for n in names]
+
+
+# ----------------------------------------------------------------------------------- training runs
+def train(subject: Subject, row: str, seed: int, steps: int, out: Path, class_dir: Path, args) -> Path:
+    """One trainer run (skipped when its final file exists); returns its folder."""
+    folder = out / subject.name / row.replace(" ", "_").replace("+", "plus").replace("=", "") / f"seed{seed}"
+    if (folder / "README.md").is_file():
+        return folder
+    prompts = list(subject.prompts().values())
+    cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), *ROWS[row],
+           "--instance_data_dir", str(subject.folder), "--instance_prompt", subject.instance_prompt,
+           "--with_prior_preservation", "--class_prompt", subject.prompts()["class"],
+           "--class_data_dir", str(class_dir), "--num_class_images", str(args.class_images),
+           "--max_train_steps", str(steps), "--validation_steps", str(max(1, steps // args.curve_points)),
+           "--checkpointing_steps", str(10 * steps), "--num_validation_images", str(args.images),
+           "--validation_prompts", *prompts, "--seed", str(seed), "--validation_seed", str(args.seed0),
+           "--output_dir", str(folder),
+           "--overwrite_output_dir"]
+    from svdiff_tools.toyworld.dreambooth import GUIDANCE
+
+    cmd += ["--guidance_scale", str(GUIDANCE), "--num_inference_steps", str(args.inference_steps)]
+    if args.base:
+        cmd += ["--pretrained_model_name_or_path", args.base, "--resolution", str(args.resolution)]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise SystemExit(f"{row} on {subject.name} (seed {seed}) failed:\n{result.stderr[-3000:]}")
+    (folder / "train.log").write_text(result.stderr[-20000:])
+    return folder
+
+
+def adapter_bytes(folder: Path) -> int:
+    files = [p for p in folder.glob("*.safetensors")] + [p for d in ("unet", "text_encoder") for p in
+                                                          (folder / d).glob("*.safetensors")]
+    return sum(p.stat().st_size for p in files)
+
+
+def trainable_count(folder: Path) -> int:
+    text = (folder / "README.md").read_text()
+    line = next(l for l in text.splitlines() if "trainable parameters" in l)
+    return int(line.split(":")[1].replace(",", "").strip())
+
+
+# ----------------------------------------------------------------------------------- scoring
+def load_images(folder: Path, step: int, k: int, n: int) -> torch.Tensor:
+    from PIL import Image
+
+    from svdiff_tools.toyworld.metric import pil_to_tensor
+
+    names = [folder / "validation" / (f"step{step:06d}_{i}.png" if k == 0 else f"step{step:06d}_p{k}_{i}.png")
+             for i in range(n)]
+    return pil_to_tensor([Image.open(p) for p in names])
+
+
+def attribute_histogram(read: Dict[str, List[str]]) -> Dict[str, Dict[str, float]]:
+    out = {}
+    for attr in DRIFT_ATTRIBUTES:
+        values = read[attr]
+        out[attr] = {v: values.count(v) / len(values) for v in set(values)}
+    return out
+
+
+def total_variation(p: Dict[str, float], q: Dict[str, float]) -> float:
+    return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
+
+
+def score_run(net, identifier, subject: Subject, folder: Path, steps: int, args, base_class: torch.Tensor) -> dict:
+    """Scores at every validation step (the last is the final adapter reloaded from its file)."""
+    prompts = list(subject.prompts())
+    checkpoints = sorted({int(p.name[4:10]) for p in (folder / "validation").glob("step*_0.png")})
+    curve = {}
+    for step in checkpoints:
+        entry = {}
+        inst = load_images(folder, step, prompts.index("instance"), args.images)
+        entry["identified"] = float(identifier.identify(inst).float().mean())
+        entry["similarity"] = float(identifier.similarity(inst).mean())
+        fidelity = {}
+        for attr, (_, wanted) in RECONTEXT.items():
+            images = load_images(folder, step, prompts.index(attr), args.images)
+            fidelity[attr] = sum(v == wanted for v in net.read(images)[attr]) / len(images)
+        entry["prompt_fidelity"] = statistics.mean(fidelity.values())
+        entry["prompt_fidelity_by_attribute"] = fidelity
+        curve[step] = entry
+    final = dict(curve[max(curve)])
+    cls = load_images(folder, max(curve), prompts.index("class"), args.images)
+    emb, base_emb = net.embed(cls), net.embed(base_class)
+    final["drift_embedding"] = float(1 - (emb * base_emb).sum(-1).mean())
+    h, h0 = attribute_histogram(net.read(cls)), attribute_histogram(net.read(base_class))
+    final["drift_tv"] = statistics.mean(total_variation(h[a], h0[a]) for a in DRIFT_ATTRIBUTES)
+    final["trainable"] = trainable_count(folder)
+    final["file_bytes"] = adapter_bytes(folder)
+    return {"final": final, "curve": curve}
+
+
+def base_scores(net, identifier, subject: Subject, args, out: Path) -> dict:
+    """The base pipeline on the same prompts and seeds (cached in `<out>/<subject>/base.pt`)."""
+    cache = out / subject.name / "base.pt"
+    if cache.is_file():
+        images = torch.load(cache, weights_only=True)
+    else:
+        from svdiff_tools.toyworld.gate import generate
+
+        pipe = load_base(args)
+        from svdiff_tools.toyworld.dreambooth import GUIDANCE
+
+        images = {k: generate(pipe, [p], range(args.seed0, args.seed0 + args.images), args.inference_steps, GUIDANCE)
+                  for k, p in subject.prompts().items()}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(images, cache)
+    scores = {"identified": float(identifier.identify(images["instance"]).float().mean()),
+              "similarity": float(identifier.similarity(images["instance"]).mean())}
+    fidelity = {a: sum(v == w for v in net.read(images[a])[a]) / args.images for a, (_, w) in RECONTEXT.items()}
+    scores["prompt_fidelity"] = statistics.mean(fidelity.values())
+    scores["prompt_fidelity_by_attribute"] = fidelity
+    return {"scores": scores, "class_images": images["class"]}
+
+
+def load_base(args):
+    from diffusers import DiffusionPipeline
+
+    from svdiff_tools.toyworld.dreambooth import pipeline_folder
+
+    pipe = DiffusionPipeline.from_pretrained(args.base or pipeline_folder(), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------------- cost, in this process
+def cost_rows(rows: List[str], args) -> dict:
+    """Step time and peak memory of each row on the base UNet (batch 2 = instance + class, 64 px) against the
+    frozen floor, measured in this process (`benchmarks/common.py`)."""
+    import train_step
+    from common import cpu_peak_gib, measure
+
+    from svdiff_tools.training.args import parse_args
+    from svdiff_tools.training.backends import make_backend
+
+    base = load_base(args).unet.eval().requires_grad_(False)
+    cfg = base.config
+    g = torch.Generator().manual_seed(1)
+    res = args.resolution // 8
+    inputs = (torch.randn(2, cfg.in_channels, res, res, generator=g), torch.full((2,), 500),
+              torch.randn(2, 77, cfg.cross_attention_dim, generator=g), {})
+    out = {}
+
+    def run(label, unet, params, floor=False):
+        unet.train()
+        step = train_step.make_step(unet, inputs, params, floor)
+        ms, _ = measure(step, "cpu", 2, 8)
+        out[label] = {"ms": ms, "peak_gib": cpu_peak_gib(step, step.resident)}
+
+    run("frozen floor", base, [], floor=True)
+    for row in rows:
+        flags = ROWS[row] + ["--pretrained_model_name_or_path", "unused", "--instance_data_dir",
+                             str(ROOT / "svdiff_tools" / "data" / "example_subject"), "--instance_prompt", "x"]
+        targs = parse_args(flags)
+        unet = copy.deepcopy(base)
+        backend = make_backend(targs)
+        backend.inject(unet, {})
+        run(row, unet, [p for p in unet.parameters() if p.requires_grad])
+        del unet
+    floor = out["frozen floor"]
+    for v in out.values():
+        v["time_ratio"] = v["ms"] / floor["ms"]
+        v["memory_ratio"] = v["peak_gib"] / floor["peak_gib"]
+    return out
+
+
+# ----------------------------------------------------------------------------------- output
+def mean_spread(values: List[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}"
+
+
+def write_outputs(results: dict, base: dict, costs: dict, rows: List[str], out: Path, args) -> str:
+    lines = ["| method | trainable params | adapter bytes | identified | subject similarity | prompt fidelity | "
+             "prior drift (1 - cos) | prior drift (TV) | step time / floor | peak memory / floor |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    base_ident = statistics.mean(b["scores"]["identified"] for b in base.values())
+    base_sim = statistics.mean(b["scores"]["similarity"] for b in base.values())
+    base_fid = statistics.mean(b["scores"]["prompt_fidelity"] for b in base.values())
+    lines.append(f"| base pipeline | 0 | 0 | {base_ident:.2f} | {base_sim:.2f} | {base_fid:.2f} | 0 | 0 | | |")
+    csv_rows = []
+    for row in rows:
+        finals = [r["final"] for key, r in results.items() if key[1] == row]
+        if not finals:
+            continue
+        col = {k: [f[k] for f in finals] for k in ("identified", "similarity", "prompt_fidelity", "drift_embedding",
+                                                    "drift_tv")}
+        cost = costs.get(row, {})
+        note = " (no better than the base)" if statistics.mean(col["identified"]) <= base_ident else ""
+        lines.append(f"| {row}{note} | {finals[0]['trainable']:,} | {finals[0]['file_bytes']:,} | "
+                     f"{mean_spread(col['identified'])} | {mean_spread(col['similarity'])} | "
+                     f"{mean_spread(col['prompt_fidelity'])} | {mean_spread(col['drift_embedding'])} | "
+                     f"{mean_spread(col['drift_tv'])} | {cost.get('time_ratio', float('nan')):.2f}x | "
+                     f"{cost.get('memory_ratio', float('nan')):.2f}x |")
+        csv_rows.append({"method": row, "trainable": finals[0]["trainable"], "file_bytes": finals[0]["file_bytes"],
+                         **{k: statistics.mean(v) for k, v in col.items()}, **cost})
+    table_md = "\n".join(lines)
+    (out / "table.md").write_text(table_md + "\n")
+    with (out / "results.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=sorted({k for r in csv_rows for k in r}))
+        writer.writeheader()
+        writer.writerows(csv_rows)
+    (out / "results.json").write_text(json.dumps({"runs": {"/".join(map(str, k)): v for k, v in results.items()},
+                                                  "base": {k: v["scores"] for k, v in base.items()},
+                                                  "costs": costs}, indent=1))
+    curves_png(results, rows, out / "curves.png")
+    return table_md
+
+
+def curves_png(results: dict, rows: List[str], path: Path) -> None:
+    """Identification (solid) and prompt fidelity (thin) against training steps, one colour per method."""
+    from PIL import Image, ImageDraw
+
+    colours = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf", "#000000", "#aa3377"]
+    W, H, L, T, B = 900, 420, 60, 30, 40
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    steps = sorted({s for r in results.values() for s in r["curve"]})
+    if not steps:
+        return
+    x = lambda s: L + (W - L - 230) * (s - steps[0]) / max(1, steps[-1] - steps[0])  # noqa: E731
+    y = lambda v: T + (H - T - B) * (1 - v)  # noqa: E731
+    d.line([(L, T), (L, H - B), (W - 230, H - B)], fill="black")
+    for v in (0, 0.5, 1):
+        d.text((10, y(v) - 6), f"{v:.1f}", fill="black")
+    for s in steps:
+        d.text((x(s) - 10, H - B + 6), str(s), fill="black")
+    d.text((L, 8), "identification (thick) and prompt fidelity (thin) against steps, mean over seeds/subjects",
+           fill="black")
+    for i, row in enumerate(rows):
+        curves = [r["curve"] for key, r in results.items() if key[1] == row]
+        if not curves:
+            continue
+        colour = colours[i % len(colours)]
+        for key, width in (("identified", 3), ("prompt_fidelity", 1)):
+            pts = [(x(s), y(statistics.mean(c[s][key] for c in curves if s in c))) for s in steps
+                   if any(s in c for c in curves)]
+            if len(pts) > 1:
+                d.line(pts, fill=colour, width=width)
+        d.text((W - 220, T + 16 * i), row, fill=colour)
+    img.save(path)
+
+
+def grid_png(subject: Subject, rows: List[str], out: Path, args, seed: int) -> None:
+    from PIL import Image
+
+    from svdiff_tools.training.images import labelled_grid
+
+    prompts = list(subject.prompts())
+    grid_rows, labels = [], []
+    for row in rows:
+        folder = out / subject.name / row.replace(" ", "_").replace("+", "plus").replace("=", "") / f"seed{seed}"
+        finals = sorted({int(p.name[4:10]) for p in (folder / "validation").glob("step*_0.png")})
+        if not finals:
+            continue
+        step = finals[-1]
+        grid_rows.append([Image.open(folder / "validation" / (f"step{step:06d}_0.png" if k == 0 else
+                                                               f"step{step:06d}_p{k}_0.png")).resize((96, 96))
+                          for k in range(len(prompts))])
+        labels.append(row)
+    labelled_grid(grid_rows, labels, caption=" | ".join(subject.prompts().values())).save(
+        out / f"grid_{subject.name}.png")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/quality")
+    p.add_argument("--quick", action="store_true", help="one subject, one seed, four methods")
+    p.add_argument("--subjects", default="example_toy,example_robot,example_car")
+    p.add_argument("--subject", default=None, help="a user folder of subject images instead of shipped ones")
+    p.add_argument("--class_word", default=None)
+    p.add_argument("--instance_prompt", default=None)
+    p.add_argument("--identifier", default="sks")
+    p.add_argument("--rows", default=None, help="comma-separated row labels (default: all)")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seed0", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="default: the toy world's documented steps")
+    p.add_argument("--curve_points", type=int, default=4)
+    p.add_argument("--images", type=int, default=8, help="images per prompt (the same seeds everywhere)")
+    p.add_argument("--class_images", type=int, default=32)
+    p.add_argument("--base", default=None, help="pipeline folder (default: the shipped toy world)")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--inference_steps", type=int, default=25)
+    p.add_argument("--skip_cost", action="store_true")
+    args = p.parse_args(argv)
+    from tqdm.auto import tqdm
+
+    from svdiff_tools.toyworld import dreambooth, metric
+
+    rows = QUICK_ROWS if args.quick else ([r.strip() for r in args.rows.split(",")] if args.rows else list(ROWS))
+    seeds = [args.seed0] if args.quick else list(range(args.seed0, args.seed0 + args.seeds))
+    steps = args.steps or dreambooth.METHOD_DEFAULTS["svfit"][1]
+    if args.subject:
+        if not args.class_word:
+            raise SystemExit("--subject needs --class_word (e.g. dog)")
+        subjects = [Subject(Path(args.subject).name, Path(args.subject), args.identifier, args.class_word,
+                            args.instance_prompt)]
+    else:
+        subjects = shipped_subjects(args.subjects.split(",")[:1] if args.quick else args.subjects.split(","))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    net = metric.load()
+    results, base = {}, {}
+    started = time.time()
+    with tqdm(total=len(subjects) * len(rows) * len(seeds), desc="dreambooth runs") as bar:
+        for subject in subjects:
+            identifier = metric.Identifier(net, subject.toy) if subject.toy is not None else \
+                metric.FolderIdentifier(net, subject.folder)
+            base[subject.name] = base_scores(net, identifier, subject, args, out)
+            class_dir = out / "class_images" / subject.class_word
+            for row in rows:
+                for seed in seeds:
+                    folder = train(subject, row, seed, steps, out, class_dir, args)
+                    result_file = folder / "result.json"
+                    if result_file.is_file():
+                        result = json.loads(result_file.read_text())
+                        result["curve"] = {int(k): v for k, v in result["curve"].items()}
+                    else:
+                        result = score_run(net, identifier, subject, folder, steps, args,
+                                           base[subject.name]["class_images"])
+                        result_file.write_text(json.dumps(result, indent=1))
+                    results[(subject.name, row, seed)] = result
+                    bar.update(1)
+            grid_png(subject, rows, out, args, seeds[0])
+    costs = {} if args.skip_cost else cost_rows(rows, args)
+    table_md = write_outputs(results, base, costs, rows, out, args)
+    print(table_md)
+    print(f"{len(results)} runs; wall time {time.time() - started:.0f} s; outputs in {out}")
+
+
+if __name__ == "__main__":
+    main()
