@@ -43,7 +43,7 @@ class Run:
     sdxl: bool
     backend: object
     plan: object  # checkpoints.RunPlan: fresh, or resuming which checkpoint
-    instance_images: List
+    subjects: List  # data.SubjectData: one, or several (--subject)
     seed: int
 
     @property
@@ -63,7 +63,12 @@ def prepare_run(args) -> Run:
     from svdiff_tools.training.base_model import pipeline_class_name, resolve_base, weightless_models
     from svdiff_tools.training.data import load_folder
 
-    instance_images = load_folder(Path(args.instance_data_dir))  # corrupt files fail here, before any model
+    from svdiff_tools.training.data import SubjectData
+
+    specs = args.subjects or [None]  # corrupt files fail here, before any model
+    subjects = [SubjectData(load_folder(Path(args.instance_data_dir)), "", "", args.instance_prompt) if spec is None
+                else SubjectData(load_folder(spec.folder), spec.identifier, spec.class_word, spec.prompt)
+                for spec in specs]
     base = resolve_base(args)
     pipeline_cls = pipeline_class_name(args, base)
     sdxl = "XL" in pipeline_cls
@@ -75,7 +80,7 @@ def prepare_run(args) -> Run:
     except checkpoints.RunConflict as exc:
         raise TrainingInputError(str(exc)) from None
     seed = args.seed if args.seed is not None else 0
-    return Run(args, base, pipeline_cls, sdxl, backend, plan, instance_images, seed)
+    return Run(args, base, pipeline_cls, sdxl, backend, plan, subjects, seed)
 
 
 def make_accelerator(args):
@@ -97,13 +102,15 @@ def make_accelerator(args):
     return accelerator
 
 
-def make_data(args, run: Run, accelerator, class_images):
+def make_data(args, run: Run, accelerator, class_items):
     """(dataset, sampler, loader, max optimizer steps). An accumulation window may span two epochs (Accelerate
     counts micro-batches across them), so positions are counted in micro-batches (see `batches`)."""
     from svdiff_tools.training.data import DreamBoothDataset, EpochSampler, collate
 
-    dataset = DreamBoothDataset(run.instance_images, args.resolution, args.center_crop, args.random_flip, run.seed,
-                                class_images)
+    dataset = DreamBoothDataset([], args.resolution, args.center_crop, args.random_flip, run.seed,
+                                [img for img, _ in class_items], subjects=run.subjects,
+                                class_prompts=[p for _, p in class_items],
+                                cutmix_probability=args.cutmix_probability if args.cutmix_unmix else 0.0)
     sampler = EpochSampler(len(dataset), run.seed, dataset, accelerator.num_processes, accelerator.process_index)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                          collate_fn=collate, num_workers=args.dataloader_num_workers)
@@ -205,13 +212,14 @@ def build_session(run: Run, accelerator) -> Session:
                 accelerator.num_processes, accelerator.device, accelerator.mixed_precision, run.base)
     set_seed(run.seed)
     weight_dtype = weight_dtype_of(accelerator)
+    class_sets = class_image_sets(args, run)  # (folder, prompt) per class
     if accelerator.is_main_process:
         checkpoints.start(run.output_dir, run.plan)
-        if args.with_prior_preservation:
-            generate_class_images(args, run.load_pipeline, accelerator, weight_dtype)
+        for folder, prompt in class_sets:
+            generate_class_images(args, run.load_pipeline, accelerator, weight_dtype, folder, prompt)
     accelerator.wait_for_everyone()
-    class_images = load_folder(Path(args.class_data_dir))[: args.num_class_images] \
-        if args.with_prior_preservation else []
+    class_items = [(img, prompt) for folder, prompt in class_sets
+                   for img in load_folder(folder)[: args.num_class_images]]
     base = load_base_models(args, run.base, run.sdxl, accelerator.device, weight_dtype)
     unet, encoders = base.unet, base.encoders
     backend.inject(unet, encoders)  # frozen weights stay in weight_dtype; adapter tensors are float32
@@ -223,7 +231,7 @@ def build_session(run: Run, accelerator) -> Session:
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(args, backend.parameter_groups(unet, encoders))
-    dataset, sampler, loader, max_steps = make_data(args, run, accelerator, class_images)
+    dataset, sampler, loader, max_steps = make_data(args, run, accelerator, class_items)
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes,
@@ -237,10 +245,15 @@ def build_session(run: Run, accelerator) -> Session:
     backend.attach(optimizer, raw_unet)
     register_state_hooks(accelerator, backend, raw_unet, raw_encoders)
     encode = PromptEncoder(base.tokenizers, encoders, run.sdxl, accelerator.device)
-    loss_fn = DreamBoothLoss(args, base, encode, accelerator.device,
-                             prompt_cache=None if args.train_text_encoder else cache_prompts(args, encode),
+    recorder = None
+    if args.cutmix_unmix:
+        from svdiff_tools.training.unmix import UnmixRecorder, install
+
+        recorder = UnmixRecorder()
+        install(raw_unet, recorder)
+    loss_fn = DreamBoothLoss(args, base, encode, accelerator.device, cache_prompts=not args.train_text_encoder,
                              latent_cache=cached_latents(args, dataset, base.vae, accelerator.device, weight_dtype)
-                             if args.cache_latents else None)
+                             if args.cache_latents else None, unmix=recorder, tokenizer=base.tokenizers[0])
     start = resume(run, accelerator, backend)
     if accelerator.is_main_process:
         accelerator.init_trackers("dreambooth-svd", config={k: v for k, v in vars(args).items()
@@ -313,13 +326,16 @@ def make_optimizer(args, groups):
                eps=args.adam_epsilon)
 
 
-def cache_prompts(args, encode):
-    """Frozen text encoders: embed the instance (and class) prompt once."""
-    with torch.no_grad():
-        cached = {"instance": encode([args.instance_prompt])}
-        if args.with_prior_preservation:
-            cached["class"] = encode([args.class_prompt])
-    return cached
+def class_image_sets(args, run: Run) -> List:
+    """(folder, prompt) of the class images: --class_data_dir with --class_prompt, or with several subjects one
+    subfolder per class, prompted 'a photo of a CLASS'."""
+    if not args.with_prior_preservation:
+        return []
+    root = Path(args.class_data_dir)
+    if not args.subjects:
+        return [(root, args.class_prompt)]
+    classes = dict.fromkeys(sub.class_word for sub in run.subjects)
+    return [(root / c, f"a photo of a {c}") for c in classes]
 
 
 def register_state_hooks(accelerator, backend, unet, encoders) -> None:

@@ -7,6 +7,7 @@ input fails before any weight is loaded, with one sentence and no output written
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -83,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--pretrained_vae_model_name_or_path", default=None)
     d.add_argument("--instance_data_dir", default=None, help="subject images; default: the shipped example toy")
     d.add_argument("--instance_prompt", default=None, help="default: 'a photo of sks toy' for the example data")
+    d.add_argument("--subject", action="append", default=None, metavar="DIR:IDENTIFIER:CLASS",
+                   help="several subjects in one run (repeatable), each prompted 'a photo of IDENTIFIER CLASS'; "
+                        "replaces --instance_data_dir/--instance_prompt; with prior preservation each class gets "
+                        "'a photo of a CLASS' images in --class_data_dir/CLASS")
+    d.add_argument("--cutmix_unmix", action="store_true",
+                   help="SVDiff's Cut-Mix-Unmix (needs two or more --subject): cut-and-mixed pairs prompted "
+                        "'... IDENTIFIER1 CLASS1 on the left and IDENTIFIER2 CLASS2 on the right' plus the unmix "
+                        "regularisation of the identifiers' cross-attention")
+    d.add_argument("--cutmix_probability", type=float, default=0.5, help="share of instance items that are mixed")
+    d.add_argument("--unmix_weight", type=float, default=0.1,
+                   help="weight of the unmix term (the squared share of an identifier's attention on the wrong "
+                        "half, in [0, 1])")
     d.add_argument("--class_data_dir", default=None)
     d.add_argument("--class_prompt", default=None)
     d.add_argument("--with_prior_preservation", action="store_true")
@@ -168,6 +181,10 @@ def fill_defaults(args: argparse.Namespace) -> None:
     args.embedded_model = embedded
     args.embedded_kind = _embedded_kind() if embedded else None
     args.validation_prompts = args.validation_prompts or None
+    args.subjects = [parse_subject(spec) for spec in args.subject or []]
+    if args.subjects:
+        first = args.subjects[0]
+        args.instance_data_dir, args.instance_prompt = str(first.folder), first.prompt
     if args.embedded_kind == "toyworld":
         _toyworld_defaults(args, subject_preset=args.instance_data_dir is None)
     if args.instance_data_dir is None:
@@ -196,12 +213,37 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.validation_prompt = args.instance_prompt
     if args.validation_prompts is None:
         args.validation_prompts = [args.validation_prompt]
+        if len(args.subjects) > 1:  # every subject, and the first two together
+            from .data import mixed_prompt
+
+            args.validation_prompts = [sub.prompt for sub in args.subjects] + [
+                mixed_prompt(args.subjects[0], args.subjects[1])]
     else:
         args.validation_prompt = args.validation_prompts[0]
     if args.num_inference_steps is None:
         args.num_inference_steps = 4 if args.embedded_kind == "tiny" else 25
     if args.guidance_scale is None:
         args.guidance_scale = 7.5
+
+
+@dataclass
+class SubjectSpec:
+    """``--subject DIR:IDENTIFIER:CLASS``."""
+
+    folder: Path
+    identifier: str
+    class_word: str
+
+    @property
+    def prompt(self) -> str:
+        return f"a photo of {self.identifier} {self.class_word}"
+
+
+def parse_subject(spec: str) -> SubjectSpec:
+    parts = spec.rsplit(":", 2)
+    if len(parts) != 3 or not all(p.strip() for p in parts):
+        raise TrainingInputError(f"--subject {spec!r} must be DIR:IDENTIFIER:CLASS, e.g. ./dog:sks:dog.")
+    return SubjectSpec(Path(parts[0]), parts[1].strip(), parts[2].strip())
 
 
 def _embedded_kind() -> str:
@@ -245,6 +287,16 @@ def validate(args: argparse.Namespace) -> None:
     def fail(msg: str) -> None:
         raise TrainingInputError(msg)
 
+    for sub in args.subjects:
+        if not sub.folder.is_dir() or not list_images(sub.folder):
+            fail(f"--subject folder {sub.folder} does not exist or holds no images; point it at subject photos.")
+    if args.cutmix_unmix:
+        if len(args.subjects) < 2:
+            fail("--cutmix_unmix needs at least two --subject DIR:IDENTIFIER:CLASS.")
+        if args.cache_latents:
+            fail("--cutmix_unmix mixes images in pixel space each step; drop --cache_latents.")
+        if not 0.0 < args.cutmix_probability <= 1.0:
+            fail("--cutmix_probability must lie in (0, 1].")
     if not args.instance_prompt:
         fail("--instance_prompt is required with your own --instance_data_dir, e.g. 'a photo of sks dog'.")
     folder = Path(args.instance_data_dir)
@@ -255,7 +307,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.resolution <= 0 or args.resolution % 8:
         fail(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples by 8).")
     if args.with_prior_preservation:
-        if not args.class_prompt:
+        if not args.class_prompt and not args.subjects:
             fail("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'.")
         if not args.class_data_dir:
             fail("--with_prior_preservation needs --class_data_dir (missing class images are generated there).")

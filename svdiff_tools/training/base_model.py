@@ -96,7 +96,9 @@ def load_base_models(args, base: str, sdxl: bool, device, weight_dtype: torch.dt
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **load)
     for model in (vae, *encoders.values(), unet):  # also an fp16 checkpoint trains in fp32 without mixed precision
         model.requires_grad_(False)
-        model.to(device, dtype=weight_dtype)
+        model.to(device)
+        if next(model.parameters()).dtype != weight_dtype:
+            model.to(dtype=weight_dtype)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     return BaseModels(tokenizers, noise_scheduler, encoders, vae, unet, sdxl, weight_dtype)

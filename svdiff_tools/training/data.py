@@ -9,6 +9,7 @@ flipped, then scaled to [-1, 1]. Random crops and flips and the sample order dep
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
@@ -66,13 +67,53 @@ def to_tensor(img: Image.Image, resolution: int, center_crop: bool, random_flip:
     return data.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
 
+@dataclass
+class SubjectData:
+    """One subject of a (multi-subject) run: its images, identifier, class word and instance prompt."""
+
+    images: List[Image.Image]
+    identifier: str
+    class_word: str
+    prompt: str
+
+
+def cutmix(left: Image.Image, right: Image.Image, resolution: int) -> Image.Image:
+    """Cut-Mix (SVDiff): the centre half-width strips of two images side by side, ``resolution`` square."""
+    canvas = Image.new("RGB", (resolution, resolution))
+    for img, x in ((left, 0), (right, resolution // 2)):
+        w, h = img.size
+        scale = resolution / min(w, h)
+        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
+        w, h = img.size
+        half = resolution // 2
+        strip = img.crop(((w - half) // 2, (h - resolution) // 2, (w - half) // 2 + half, (h - resolution) // 2 +
+                          resolution))
+        canvas.paste(strip, (x, 0))
+    return canvas
+
+
+def mixed_prompt(left: SubjectData, right: SubjectData) -> str:
+    return f"a photo of {left.identifier} {left.class_word} on the left and {right.identifier} {right.class_word} " \
+           "on the right"
+
+
 class DreamBoothDataset(Dataset):
-    """Item i: instance image i % n_instance (and class image i % n_class with prior preservation)."""
+    """Item i: instance image i % n_instance with its subject's prompt (and class image i % n_class with its
+    prompt, with prior preservation). With several subjects and ``cutmix_probability`` > 0, an item is instead,
+    at that rate, a Cut-Mix of its image and an image of another subject (sides and partner drawn per item),
+    prompted ``a photo of <id1> <class1> on the left and <id2> <class2> on the right`` and never flipped; its
+    ``mix`` says which identifier is where (the unmix regularisation reads it)."""
 
     def __init__(self, instance_images: Sequence[Image.Image], resolution: int, center_crop: bool,
-                 random_flip: bool, seed: int, class_images: Sequence[Image.Image] = ()):
-        self.instance_images = list(instance_images)
+                 random_flip: bool, seed: int, class_images: Sequence[Image.Image] = (),
+                 instance_prompt: str = "", class_prompt: str = "", subjects: Sequence[SubjectData] = (),
+                 class_prompts: Sequence[str] = (), cutmix_probability: float = 0.0):
+        self.subjects = list(subjects) or [SubjectData(list(instance_images), "", "", instance_prompt)]
+        self.instances = [(img, k) for k, sub in enumerate(self.subjects) for img in sub.images]
+        self.instance_images = [img for img, _ in self.instances]
         self.class_images = list(class_images)
+        self.class_prompts = list(class_prompts) or [class_prompt] * len(self.class_images)
+        self.cutmix_probability = cutmix_probability if len(self.subjects) > 1 else 0.0
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.epoch = 0
 
@@ -82,22 +123,41 @@ class DreamBoothDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def _tensor(self, img: Image.Image, index: int, salt: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, index, salt)) & 0x7FFFFFFF)
-        return to_tensor(img, self.resolution, self.center_crop, self.random_flip, gen)
+    def _gen(self, index: int, salt: int) -> torch.Generator:
+        return torch.Generator().manual_seed(hash((self.seed, self.epoch, index, salt)) & 0x7FFFFFFF)
+
+    def _tensor(self, img: Image.Image, index: int, salt: int, flip: bool = True) -> torch.Tensor:
+        return to_tensor(img, self.resolution, self.center_crop, self.random_flip and flip, self._gen(index, salt))
 
     def __getitem__(self, index: int) -> dict:
-        item = {"instance": self._tensor(self.instance_images[index % len(self.instance_images)], index, 0),
-                "index": index}
+        img, k = self.instances[index % len(self.instances)]
+        item = {"index": index, "prompt": self.subjects[k].prompt, "mix": None}
+        gen = self._gen(index, 2)
+        if self.cutmix_probability and float(torch.rand(1, generator=gen)) < self.cutmix_probability:
+            others = [j for j in range(len(self.subjects)) if j != k]
+            j = others[int(torch.randint(len(others), (1,), generator=gen))]
+            partner = self.subjects[j].images[int(torch.randint(len(self.subjects[j].images), (1,), generator=gen))]
+            (left, a), (right, b) = ((img, k), (partner, j)) if float(torch.rand(1, generator=gen)) < 0.5 else \
+                ((partner, j), (img, k))
+            img = cutmix(left, right, self.resolution)
+            item.update(prompt=mixed_prompt(self.subjects[a], self.subjects[b]),
+                        mix=(self.subjects[a].identifier, self.subjects[b].identifier))
+            item["instance"] = self._tensor(img, index, 0, flip=False)
+        else:
+            item["instance"] = self._tensor(img, index, 0)
         if self.class_images:
-            item["class"] = self._tensor(self.class_images[index % len(self.class_images)], index, 1)
+            c = index % len(self.class_images)
+            item["class"] = self._tensor(self.class_images[c], index, 1)
+            item["class_prompt"] = self.class_prompts[c]
         return item
 
 
 def collate(items: List[dict]) -> dict:
     batch = {"pixel_values": torch.stack([it["instance"] for it in items]),
-             "index": torch.tensor([it["index"] for it in items])}
+             "index": torch.tensor([it["index"] for it in items]),
+             "prompts": [it["prompt"] for it in items], "mix": [it["mix"] for it in items]}
     if "class" in items[0]:
+        batch["class_prompts"] = [it["class_prompt"] for it in items]
         batch["class_pixel_values"] = torch.stack([it["class"] for it in items])
     return batch
 

@@ -5,7 +5,8 @@ loss on the class images.
 
 with ``z = scaling_factor * E(x)`` (sampled from the VAE posterior, or from cached posterior statistics),
 ``z_t = sqrt(a_t) z + sqrt(1 - a_t) eps``, ``target = eps`` (epsilon models) or the velocity (v-prediction), and
-``w(t) = min(SNR(t), gamma) / SNR(t)`` (Min-SNR, ``--snr_gamma``; times ``SNR / (SNR + 1)`` for v-prediction) or 1.
+``w(t) = min(SNR(t), gamma) / SNR(t)`` (Min-SNR, ``--snr_gamma``; times ``SNR / (SNR + 1)`` for v-prediction) or 1;
+with Cut-Mix training plus ``unmix_weight`` times SVDiff's unmix term (`unmix.py`). Each item brings its own prompt.
 Every random draw comes from the generator passed in, so a resumed run repeats it.
 """
 
@@ -18,12 +19,16 @@ import torch.nn.functional as F
 
 
 class DreamBoothLoss:
-    def __init__(self, args, base, encode_prompts, device, prompt_cache: Optional[Dict] = None,
-                 latent_cache: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None):
-        """base: `BaseModels`; encode_prompts: prompts -> (embeddings, pooled); prompt_cache: {"instance",
-        "class"} -> encoded prompt (frozen text encoders); latent_cache: part -> (posterior mean, std)."""
+    def __init__(self, args, base, encode_prompts, device, cache_prompts: bool = True,
+                 latent_cache: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None, unmix=None,
+                 tokenizer=None):
+        """base: `BaseModels`; encode_prompts: prompts -> (embeddings, pooled); cache_prompts: the text encoders
+        are frozen, so each distinct prompt is embedded once; latent_cache: part -> (posterior mean, std);
+        unmix: an `unmix.UnmixRecorder` installed in the UNet's cross-attention (Cut-Mix training), with the
+        tokenizer that places the identifiers."""
         self.args, self.base, self.encode, self.device = args, base, encode_prompts, device
-        self.prompt_cache, self.latent_cache = prompt_cache, latent_cache
+        self.prompt_cache = {} if cache_prompts else None
+        self.latent_cache, self.unmix, self.tokenizer = latent_cache, unmix, tokenizer
         self.parts = ["instance"] + (["class"] if args.with_prior_preservation else [])
         res = args.resolution
         self.time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=base.weight_dtype, device=device)
@@ -43,22 +48,37 @@ class DreamBoothLoss:
                 latents = base.vae.encode(pixels.to(self.device, base.weight_dtype)).latent_dist.sample(gen)
         return latents * base.vae.config.scaling_factor
 
-    def conditioning(self, n_instance: int) -> dict:
-        """UNet keyword arguments for ``n_instance`` instance (and as many class) items."""
-        args, sdxl = self.args, self.base.sdxl
-        if self.prompt_cache is not None:
-            parts = [self.prompt_cache[p] for p in self.parts]
-            embeds = torch.cat([e.expand(n_instance, -1, -1) for e, _ in parts])
-            pooled = torch.cat([p.expand(n_instance, -1) for _, p in parts]) if sdxl else None
-        else:
-            prompts = [args.instance_prompt] * n_instance + ([args.class_prompt] * n_instance
-                                                             if args.with_prior_preservation else [])
-            embeds, pooled = self.encode(prompts)
+    def embed(self, prompts):
+        """(embeddings, pooled or None) of ``prompts``: encoded each step when the text encoders train, else
+        looked up per distinct prompt (embedded once, without gradients)."""
+        if self.prompt_cache is None:
+            return self.encode(prompts)
+        for p in prompts:
+            if p not in self.prompt_cache:
+                with torch.no_grad():
+                    self.prompt_cache[p] = self.encode([p])
+        embeds = torch.cat([self.prompt_cache[p][0] for p in prompts])
+        pooled = torch.cat([self.prompt_cache[p][1] for p in prompts]) if self.base.sdxl else None
+        return embeds, pooled
+
+    def conditioning(self, batch: dict) -> dict:
+        """UNet keyword arguments for the batch's instance (and class) items."""
+        prompts = list(batch["prompts"]) + (list(batch["class_prompts"]) if self.args.with_prior_preservation
+                                            else [])
+        embeds, pooled = self.embed(prompts)
         out = {"encoder_hidden_states": embeds.to(self.base.weight_dtype)}
-        if sdxl:
+        if self.base.sdxl:
             out["added_cond_kwargs"] = {"text_embeds": pooled.to(self.base.weight_dtype),
                                         "time_ids": self.time_ids.expand(embeds.shape[0], -1)}
         return out
+
+    def unmix_entries(self, batch: dict):
+        """(batch index, left identifier's token positions, right identifier's) of the mixed items."""
+        from .unmix import identifier_positions
+
+        return [(i, identifier_positions(self.tokenizer, batch["prompts"][i], mix[0]),
+                 identifier_positions(self.tokenizer, batch["prompts"][i], mix[1]))
+                for i, mix in enumerate(batch["mix"]) if mix]
 
     def __call__(self, unet, batch: dict, gen: torch.Generator) -> torch.Tensor:
         args, scheduler = self.args, self.base.noise_scheduler
@@ -69,7 +89,10 @@ class DreamBoothLoss:
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=gen).to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
-        pred = unet(noisy, timesteps, **self.conditioning(batch["pixel_values"].shape[0])).sample
+        if self.unmix is not None:
+            self.unmix.begin(self.unmix_entries(batch), tuple(latents.shape[-2:]))
+        pred = unet(noisy, timesteps, **self.conditioning(batch)).sample
+        unmix = self.unmix.end() if self.unmix is not None else None
         velocity = scheduler.config.prediction_type == "v_prediction"
         target = scheduler.get_velocity(latents, noise, timesteps) if velocity else noise
         prior_loss = None
@@ -87,4 +110,6 @@ class DreamBoothLoss:
             if velocity:
                 w = w * snr / (snr + 1)
             loss = (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
-        return loss if prior_loss is None else loss + args.prior_loss_weight * prior_loss
+        if prior_loss is not None:
+            loss = loss + args.prior_loss_weight * prior_loss
+        return loss if unmix is None else loss + args.unmix_weight * unmix

@@ -11,11 +11,11 @@ import torch
 from .args import list_images
 
 
-def generate_class_images(args, load_pipeline, accelerator, weight_dtype) -> None:
-    """Top up --class_data_dir to --num_class_images with the base model (never regenerates)."""
+def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder: Path, prompt: str) -> None:
+    """Top up ``folder`` to --num_class_images images of ``prompt`` with the base model (never regenerates)."""
     from tqdm.auto import tqdm
 
-    folder = Path(args.class_data_dir)
+    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     missing = args.num_class_images - len(list_images(folder))
     if missing <= 0:
@@ -31,7 +31,7 @@ def generate_class_images(args, load_pipeline, accelerator, weight_dtype) -> Non
         while done < missing:
             n = min(args.sample_batch_size, missing - done)
             gen = torch.Generator().manual_seed((args.seed or 0) + start + done)
-            images = pipe([args.class_prompt] * n, num_inference_steps=args.num_inference_steps,
+            images = pipe([prompt] * n, num_inference_steps=args.num_inference_steps,
                           guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
                           generator=gen).images
             for i, img in enumerate(images):

@@ -1,0 +1,131 @@
+"""Issue 15: SVDiff's own features: Cut-Mix-Unmix (augmentation, prompts, the unmix term), adapter composition
+and single-image editing (CoSINE), on the tiny pipelines."""
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import svdiff_tools as st
+from svdiff_tools.training.data import DreamBoothDataset, SubjectData, cutmix, mixed_prompt
+from svdiff_tools.training.tiny import tiny_pipeline, tiny_pipeline_path
+from svdiff_tools.training.unmix import UnmixRecorder, identifier_positions, install
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _solid(colour, size=40):
+    return Image.new("RGB", (size, size), colour)
+
+
+def test_cutmix_puts_the_centre_strips_side_by_side():
+    left, right = _solid((255, 0, 0)), _solid((0, 0, 255))
+    left.paste((0, 255, 0), (10, 0, 30, 40))  # a green band in the middle of the left image
+    mixed = np.asarray(cutmix(left, right, 32))
+    assert mixed.shape == (32, 32, 3)
+    assert (mixed[:, :16, 1] > 200).mean() > 0.9  # the left half is the left image's (green) centre strip
+    assert (mixed[:, 16:, 2] > 200).all() and (mixed[:, 16:, 0] < 50).all()  # the right half is blue
+
+
+def test_mixed_items_carry_prompts_and_sides_and_are_never_flipped():
+    toy = SubjectData([_solid((255, 0, 0))], "sks", "toy", "a photo of sks toy")
+    robot = SubjectData([_solid((0, 0, 255))], "zwx", "robot", "a photo of zwx robot")
+    data = DreamBoothDataset([], 32, True, True, 0, subjects=[toy, robot], cutmix_probability=1.0)
+    for i in range(8):
+        item = data[i]
+        left, right = item["mix"]
+        by_id = {"sks": toy, "zwx": robot}
+        assert item["prompt"] == mixed_prompt(by_id[left], by_id[right])
+        pixels = item["instance"]
+        red_left = bool((pixels[0, :, :16] > 0.9).all())
+        assert red_left == (left == "sks")  # the side the prompt names is the side the pixels show
+    plain = DreamBoothDataset([], 32, True, False, 0, subjects=[toy, robot], cutmix_probability=0.0)
+    assert all(plain[i]["mix"] is None for i in range(4))
+    assert {plain[i]["prompt"] for i in range(2)} == {toy.prompt, robot.prompt}
+
+
+def test_unmix_term_is_zero_when_separated_and_positive_when_mixed():
+    q, w = 16, 4  # a 4x4 layer; tokens 1 (left identifier) and 2 (right identifier)
+    right_half = (torch.arange(q) % w) >= w / 2
+    separated = torch.full((2, q, 4), 1e-3)
+    separated[:, ~right_half, 1] = 1.0
+    separated[:, right_half, 2] = 1.0
+    mixed = torch.full((2, q, 4), 1.0)  # every token everywhere
+    swapped = torch.full((2, q, 4), 1e-12)
+    swapped[:, right_half, 1] = 1.0
+    swapped[:, ~right_half, 2] = 1.0
+    values = []
+    for probs in (separated, mixed, swapped):
+        rec = UnmixRecorder()
+        rec.begin([(0, [1], [2])], (4, 4))
+        rec.record(probs, heads=2)
+        values.append(float(rec.end()))
+    assert values[0] < 1e-5 and values[1] == pytest.approx(0.25, abs=1e-6) and values[2] == pytest.approx(1.0)
+
+
+def test_unmix_processor_matches_the_default_attention_and_gives_a_gradient():
+    pipe = tiny_pipeline("sd15")
+    unet = pipe.unet
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 10])
+    prompt = "a photo of sks toy on the left and zwx robot on the right"
+    ids = pipe.tokenizer([prompt] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    cond = pipe.text_encoder(ids)[0].detach()
+    with torch.no_grad():
+        expected = unet(x, t, cond).sample
+    rec = UnmixRecorder()
+    assert install(unet, rec) > 0
+    st.inject_adapter(unet, st.SVDAdapterConfig(method="svdiff", target_modules="unet-attention"))
+    with torch.no_grad():
+        assert torch.allclose(unet(x, t, cond).sample, expected, atol=1e-5)  # same attention, probabilities shown
+    left, right = identifier_positions(pipe.tokenizer, prompt, "sks"), identifier_positions(pipe.tokenizer, prompt,
+                                                                                            "zwx")
+    assert left and right and min(right) > max(left)
+    rec.begin([(0, left, right)], (8, 8))
+    unet(x, t, cond).sample.sum()
+    term = rec.end()
+    assert term is not None and 0 < float(term) < 1 and term.requires_grad
+    term.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in unet.parameters() if p.requires_grad)
+
+
+def test_cutmix_unmix_training_run_and_composition(tmp_path):
+    """The trainer trains two subjects with Cut-Mix-Unmix; two adapters trained apart compose in one pipeline."""
+    data = ROOT / "svdiff_tools" / "data" / "toyworld" / "subjects"
+    cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), "--method", "svdiff", "--subject",
+           f"{data / 'example_toy'}:sks:toy", "--subject", f"{data / 'example_robot'}:zwx:robot", "--cutmix_unmix",
+           "--cutmix_probability", "1.0", "--max_train_steps", "3", "--num_validation_images", "1",
+           "--output_dir", str(tmp_path / "joint")]
+    env = dict(__import__("os").environ, SVDIFF_TOOLS_EMBEDDED="tiny")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((tmp_path / "joint" / "validation").glob("*.png"))) == 3  # each subject, then both together
+    base = tiny_pipeline("sd15")
+    pipe = copy.deepcopy(base)
+    for name, seed in (("toy", 1), ("robot", 2)):
+        model = copy.deepcopy(base.unet)
+        st.inject_adapter(model, st.SVDAdapterConfig(method="svdiff", target_modules="unet"), name)
+        with torch.no_grad():
+            for p in st.model.adapter_parameters(model, name).values():
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)) * 0.3)
+        st.save_adapter(model, tmp_path / f"{name}.safetensors", adapter_name=name)
+        pipe.load_svd_adapter(tmp_path / f"{name}.safetensors")
+    pipe.set_svd_adapters(["toy", "robot"], [1.0, 0.5])
+    assert sorted(pipe.get_active_svd_adapters()) == ["robot", "toy"]
+    image = pipe("a sks toy on the left and a zwx robot on the right", num_inference_steps=2, height=32, width=32,
+                 output_type="np").images
+    assert np.isfinite(image).all()
+
+
+def test_edit_script_writes_the_edit(tmp_path):
+    image = ROOT / "svdiff_tools" / "data" / "example_subject" / "example_toy_0.png"
+    result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "edit.py"), str(image), "--prompt",
+                             "a purple star toy", "--edit", "a purple star toy on a green background", "--base",
+                             str(tiny_pipeline_path("sd15")), "--steps", "3", "--inference_steps", "3", "--out",
+                             str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert {"edited.png", "reconstruction.png", "grid.png"} <= {p.name for p in tmp_path.iterdir()}
