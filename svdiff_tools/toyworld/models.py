@@ -13,14 +13,16 @@ def vae():
 
 
 def unet():
-    """UNet2DConditionModel on 16x16x4 latents, SD-1.5's layout at three levels: cross-attention at 16x16 and
-    8x8 (down and up) and in the 4x4 mid block, resnets everywhere, text width 128."""
+    """UNet2DConditionModel on 16x16x4 latents, SDXL's arrangement on three levels: resnets only at 16x16,
+    cross-attention transformer blocks at 8x8 and 4x4 and in the mid block, text width 128; 6.7 M parameters.
+    Attention at 16x16 as well (SD-1.5's arrangement) took 1.01 s per batch-32 training step on this CPU
+    against 0.52 s for this one."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(64, 128, 128),
                                 layers_per_block=1,
-                                down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
                                 cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=32)
 
 
