@@ -56,8 +56,13 @@ def component_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Di
     configs = adapter_configs(model)
     if adapter_name not in configs:
         raise SVDAdapterError(f"the model has no adapter named {adapter_name!r} (it has {list(configs)}).")
+    return layers_state(adapter_layers(model), configs[adapter_name], adapter_name)
+
+
+def layers_state(layers, config: SVDAdapterConfig, adapter_name: str) -> Tuple[Dict[str, torch.Tensor], dict]:
+    """(tensors, metadata entry) of ``adapter_name`` on ``(module name, adapter layer)`` pairs."""
     tensors, modules, norms = {}, {}, {}
-    for name, layer in adapter_layers(model):
+    for name, layer in layers:
         if isinstance(layer, SVDLayer) and adapter_name in layer.svd_adapters:
             method = layer.svd_adapters[adapter_name]
             basis = layer.bases[layer.basis_of[adapter_name]]
@@ -76,7 +81,7 @@ def component_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Di
             tensors[f"{name}.weight_delta"] = layer.weight_deltas[adapter_name].detach().to("cpu").contiguous()
             norms[name] = {"weight_shape": list(layer.base_module.weight.shape),
                            "fingerprint": fingerprint(layer.unmerged_weight())}
-    return tensors, {"config": configs[adapter_name].to_dict(), "modules": modules, "norm_modules": norms}
+    return tensors, {"config": config.to_dict(), "modules": modules, "norm_modules": norms}
 
 
 def write_adapter_file(path: Union[str, os.PathLike], components: Dict[str, Tuple[Dict[str, torch.Tensor], dict]],

@@ -110,26 +110,29 @@ def plan_adapters(model: nn.Module, config: SVDAdapterConfig, adapter_name: str,
         targets = [(n, model.get_submodule(n)) for n in records]
     else:
         targets = resolve_targets(model, config.target_modules, config.exclude_modules)
+    return [plan_module(name, module, config, records[name] if records is not None else None)
+            for name, module in targets]
+
+
+def plan_module(name: str, module: nn.Module, config: SVDAdapterConfig,
+                record: Optional[ModuleRecord] = None) -> PlannedAdapter:
+    """One module's plan: its kind, matrix shape, rank and decomposition route (``record``: as a file fixes them)."""
     cls = method_class(config.method)
-    plans = []
-    for name, module in targets:
-        base = _base(module)
-        kind = kind_of(base)
-        shape = tuple(kind.matrix(base.weight).shape)
-        k = min(shape)
-        record = records[name] if records is not None else None
-        rank = record.rank if record is not None else cls.requested_rank(config)
-        if isinstance(rank, int) and rank > k:
-            raise SVDTargetError(f"rank {rank} exceeds min(out, in) = {k} of module {name} (matrix {shape[0]}x"
-                                 f"{shape[1]}); lower --rank or exclude that module.")
-        if record is not None:
-            driver, svd_rank = record.driver, record.svd_rank
-        else:
-            driver = dec.resolve_driver(config.svd_driver, rank if isinstance(rank, int) else None, k)
-            svd_rank = rank if driver == "randomized" else None
-        plans.append(PlannedAdapter(name, module, kind, shape, rank, driver, svd_rank,
-                                    record.weight_dtype if record is not None else None))
-    return plans
+    base = _base(module)
+    kind = kind_of(base)
+    shape = tuple(kind.matrix(base.weight).shape)
+    k = min(shape)
+    rank = record.rank if record is not None else cls.requested_rank(config)
+    if isinstance(rank, int) and rank > k:
+        raise SVDTargetError(f"rank {rank} exceeds min(out, in) = {k} of module {name} (matrix {shape[0]}x"
+                             f"{shape[1]}); lower --rank or exclude that module.")
+    if record is not None:
+        driver, svd_rank = record.driver, record.svd_rank
+    else:
+        driver = dec.resolve_driver(config.svd_driver, rank if isinstance(rank, int) else None, k)
+        svd_rank = rank if driver == "randomized" else None
+    return PlannedAdapter(name, module, kind, shape, rank, driver, svd_rank,
+                          record.weight_dtype if record is not None else None)
 
 
 def _choose_rank(requested, S: torch.Tensor, weight_matrix: torch.Tensor, n_valid: int, name: str,
