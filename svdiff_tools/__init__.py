@@ -8,6 +8,7 @@ from .version import __version__  # noqa: F401  (public)
 
 from .avf import AdaptiveVectorFreezing
 from .config import SVDAdapterConfig
+from .estimate import Estimate, estimate
 from .errors import SVDAdapterError, SVDAdapterFileError, SVDConfigError, SVDTargetError
 from .export import LoRAExportReport, export_lora
 from .io import DEFAULT_WEIGHT_NAME, load_adapter, save_adapter
@@ -19,7 +20,7 @@ from .model import (adapters_disabled, count_parameters, disable_adapters, enabl
 from .targets import PRESETS
 
 __all__ = [
-    "AdaptiveVectorFreezing", "DEFAULT_WEIGHT_NAME", "LoRAExportReport", "METHODS", "NormDeltaLayer", "PRESETS",
+    "AdaptiveVectorFreezing", "DEFAULT_WEIGHT_NAME", "Estimate", "estimate", "LoRAExportReport", "METHODS", "NormDeltaLayer", "PRESETS",
     "SVDAdapterConfig", "SVDAdapterError", "SVDAdapterFileError", "SVDConfigError", "SVDLayer", "SVDTargetError",
     "adapters_disabled", "count_parameters", "disable_adapters", "enable_adapters", "export_lora",
     "get_adapter_names", "get_parameter_groups", "inject_adapter", "load_adapter", "merge_adapter", "merge_and_unload",

@@ -81,6 +81,13 @@ class SpectralMethod(nn.Module):
         """The default learning rate for this configuration (see ``lr_source``)."""
         return cls.default_lr
 
+    @classmethod
+    def trainable_count(cls, rank: int, out_features: Optional[int], config: SVDAdapterConfig) -> int:
+        """Trainable elements of one layer at ``rank`` components (``out_features``: its bias size, None without
+        a bias slot); the estimator counts with it, without building anything."""
+        bias = out_features if (config.trains_bias and out_features is not None) else 0
+        return rank + bias
+
     # --- which components ---------------------------------------------------------------
     @classmethod
     def requested_rank(cls, config: SVDAdapterConfig) -> Optional[Union[int, float]]:

@@ -56,6 +56,11 @@ class SVFT(SpectralMethod):
         return cls.PLAIN_LR if config.svft_pattern == "plain" else cls.default_lr
 
     @classmethod
+    def trainable_count(cls, rank, out_features, config):
+        nnz = rank if config.svft_pattern == "plain" else banded_count(rank, config.svft_offset)
+        return nnz + (out_features if config.trains_bias and out_features is not None else 0)
+
+    @classmethod
     def needs_factors(cls, config):
         return config.svft_pattern == "top_k"
 
