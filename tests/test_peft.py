@@ -150,6 +150,25 @@ def test_the_verbs_diffusers_calls_on_tuner_layers():
         assert not layer.merged and torch.allclose(layer(X), half, atol=1e-5)
 
 
+def test_modules_to_save_train_in_full_and_round_trip(tmp_path):
+    """A classifier head named in ``modules_to_save`` (what a SEQ_CLS task adds) trains beside the adapter, is
+    saved with it, and comes back; the standalone file format, which has no place for it, refuses it."""
+    model = get_peft_model(_base(), _config("svft", modules_to_save=["head"]))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("head.modules_to_save.default.weight" in n for n in trainable)
+    assert sum("svft_adapters" in n for n in trainable) == 2
+    _randomize(model)
+    with torch.no_grad():
+        out = model(X)
+        assert (out - _base()(X)).abs().max() > 1e-2
+    model.save_pretrained(tmp_path / "a")
+    loaded = PeftModel.from_pretrained(_base(), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(X), out, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        sp.save_as_svd_adapter(model, tmp_path / "b.safetensors")
+
+
 def test_trainer_trains_checkpoints_and_resumes(tmp_path):
     from transformers import Trainer, TrainerCallback, TrainingArguments
 

@@ -66,6 +66,9 @@ def save_as_svd_adapter(peft_model, path, adapter_name: str = "default"):
     from .layer import SVDTunerLayer
 
     config = peft_model.peft_config[adapter_name]
+    if config.modules_to_save:
+        raise ValueError(f"this adapter also trains {sorted(config.modules_to_save)} in full (modules_to_save), which "
+                         "an svdiff-tools adapter file cannot hold: keep PEFT's save_pretrained folder for it.")
     prefix = "base_model.model."
     layers = [(name[len(prefix):] if name.startswith(prefix) else name, module.core)
               for name, module in peft_model.named_modules() if isinstance(module, SVDTunerLayer)]

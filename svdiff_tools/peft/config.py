@@ -15,10 +15,12 @@ from ..config import SVDAdapterConfig
 class SVDPeftConfig(PeftConfig):
     """Common fields (see `svdiff_tools.SVDAdapterConfig` for their meaning). ``target_modules`` takes PEFT's
     semantics (a list of name suffixes or a regex) and also this library's presets (``"all-linear"`` ...).
-    ``base_fingerprints`` is filled when the adapter is created: a loaded adapter refuses another base model."""
+    ``modules_to_save`` are trained in full
+    and saved beside the adapter, as in LoRA (a ``SEQ_CLS`` task adds the classifier head). ``base_fingerprints`` is filled when the adapter is created: a loaded adapter refuses another base model."""
 
     target_modules: Optional[Union[list, str]] = field(default=None)
     exclude_modules: Optional[Union[list, str]] = field(default=None)
+    modules_to_save: Optional[list] = field(default=None)
     rank: Optional[Union[int, float]] = field(default=None)
     scale: float = field(default=1.0)
     svft_pattern: str = field(default="banded")
