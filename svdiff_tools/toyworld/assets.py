@@ -9,15 +9,15 @@ import torch
 from PIL import Image
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "toyworld"
+PIPELINE = DATA / "pipeline"  # the shipped pretrained pipeline, once it has passed its gate
 
 
 def pipeline_path() -> Path:
     """The shipped pretrained pipeline folder (a diffusers `StableDiffusionPipeline`)."""
-    path = DATA / "pipeline"
-    if not (path / "model_index.json").is_file():
-        raise FileNotFoundError(f"the toy-world pipeline is not at {path}; pretrain it with "
+    if not (PIPELINE / "model_index.json").is_file():
+        raise FileNotFoundError(f"the toy-world pipeline is not at {PIPELINE}; pretrain it with "
                                 "`python -m svdiff_tools.toyworld.pretrain` (see docs/toyworld.md)")
-    return path
+    return PIPELINE
 
 
 def to_pil(images: torch.Tensor) -> list:

@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .assets import DATA
+from .assets import PIPELINE
 from .evaluate import recontext_prompt
 from .world import SUBJECTS
 
@@ -36,7 +36,7 @@ METHOD_DEFAULTS = {
 
 
 def pipeline_folder() -> Path:
-    return DATA / "pipeline"
+    return PIPELINE
 
 
 def available() -> bool:

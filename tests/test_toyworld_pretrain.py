@@ -1,0 +1,84 @@
+"""The toy world's pretraining chain at a few steps: VAE stage, UNet stage with a resume, fp16 export that loads
+with `DiffusionPipeline.from_pretrained`, and the quality gate, which must refuse untrained weights."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from svdiff_tools.toyworld import assets, dreambooth, gate
+
+SMALL = ["--batch_size", "2", "--log_every", "1", "--checkpoint_every", "1", "--warmup", "1"]
+
+
+def _pretrain(out, *args):
+    cmd = [sys.executable, "-m", "svdiff_tools.toyworld.pretrain", *args, "--output_dir", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toyworld")
+    vae_log = _pretrain(out, "vae", "--max_steps", "2", "--eval_every", "2", *SMALL)
+    unet = ["unet", "--latent_cache", "8", "--eval_every", "100", "--eval_prompts", "2", *SMALL]
+    first = _pretrain(out, *unet, "--max_steps", "2")
+    second = _pretrain(out, *unet, "--max_steps", "3")
+    pipeline = out / "pipeline"
+    _pretrain(out, "export", "--to", str(pipeline))
+    return out, pipeline, vae_log, first, second
+
+
+def test_stages_log_checkpoint_and_resume(pretrained):
+    out, _, vae_log, first, second = pretrained
+    records = [json.loads(line) for line in vae_log.splitlines() if line.startswith("{")]
+    assert [r["step"] for r in records] == [1, 2] and "psnr" in records[-1]
+    vae_config = json.loads((out / "vae" / "final" / "config.json").read_text())
+    assert 0 < vae_config["scaling_factor"] < 100  # latents * factor have unit variance
+    assert "resumed" not in first
+    assert "resumed unet from" in second and "(step 2)" in second
+    records = [json.loads(line) for line in second.splitlines() if line.startswith('{"step"')]
+    assert [r["step"] for r in records] == [3]  # only the step after the checkpoint ran again
+    assert "class" in records[-1]["gate"]  # the last step is evaluated with the metric network
+    kept = sorted(p.name for p in (out / "unet").glob("checkpoint-*"))
+    assert kept == ["checkpoint-2", "checkpoint-3"]  # --keep 2
+
+
+def test_export_is_float16_on_disk_and_loads_as_float32(pretrained):
+    from diffusers import DiffusionPipeline
+
+    _, pipeline, *_ = pretrained
+    for part in ("unet", "vae"):
+        with safe_open(str(pipeline / part / "diffusion_pytorch_model.safetensors"), "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}
+    pipe = DiffusionPipeline.from_pretrained(pipeline)
+    assert {pipe.unet.dtype, pipe.vae.dtype, pipe.text_encoder.dtype} == {torch.float32}
+    size = sum(p.stat().st_size for p in pipeline.rglob("*") if p.is_file())
+    assert size <= 25 * 2**20
+
+
+def test_the_gate_refuses_untrained_weights(pretrained):
+    from diffusers import DiffusionPipeline
+
+    _, pipeline, *_ = pretrained
+    pipe = DiffusionPipeline.from_pretrained(pipeline)
+    pipe.set_progress_bar_config(disable=True)
+    result = gate.attribute_accuracy(pipe, n_prompts=16, seeds=(0,), steps=4)
+    accuracy = result["accuracy"]
+    assert {"class", "shape", "colour"} <= set(accuracy) and result["images"].shape == (16, 3, 64, 64)
+    assert all(0.0 <= v <= 1.0 for v in accuracy.values())
+    assert not gate.passes(accuracy)
+
+
+@pytest.mark.skipif(not dreambooth.available(), reason="the pretrained toy-world pipeline is not shipped yet")
+def test_the_shipped_pipeline_loads_offline_and_holds_its_gate_on_a_sample():
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(assets.pipeline_path(), local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    accuracy = gate.attribute_accuracy(pipe, n_prompts=16, seeds=(0,), steps=20)["accuracy"]
+    assert all(accuracy[a] >= 0.75 for a in ("class", "shape", "colour", "background")), accuracy
