@@ -60,7 +60,7 @@ def load_pipeline(base):
 
 def image_latents(pipe, image: Image.Image) -> torch.Tensor:
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    x = torch.from_numpy(np.asarray(image.convert("RGB").resize((size, size)))).float()
+    x = torch.from_numpy(np.array(image.convert("RGB").resize((size, size)))).float()
     x = x.permute(2, 0, 1)[None] / 127.5 - 1
     with torch.no_grad():
         return pipe.vae.encode(x).latent_dist.mode() * pipe.vae.config.scaling_factor
