@@ -23,7 +23,8 @@ NUM_CLASS_IMAGES = 32
 NUM_VALIDATION_IMAGES = 8
 INFERENCE_STEPS = 25
 GUIDANCE = 5.0
-# method -> (learning rate, optimizer steps, source of both)
+# method -> (learning rate, optimizer steps, source of both). Until the pipeline ships these are starting points
+# (the sweep's grid centres) and unused: the trainer falls back to the tiny pipeline and its own defaults.
 SWEEP = "toy-world sweep (benchmarks/toyworld_lr_sweep.py, docs/toyworld.md)"
 METHOD_DEFAULTS = {
     "svdiff": (1e-2, 200, SWEEP),
