@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("svdiff", "svfit", "svft", "vectorfit", "lora", "pissa")
+METHODS = ("svdiff", "svfit", "svft", "vectorfit", "lora", "pissa", "full")
 
 
 def score(report: dict) -> float:

@@ -18,6 +18,14 @@ def _report(instance, recontext_both):
             "base": {"instance": {"identified": 0.0}, "recontext": {"attribute_and_identified": 0.0}}}
 
 
+def test_every_trainer_method_has_a_toy_world_default_and_a_place_in_the_sweep():
+    from svdiff_tools.training.args import ALL_METHODS
+
+    assert set(dreambooth.METHOD_DEFAULTS) == set(ALL_METHODS) == set(sweep.METHODS)
+    for lr, steps, source in dreambooth.METHOD_DEFAULTS.values():
+        assert 0 < lr < 1 and steps >= 1 and source
+
+
 def test_score_is_the_mean_of_identification_and_recontextualisation():
     assert sweep.score(_report(0.75, 0.25)) == pytest.approx(0.5)
     assert sweep.score(_report(1.0, 1.0)) == 1.0 and sweep.score(_report(0.0, 0.0)) == 0.0

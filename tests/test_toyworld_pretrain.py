@@ -2,8 +2,10 @@
 with `DiffusionPipeline.from_pretrained`, and the quality gate, which must refuse untrained weights."""
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ from safetensors import safe_open
 
 from svdiff_tools.toyworld import assets, dreambooth, gate
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--batch_size", "2", "--log_every", "1", "--checkpoint_every", "1", "--warmup", "1"]
 
 
@@ -73,6 +76,31 @@ def test_the_gate_refuses_untrained_weights(pretrained):
     assert all(0.0 <= v <= 1.0 for v in accuracy.values())
     assert not gate.passes(accuracy)
 
+
+
+@pytest.mark.parametrize("method", ["svfit", "lora", "full"])  # the three trainer backends
+def test_the_main_job_runs_on_a_candidate_toy_world(pretrained, tmp_path, method):
+    """The no-flag main job on a toy-world pipeline (here the few-step candidate, through the override variable):
+    toy-world defaults, the shipped subject with prior preservation, and the measured report in the card."""
+    from svdiff_tools.toyworld.assets import PIPELINE_ENV
+
+    _, pipeline, *_ = pretrained
+    out = tmp_path / "out"
+    env = dict(os.environ, **{PIPELINE_ENV: str(pipeline), "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    env.pop("SVDIFF_TOOLS_EMBEDDED", None)
+    cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), "--method", method, "--max_train_steps", "2",
+           "--num_class_images", "2", "--num_validation_images", "2", "--num_inference_steps", "2",
+           "--output_dir", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "toyworld_report.json").read_text())
+    assert {"adapted", "base"} <= set(report)
+    for label in ("adapted", "base"):
+        assert 0.0 <= report[label]["instance"]["identified"] <= 1.0
+        assert "attribute_and_identified" in report[label]["recontext"]
+    card = (out / "README.md").read_text()
+    assert "pipeline_path()" in card and "identified" in card.lower()
+    assert len(list((tmp_path / "cache").rglob("*.png"))) == 2  # class images made by the candidate, cached
 
 @pytest.mark.skipif(not dreambooth.available(), reason="the pretrained toy-world pipeline is not shipped yet")
 def test_the_shipped_pipeline_loads_offline_and_holds_its_gate_on_a_sample():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
@@ -9,15 +10,24 @@ import torch
 from PIL import Image
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "toyworld"
-PIPELINE = DATA / "pipeline"  # the shipped pretrained pipeline, once it has passed its gate
+SHIPPED_PIPELINE = DATA / "pipeline"  # the pretrained pipeline, committed once it has passed its gate
+PIPELINE_ENV = "SVDIFF_TOOLS_TOYWORLD_PIPELINE"  # another folder in its place: a candidate before it ships
+
+
+def pipeline_folder() -> Path:
+    """Where the toy-world pipeline is looked for: ``$SVDIFF_TOOLS_TOYWORLD_PIPELINE`` when set (to try a freshly
+    exported candidate with the trainer, the gate and the benchmarks before committing it), else the shipped one."""
+    override = os.environ.get(PIPELINE_ENV)
+    return Path(override) if override else SHIPPED_PIPELINE
 
 
 def pipeline_path() -> Path:
-    """The shipped pretrained pipeline folder (a diffusers `StableDiffusionPipeline`)."""
-    if not (PIPELINE / "model_index.json").is_file():
-        raise FileNotFoundError(f"the toy-world pipeline is not at {PIPELINE}; pretrain it with "
+    """The toy-world pipeline folder (a diffusers `StableDiffusionPipeline`); an error when there is none."""
+    folder = pipeline_folder()
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(f"the toy-world pipeline is not at {folder}; pretrain it with "
                                 "`python -m svdiff_tools.toyworld.pretrain` (see docs/toyworld.md)")
-    return PIPELINE
+    return folder
 
 
 def to_pil(images: torch.Tensor) -> list:

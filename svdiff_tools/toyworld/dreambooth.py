@@ -13,7 +13,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .assets import PIPELINE
+from .assets import pipeline_folder
 from .evaluate import recontext_prompt
 from .world import SUBJECTS
 
@@ -33,11 +33,8 @@ METHOD_DEFAULTS = {
     "vectorfit": (1e-2, 200, SWEEP),
     "lora": (1e-3, 200, SWEEP),
     "pissa": (1e-3, 200, SWEEP),
+    "full": (1e-5, 200, SWEEP),
 }
-
-
-def pipeline_folder() -> Path:
-    return PIPELINE
 
 
 def available() -> bool:
