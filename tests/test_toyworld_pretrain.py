@@ -14,6 +14,8 @@ from safetensors import safe_open
 from svdiff_tools.toyworld import assets, dreambooth, gate
 
 ROOT = Path(__file__).resolve().parents[1]
+# one worker builds the few-step pipeline once for the whole module (scripts/test.sh: --dist loadgroup)
+pytestmark = pytest.mark.xdist_group("toyworld_pretrain")
 SMALL = ["--batch_size", "2", "--log_every", "1", "--checkpoint_every", "1", "--warmup", "1"]
 
 
@@ -78,7 +80,7 @@ def test_the_gate_refuses_untrained_weights(pretrained):
 
 
 
-@pytest.mark.parametrize("method", ["svfit", "lora", "full"])  # the three trainer backends
+@pytest.mark.parametrize("method", ["svfit", "full"])  # a spectral backend and the full one
 def test_the_main_job_runs_on_a_candidate_toy_world(pretrained, tmp_path, method):
     """The no-flag main job on a toy-world pipeline (here the few-step candidate, through the override variable):
     toy-world defaults, the shipped subject with prior preservation, and the measured report in the card."""
