@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-1}"
-exec "${PYTHON:-python3}" -m pytest -q -n 2 --dist loadgroup -p no:benchmark -p no:cacheprovider "$@"
+exec "${PYTHON:-python3}" -m pytest -q -n 2 -p no:benchmark -p no:cacheprovider "$@"

@@ -14,8 +14,6 @@ from safetensors import safe_open
 from svdiff_tools.toyworld import assets, dreambooth, gate
 
 ROOT = Path(__file__).resolve().parents[1]
-# one worker builds the few-step pipeline once for the whole module (scripts/test.sh: --dist loadgroup)
-pytestmark = pytest.mark.xdist_group("toyworld_pretrain")
 SMALL = ["--batch_size", "2", "--log_every", "1", "--checkpoint_every", "1", "--warmup", "1"]
 
 
@@ -26,9 +24,19 @@ def _pretrain(out, *args):
     return result.stdout
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("toyworld")
+def test_the_pretraining_chain_at_a_few_steps(tmp_path):
+    """One test, so that the few-step pipeline is built once whichever worker runs it."""
+    built = pretrained(tmp_path / "toyworld")
+    _stages_log_checkpoint_and_resume(built)
+    _export_is_float16_on_disk_and_loads_as_float32(built)
+    _the_gate_refuses_untrained_weights(built)
+    for method in ("svfit", "full"):  # a spectral backend and the full one
+        (tmp_path / method).mkdir()
+        _the_main_job_runs_on_a_candidate_toy_world(built, tmp_path / method, method)
+
+
+def pretrained(out):
+    out.mkdir()
     vae_log = _pretrain(out, "vae", "--max_steps", "2", "--eval_every", "2", *SMALL)
     unet = ["unet", "--latent_cache", "8", "--eval_every", "100", "--eval_prompts", "2", *SMALL]
     first = _pretrain(out, *unet, "--max_steps", "2")
@@ -38,7 +46,7 @@ def pretrained(tmp_path_factory):
     return out, pipeline, vae_log, first, second
 
 
-def test_stages_log_checkpoint_and_resume(pretrained):
+def _stages_log_checkpoint_and_resume(pretrained):
     out, _, vae_log, first, second = pretrained
     records = [json.loads(line) for line in vae_log.splitlines() if line.startswith("{")]
     assert [r["step"] for r in records] == [1, 2] and "psnr" in records[-1]
@@ -53,7 +61,7 @@ def test_stages_log_checkpoint_and_resume(pretrained):
     assert kept == ["checkpoint-2", "checkpoint-3"]  # --keep 2
 
 
-def test_export_is_float16_on_disk_and_loads_as_float32(pretrained):
+def _export_is_float16_on_disk_and_loads_as_float32(pretrained):
     from diffusers import DiffusionPipeline
 
     _, pipeline, *_ = pretrained
@@ -66,7 +74,7 @@ def test_export_is_float16_on_disk_and_loads_as_float32(pretrained):
     assert size <= 25 * 2**20
 
 
-def test_the_gate_refuses_untrained_weights(pretrained):
+def _the_gate_refuses_untrained_weights(pretrained):
     from diffusers import DiffusionPipeline
 
     _, pipeline, *_ = pretrained
@@ -80,8 +88,7 @@ def test_the_gate_refuses_untrained_weights(pretrained):
 
 
 
-@pytest.mark.parametrize("method", ["svfit", "full"])  # a spectral backend and the full one
-def test_the_main_job_runs_on_a_candidate_toy_world(pretrained, tmp_path, method):
+def _the_main_job_runs_on_a_candidate_toy_world(pretrained, tmp_path, method):
     """The no-flag main job on a toy-world pipeline (here the few-step candidate, through the override variable):
     toy-world defaults, the shipped subject with prior preservation, and the measured report in the card."""
     from svdiff_tools.toyworld.assets import PIPELINE_ENV
