@@ -18,7 +18,7 @@ MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
-def _bytes_to_unicode() -> List[str]:
+def bytes_to_unicode() -> List[str]:
     """CLIP's (and GPT-2's) reversible byte -> printable unicode table."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     cs, n = bs[:], 0
@@ -44,7 +44,7 @@ def learn_merges(words: List[str]) -> List[Tuple[str, str]]:
 
 
 def build_vocab() -> Tuple[Dict[str, int], List[Tuple[str, str]]]:
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
     merges = learn_merges(vocabulary())

@@ -18,26 +18,17 @@ from typing import Optional
 
 import torch
 
+from ..toyworld.tokenizer import bytes_to_unicode
+
 KINDS = ("sd15", "sd2", "sdxl", "sd3", "flux")
 VOCAB_SIZE = 514
 BOS_ID, EOS_ID = 512, 513
 
 
-def _bytes_to_unicode() -> list:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
-
-
 def write_tokenizer_files(folder: Path) -> Path:
     """vocab.json + merges.txt for the byte-level character tokenizer."""
     folder.mkdir(parents=True, exist_ok=True)
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
     vocab.update({"<|startoftext|>": BOS_ID, "<|endoftext|>": EOS_ID})
