@@ -109,6 +109,10 @@ def _the_main_job_runs_on_a_candidate_toy_world(pretrained, tmp_path, method):
         assert "attribute_and_identified" in report[label]["recontext"]
     card = (out / "README.md").read_text()
     assert "pipeline_path()" in card and "identified" in card.lower()
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0]  # the card's usage code, run as written
+    ran = subprocess.run([sys.executable, "-c", snippet + "\nprint(image.size)"], capture_output=True, text=True,
+                         env=env, timeout=600)
+    assert ran.returncode == 0 and ran.stdout.strip().endswith("(64, 64)"), ran.stderr[-3000:]
     assert len(list((tmp_path / "cache").rglob("*.png"))) == 2  # class images made by the candidate, cached
 
 @pytest.mark.skipif(not dreambooth.available(), reason="the pretrained toy-world pipeline is not shipped yet")
@@ -119,3 +123,20 @@ def test_the_shipped_pipeline_loads_offline_and_holds_its_gate_on_a_sample():
     pipe.set_progress_bar_config(disable=True)
     accuracy = gate.attribute_accuracy(pipe, n_prompts=16, seeds=(0,), steps=20)["accuracy"]
     assert all(accuracy[a] >= 0.75 for a in ("class", "shape", "colour", "background")), accuracy
+
+
+@pytest.mark.skipif(not dreambooth.available(), reason="the pretrained toy-world pipeline is not shipped yet")
+def test_the_main_job_on_the_shipped_pipeline_learns_the_subject(tmp_path):
+    """The README's main job (no model or data flags) on the shipped pipeline, with fewer class and validation
+    images: its own report must identify the subject far more often than the base pipeline on the same seeds,
+    so a regression in training quality fails here."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env.pop("SVDIFF_TOOLS_EMBEDDED", None)
+    env.pop(assets.PIPELINE_ENV, None)
+    cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), "--method", "svfit", "--num_class_images", "8",
+           "--num_validation_images", "4", "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "toyworld_report.json").read_text())
+    adapted, base = report["adapted"]["instance"]["identified"], report["base"]["instance"]["identified"]
+    assert adapted >= 0.75 and base <= 0.25, report
