@@ -111,3 +111,23 @@ def test_the_shipped_metric_network_identifies_the_subject_and_nothing_else():
     assert identifier.identify(render_tensor(others)).float().mean() <= 0.05
     noise = torch.rand(16, 3, 64, 64) * 2 - 1  # what a random-weight pipeline draws
     assert identifier.identify(noise).float().mean() <= 0.1
+
+
+def test_the_pretraining_loss_weighs_x0_errors_by_the_clamped_snr():
+    """epsilon-MSE times the weight equals x0-MSE times clamp(SNR, floor, gamma), x0 recovered from the noisy
+    latent in float64; floor 0 is Min-SNR-gamma."""
+    from svdiff_tools.toyworld.pretrain import epsilon_loss_weight
+
+    g = torch.Generator().manual_seed(0)
+    alpha_bar = torch.tensor([0.0047, 0.0142, 0.16, 0.42, 0.89, 0.999], dtype=torch.float64)
+    x0, eps, err = (torch.randn(6, 4, 16, 16, generator=g, dtype=torch.float64) for _ in range(3))
+    a = alpha_bar.view(-1, 1, 1, 1)
+    noisy = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    x0_hat = (noisy - (1 - a).sqrt() * (eps + err)) / a.sqrt()
+    snr = alpha_bar / (1 - alpha_bar)
+    for floor, gamma in ((0.0, 5.0), (0.2, 5.0)):
+        weighted_eps = epsilon_loss_weight(alpha_bar, floor, gamma) * err.pow(2).mean((1, 2, 3))
+        weighted_x0 = snr.clamp(min=floor, max=gamma) * (x0_hat - x0).pow(2).mean((1, 2, 3))
+        torch.testing.assert_close(weighted_eps, weighted_x0, rtol=1e-9, atol=0)
+    lifted = epsilon_loss_weight(alpha_bar, 0.2, 5.0) / epsilon_loss_weight(alpha_bar, 0.0, 5.0)
+    assert lifted[0] > 40 and lifted[2] > 1 and torch.equal(lifted[3:], torch.ones(3, dtype=torch.float64))

@@ -36,6 +36,16 @@ from .world import caption, sample_scene
 EVAL_SEED = 10**9          # evaluation scenes start here, far from the training stream
 
 
+def epsilon_loss_weight(alpha_bar: torch.Tensor, floor: float, gamma: float) -> torch.Tensor:
+    """Weight of each sample's epsilon-MSE so that its x0-MSE is weighed by clamp(SNR, floor, gamma).
+
+    epsilon-MSE = SNR * x0-MSE with SNR = alpha_bar / (1 - alpha_bar), so the weight is clamp(SNR, floor, gamma) /
+    SNR: Min-SNR-gamma (Hang et al. 2023) for floor 0; a floor lifts the noisiest steps (SNR < floor), where the
+    image's layout is decided, to the x0 weight `floor` (v-prediction's is SNR + 1)."""
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(min=floor, max=gamma) / snr
+
+
 def lr_at(step: int, base: float, warmup: int, total: int, floor: float = 0.1) -> float:
     """Linear warm-up then cosine decay to `floor * base`."""
     if step < warmup:
@@ -104,8 +114,8 @@ class VAEStage(Stage):
 
 
 class UNetStage(Stage):
-    """UNet + CLIP text encoder on the frozen VAE's latents: epsilon prediction with min-SNR-5 weighting
-    (Hang et al. 2023), 10% empty captions for classifier-free guidance. Evaluation samples the eval
+    """UNet + CLIP text encoder on the frozen VAE's latents: epsilon prediction weighted by
+    `epsilon_loss_weight` (Min-SNR-5, optionally with an SNR floor), 10% empty captions for classifier-free guidance. Evaluation samples the eval
     prompts with the assembled pipeline and reads them back with the metric network."""
 
     name = "unet"
@@ -194,9 +204,7 @@ class UNetStage(Stage):
         t = t.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         pred = self.unet(noisy, t, self.encode_text(texts)).sample
-        alpha = self.alphas_cumprod[t]
-        snr = alpha / (1 - alpha)
-        weight = snr.clamp(max=self.args.snr_gamma) / snr
+        weight = epsilon_loss_weight(self.alphas_cumprod[t], self.args.snr_floor, self.args.snr_gamma)
         return (weight * F.mse_loss(pred.float(), noise.float(), reduction="none").mean((1, 2, 3))).mean()
 
     def pipeline(self):
@@ -327,6 +335,9 @@ def parse_args(argv=None):
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--kl_weight", type=float, default=1e-6)
     p.add_argument("--snr_gamma", type=float, default=5.0)
+    p.add_argument("--snr_floor", type=float, default=0.0,
+                   help="unet: weigh each step's x0 error by clamp(SNR, floor, gamma) (0: Min-SNR-gamma); a floor "
+                        "gives the noisiest steps, where the layout is decided, more weight than epsilon-MSE does")
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--eval_prompts", type=int, default=48)
     p.add_argument("--metric", default=None, help="unet: metric network folder for the evaluation (default: shipped)")
