@@ -131,3 +131,22 @@ def test_the_pretraining_loss_weighs_x0_errors_by_the_clamped_snr():
         torch.testing.assert_close(weighted_eps, weighted_x0, rtol=1e-9, atol=0)
     lifted = epsilon_loss_weight(alpha_bar, 0.2, 5.0) / epsilon_loss_weight(alpha_bar, 0.0, 5.0)
     assert lifted[0] > 40 and lifted[2] > 1 and torch.equal(lifted[3:], torch.ones(3, dtype=torch.float64))
+
+
+def test_the_token_identity_loss_reads_words_back_up_to_the_first_end_of_text():
+    from svdiff_tools.toyworld.pretrain import token_identity_loss
+
+    g = torch.Generator().manual_seed(0)
+    embeddings = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=1)
+    eos = 49
+    ids = torch.tensor([[48, 3, 7, 9, eos, eos, eos], [48, 5, eos, eos, eos, eos, eos]])
+    readable = 30 * embeddings[ids]                       # each output points at its own word
+    assert token_identity_loss(readable, ids, embeddings, eos) < 1e-3
+    collapsed = readable.clone()
+    collapsed[0, 2] = collapsed[0, 3]                     # two words mapped to one output
+    expected = torch.nn.functional.cross_entropy(collapsed[0, 2:3] @ embeddings.T, ids[0, 2:3]) / 8  # 8 kept tokens
+    torch.testing.assert_close(token_identity_loss(collapsed, ids, embeddings, eos), expected, rtol=1e-3, atol=1e-4)
+    padding_changed = readable.clone()
+    padding_changed[:, 5:] = 0                            # after the first end-of-text nothing counts
+    torch.testing.assert_close(token_identity_loss(padding_changed, ids, embeddings, eos),
+                               token_identity_loss(readable, ids, embeddings, eos))

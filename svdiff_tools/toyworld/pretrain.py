@@ -46,6 +46,19 @@ def epsilon_loss_weight(alpha_bar: torch.Tensor, floor: float, gamma: float) -> 
     return snr.clamp(min=floor, max=gamma) / snr
 
 
+def token_identity_loss(hidden: torch.Tensor, ids: torch.Tensor, embeddings: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Cross-entropy of reading each token back from the text encoder's output at its own position, through the
+    (tied) input embeddings: hidden (B, L, D) @ embeddings (V, D)^T against ids (B, L), over the tokens up to and
+    including the first end-of-text (padding repeats it). A text encoder trained only through the UNet's loss
+    maps words the UNet has not yet used to one output (the toy world's "left" and "right" reached cosine 1.0),
+    and then the UNet can never learn them; this keeps every word readable, as CLIP's contrastive pretraining
+    does for Stable Diffusion."""
+    is_eos = ids == eos_id
+    keep = (is_eos.cumsum(1) - is_eos.long()) == 0
+    logits = hidden.float() @ embeddings.float().T
+    return F.cross_entropy(logits[keep], ids[keep])
+
+
 def lr_at(step: int, base: float, warmup: int, total: int, floor: float = 0.1) -> float:
     """Linear warm-up then cosine decay to `floor * base`."""
     if step < warmup:
@@ -188,10 +201,12 @@ class UNetStage(Stage):
             texts.append("" if rng.random() < self.args.caption_dropout else caption(sample_scene(seed), rng))
         return [i for i, _ in picks], texts
 
+    def token_ids(self, texts):
+        return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids.to(self.accelerator.device)
+
     def encode_text(self, texts):
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.accelerator.device)
-        return self.text_encoder(ids)[0]
+        return self.text_encoder(self.token_ids(texts))[0]
 
     def loss(self, step):
         index, texts = self.batch(step)
@@ -203,9 +218,16 @@ class UNetStage(Stage):
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
         t = t.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        pred = self.unet(noisy, t, self.encode_text(texts)).sample
+        ids = self.token_ids(texts)
+        hidden = self.text_encoder(ids)[0]
+        pred = self.unet(noisy, t, hidden).sample
         weight = epsilon_loss_weight(self.alphas_cumprod[t], self.args.snr_floor, self.args.snr_gamma)
-        return (weight * F.mse_loss(pred.float(), noise.float(), reduction="none").mean((1, 2, 3))).mean()
+        loss = (weight * F.mse_loss(pred.float(), noise.float(), reduction="none").mean((1, 2, 3))).mean()
+        if self.args.token_loss:
+            embeddings = self.accelerator.unwrap_model(self.text_encoder).get_input_embeddings().weight
+            loss = loss + self.args.token_loss * token_identity_loss(hidden, ids, embeddings,
+                                                                     self.tokenizer.eos_token_id)
+        return loss
 
     def pipeline(self):
         from diffusers import StableDiffusionPipeline
@@ -338,6 +360,9 @@ def parse_args(argv=None):
     p.add_argument("--snr_floor", type=float, default=0.0,
                    help="unet: weigh each step's x0 error by clamp(SNR, floor, gamma) (0: Min-SNR-gamma); a floor "
                         "gives the noisiest steps, where the layout is decided, more weight than epsilon-MSE does")
+    p.add_argument("--token_loss", type=float, default=0.0,
+                   help="unet: weight of `token_identity_loss`, which keeps every caption word readable in the "
+                        "text encoder's output")
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--eval_prompts", type=int, default=48)
     p.add_argument("--metric", default=None, help="unet: metric network folder for the evaluation (default: shipped)")
