@@ -38,8 +38,7 @@ def test_the_pretraining_chain_at_a_few_steps(tmp_path):
 def pretrained(out):
     out.mkdir()
     vae_log = _pretrain(out, "vae", "--max_steps", "2", "--eval_every", "2", *SMALL)
-    unet = ["unet", "--latent_cache", "8", "--eval_every", "100", "--eval_prompts", "2", "--snr_floor", "1.0",
-            "--token_loss", "0.1", *SMALL]
+    unet = ["unet", "--latent_cache", "8", "--eval_every", "100", "--eval_prompts", "2", *SMALL]
     first = _pretrain(out, *unet, "--max_steps", "2")
     second = _pretrain(out, *unet, "--max_steps", "3")
     pipeline = out / "pipeline"

@@ -128,8 +128,9 @@ class VAEStage(Stage):
 
 class UNetStage(Stage):
     """UNet + CLIP text encoder on the frozen VAE's latents: epsilon prediction weighted by
-    `epsilon_loss_weight` (Min-SNR-5, optionally with an SNR floor), 10% empty captions for classifier-free guidance. Evaluation samples the eval
-    prompts with the assembled pipeline and reads them back with the metric network."""
+    `epsilon_loss_weight` (x0 error weighed by SNR clamped to [1, 5]), plus `token_identity_loss` on the text
+    encoder, 10% empty captions for classifier-free guidance. Evaluation samples the eval prompts with the
+    assembled pipeline and reads them back with the metric network."""
 
     name = "unet"
 
@@ -357,10 +358,11 @@ def parse_args(argv=None):
     p.add_argument("--ema_decay", type=float, default=0.999)
     p.add_argument("--kl_weight", type=float, default=1e-6)
     p.add_argument("--snr_gamma", type=float, default=5.0)
-    p.add_argument("--snr_floor", type=float, default=0.0,
+    p.add_argument("--snr_floor", type=float, default=1.0,
                    help="unet: weigh each step's x0 error by clamp(SNR, floor, gamma) (0: Min-SNR-gamma); a floor "
-                        "gives the noisiest steps, where the layout is decided, more weight than epsilon-MSE does")
-    p.add_argument("--token_loss", type=float, default=0.0,
+                        "gives the noisiest steps, where the layout is decided, more weight than epsilon-MSE does "
+                        "(1.0: v-prediction's weight there)")
+    p.add_argument("--token_loss", type=float, default=0.1,
                    help="unet: weight of `token_identity_loss`, which keeps every caption word readable in the "
                         "text encoder's output")
     p.add_argument("--caption_dropout", type=float, default=0.1)
