@@ -170,7 +170,8 @@ def train(args) -> int:
         push_to_hub(args, out)
         print(f"done: {files[0]} ({session.trainable:,} trainable parameters); validation grid {grid}; model card "
               f"{out / 'README.md'}")
-    accelerator.end_training()
+    accelerator.wait_for_everyone()  # every rank tears the process group down together (pytorch/pytorch#75097:
+    accelerator.end_training()       # a rank that destroys it while rank 0 still saves can hang the launcher)
     return 0
 
 
