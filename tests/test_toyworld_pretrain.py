@@ -115,6 +115,7 @@ def _the_main_job_runs_on_a_candidate_toy_world(pretrained, tmp_path, method):
     assert ran.returncode == 0 and ran.stdout.strip().endswith("(64, 64)"), ran.stderr[-3000:]
     assert len(list((tmp_path / "cache").rglob("*.png"))) == 2  # class images made by the candidate, cached
 
+
 @pytest.mark.skipif(not dreambooth.available(), reason="the pretrained toy-world pipeline is not shipped yet")
 def test_the_shipped_pipeline_loads_offline_and_holds_its_gate_on_a_sample():
     from diffusers import DiffusionPipeline

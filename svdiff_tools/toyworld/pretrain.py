@@ -206,9 +206,6 @@ class UNetStage(Stage):
         return self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                               truncation=True, return_tensors="pt").input_ids.to(self.accelerator.device)
 
-    def encode_text(self, texts):
-        return self.text_encoder(self.token_ids(texts))[0]
-
     def loss(self, step):
         index, texts = self.batch(step)
         g = torch.Generator(device="cpu").manual_seed(step * 31 + self.args.seed)
