@@ -30,7 +30,7 @@ from ..training import checkpoints
 from . import models
 from . import metric
 from .metric import psnr
-from .render import render_tensor
+from .render import RENDER_VERSION, render_tensor
 from .world import caption, sample_scene
 
 EVAL_SEED = 10**9          # evaluation scenes start here, far from the training stream
@@ -159,13 +159,14 @@ class UNetStage(Stage):
 
     def latent_table(self):
         """Posterior mean and std (fp16) of ``--latent_cache`` training scenes, encoded once and kept in
-        ``<output_dir>/unet/latents-N.safetensors`` (scene i has seed ``i + seed * 7_919_000``)."""
+        ``<output_dir>/unet/latents-rV-N.safetensors`` (V: the renderer's version; scene i has seed
+        ``i + seed * 7_919_000``)."""
         from safetensors.torch import load_file
 
         from ..atomic import save_safetensors
 
         n = self.args.latent_cache
-        path = Path(self.args.output_dir) / "unet" / f"latents-{n}.safetensors"
+        path = Path(self.args.output_dir) / "unet" / f"latents-r{RENDER_VERSION}-{n}.safetensors"
         if path.is_file():
             table = load_file(str(path))
             return table["mean"], table["std"]

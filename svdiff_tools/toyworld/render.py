@@ -25,7 +25,11 @@ BACKGROUND_RGB = {
 }
 TRIM_RGB = {"white": (255, 255, 255), "black": (20, 20, 20), "gold": (255, 190, 0), "cyan": (0, 220, 230),
             "red": (255, 40, 40), "lime": (150, 255, 60), "grey": (120, 120, 120)}
+# Bumped whenever a scene's pixels change, so caches of encoded scenes (pretrain's latent table) are rebuilt.
+RENDER_VERSION = 2
 RADIUS = {"small": 0.16, "big": 0.24}
+STRIPES = (0.8, 0.4)         # period and stripe width, in body radii
+DOTS = (0.65, 0.2, 0.7)      # hexagonal grid period, dot radius, reach of the dot centres, in body radii
 EXTENT = 1.45          # decorations stay within EXTENT * r of the centre
 SUPERSAMPLE = 4
 
@@ -116,17 +120,19 @@ def _body(c: _Canvas, obj: ToyObject, x, y, r):
     pmask = Image.new("L", (c.n, c.n), 0)
     d = ImageDraw.Draw(pmask)
     if obj.pattern == "striped":
-        step, w = r * 0.5, r * 0.22
+        step, w = r * STRIPES[0], r * STRIPES[1]
         k = -3
         while k <= 3:
             y0 = y + k * step
             d.rectangle([(x - 1.2 * r) * c.n, (y0 - w / 2) * c.n, (x + 1.2 * r) * c.n, (y0 + w / 2) * c.n], fill=255)
             k += 1
     else:  # dotted
-        step, rad = r * 0.52, r * 0.17
+        step, rad, reach = r * DOTS[0], r * DOTS[1], r * DOTS[2]
         for i in range(-3, 4):
             for j in range(-3, 4):
-                cx, cy = x + (i + 0.5 * (j % 2)) * step, y + j * step
+                cx, cy = x + (i + 0.5 * (j % 2)) * step, y + j * step * 0.866
+                if math.hypot(cx - x, cy - y) > reach:
+                    continue
                 d.ellipse([(cx - rad) * c.n, (cy - rad) * c.n, (cx + rad) * c.n, (cy + rad) * c.n], fill=255)
     from PIL import ImageChops
 
