@@ -70,6 +70,24 @@ def test_captions_name_what_the_scene_shows():
             assert value == truth
 
 
+def test_identifiers_take_the_first_article_of_a_caption_at_the_given_rate():
+    rng = random.Random(0)
+    texts = [world.caption(world.sample_scene(i, two_object_rate=0.3), random.Random(i)) for i in range(2000)]
+    out = [world.with_identifier(t, rng, 0.1) for t in texts]
+    changed = [(t, o) for t, o in zip(texts, out) if t != o]
+    assert 0.08 <= len(changed) / len(texts) <= 0.12
+    used = set()
+    for t, o in changed:
+        words_t, words_o = t.split(), o.split()
+        k = next(i for i, (a, b) in enumerate(zip(words_t, words_o)) if a != b)
+        assert words_t[k] == "a" and words_o[k] in world.IDENTIFIERS and words_t[k + 1:] == words_o[k + 1:]
+        assert k == (3 if t.startswith("a photo of ") else 0)
+        used.add(words_o[k])
+    assert used == set(world.IDENTIFIERS)
+    assert [world.with_identifier(t, rng, 0.0) for t in texts[:50]] == texts[:50]
+    assert world.with_identifier("", rng, 1.0) == ""
+
+
 def test_every_word_is_one_token_of_a_real_clip_tokenizer(tmp_path):
     tok = load_tokenizer(write_tokenizer_files(tmp_path))
     assert type(tok).__name__ == "CLIPTokenizer"

@@ -31,7 +31,7 @@ from . import models
 from . import metric
 from .metric import psnr
 from .render import RENDER_VERSION, render_tensor
-from .world import caption, sample_scene
+from .world import caption, sample_scene, with_identifier
 
 EVAL_SEED = 10**9          # evaluation scenes start here, far from the training stream
 
@@ -200,7 +200,8 @@ class UNetStage(Stage):
         for i, epoch in picks:
             seed = self.scene_seed(i)
             rng = random.Random(seed * 31 + epoch)
-            texts.append("" if rng.random() < self.args.caption_dropout else caption(sample_scene(seed), rng))
+            text = "" if rng.random() < self.args.caption_dropout else caption(sample_scene(seed), rng)
+            texts.append(with_identifier(text, rng, self.args.identifier_rate))
         return [i for i, _ in picks], texts
 
     def token_ids(self, texts):
@@ -363,6 +364,9 @@ def parse_args(argv=None):
     p.add_argument("--token_loss", type=float, default=0.1,
                    help="unet: weight of `token_identity_loss`, which keeps every caption word readable in the "
                         "text encoder's output")
+    p.add_argument("--identifier_rate", type=float, default=0.1,
+                   help="unet: fraction of captions whose first article is a random identifier (`sks red toy`), so "
+                        "identifiers are distinct, weak-prior words for DreamBooth (`world.with_identifier`)")
     p.add_argument("--caption_dropout", type=float, default=0.1)
     p.add_argument("--eval_prompts", type=int, default=48)
     p.add_argument("--metric", default=None, help="unet: metric network folder for the evaluation (default: shipped)")

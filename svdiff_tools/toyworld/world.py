@@ -154,6 +154,20 @@ def caption(scene: Scene, rng: Optional[random.Random] = None) -> str:
     return describe(scene, rng)[0]
 
 
+def with_identifier(text: str, rng: random.Random, rate: float) -> str:
+    """With probability `rate`, the first object's article becomes a random identifier: 'a photo of a red toy' ->
+    'a photo of sks red toy'. Pretraining on such captions gives every identifier its own trained text-encoder
+    output and a weak prior, as rare tokens have in CLIP; never seen, all of them share one output (cosine 0.995
+    between `sks` and `zwx`), so DreamBooth could not tell two subjects' identifiers apart."""
+    if not text or rng.random() >= rate:
+        return text
+    prefix = "a photo of " if text.startswith("a photo of ") else ""
+    rest = text[len(prefix):]
+    if not rest.startswith("a "):
+        return text
+    return prefix + rng.choice(IDENTIFIERS) + rest[1:]
+
+
 def vocabulary() -> List[str]:
     """Every word the grammar can produce, plus the identifiers (each a whole tokenizer token)."""
     words = {"a", "photo", "of", "with", "on", "background", "and", "the", "in", "at"}
