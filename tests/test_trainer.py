@@ -119,6 +119,24 @@ def test_text_encoder_training_and_prior_preservation(tmp_path):
     assert any(k.startswith("text_encoder.") for k in tensors) and any(k.startswith("unet.") for k in tensors)
 
 
+def test_peft_lora_trains_the_text_encoder_and_diffusers_reloads_it(tmp_path):
+    """--method lora --train_text_encoder: LoRA layers on the text encoder through PEFT (transformers' own
+    `add_adapter` refuses the PEFT on PyPI), saved in diffusers' layout, reloaded by `load_lora_weights`."""
+    result = launch(["--method", "lora", "--rank", "2", "--train_text_encoder", "--learning_rate", "1e-2",
+                     "--max_train_steps", "3", "--output_dir", "out"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tensors = load_file(str(tmp_path / "out" / "pytorch_lora_weights.safetensors"))
+    te = {k: v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    assert te and any(k.startswith("unet.") for k in tensors)
+    assert any(v.abs().max() > 0 for k, v in te.items() if "lora_B" in k)  # trained away from its zero init
+    pipe = base_pipe()
+    ids = pipe.tokenizer(["a photo of sks toy"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = pipe.text_encoder(ids)[0]
+        pipe.load_lora_weights(str(tmp_path / "out"), weight_name="pytorch_lora_weights.safetensors")
+        after = pipe.text_encoder(ids)[0]
+    assert (after - before).abs().max() > 1e-5
+
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     common = ["--method", "vectorfit", "--avf_k", "2", "--avf_interval", "2", "--max_train_steps", "6",
               "--checkpointing_steps", "3", "--seed", "3", "--random_flip", "--gradient_accumulation_steps", "2"]
@@ -337,3 +355,40 @@ def test_pissa_export_is_the_trained_model_on_the_original_weights(tmp_path):
         exported = pipe.unet(x, t, e).sample
     assert (trained - base).abs().max() > 1e-2
     torch.testing.assert_close(exported, trained, rtol=0, atol=1e-5)
+
+
+def test_validation_images_do_not_depend_on_the_batch_size(tmp_path):
+    """Validation images are rendered --sample_batch_size at a time with one generator per image: image i is
+    the same picture however many are rendered with it (the toy-world report measures these images)."""
+    import argparse
+
+    from svdiff_tools.training.validation import render_validation
+
+    pipe = base_pipe()
+    rows = {}
+    for batch in (1, 2, 5):
+        args = argparse.Namespace(validation_prompts=["a photo of sks toy", "a red toy"], num_validation_images=3,
+                                  validation_seed=7, seed=None, sample_batch_size=batch, num_inference_steps=3,
+                                  guidance_scale=5.0, resolution=32)
+        rows[batch] = render_validation(args, pipe, 4, tmp_path / f"b{batch}")
+        assert sorted(p.name for p in (tmp_path / f"b{batch}").iterdir()) == [
+            "step000004_0.png", "step000004_1.png", "step000004_2.png",
+            "step000004_p1_0.png", "step000004_p1_1.png", "step000004_p1_2.png"]
+    first = np.stack([np.asarray(im, dtype=np.int16) for row in rows[1] for im in row])
+    for batch in (2, 5):
+        other = np.stack([np.asarray(im, dtype=np.int16) for row in rows[batch] for im in row])
+        assert np.abs(other - first).max() <= 1  # 8-bit rounding of float-level differences at most
+    assert np.abs(first[0] - first[1]).max() > 10  # different seeds give different images
+
+
+def test_text_encoder_training_is_off_by_default_and_can_be_turned_off(monkeypatch):
+    from svdiff_tools.training.args import parse_args
+
+    assert parse_args(["--method", "svfit"]).train_text_encoder is False  # the tiny model: diffusers' default
+    assert parse_args(["--method", "svfit", "--train_text_encoder"]).train_text_encoder is True
+    from svdiff_tools.toyworld import dreambooth
+
+    if dreambooth.available():  # the toy world turns it on (`TRAIN_TEXT_ENCODER`); the user's flag still wins
+        monkeypatch.delenv("SVDIFF_TOOLS_EMBEDDED", raising=False)
+        assert parse_args(["--method", "svfit"]).train_text_encoder is dreambooth.TRAIN_TEXT_ENCODER
+        assert parse_args(["--method", "svfit", "--no-train_text_encoder"]).train_text_encoder is False

@@ -40,17 +40,23 @@ def score_images(net, identifier: "metric.Identifier", images: torch.Tensor,
 
 
 def dreambooth_report(pipe, base_pipe, subject: Subject, seeds: Sequence[int] = range(8), steps: int = 25,
-                      guidance: float = 5.0, net=None) -> dict:
-    """The adapted and the base pipeline on the instance prompt and a recontextualisation prompt, same seeds."""
+                      guidance: float = 5.0, net=None, rendered: Optional[Dict[str, list]] = None) -> dict:
+    """The adapted and the base pipeline on the instance prompt and a recontextualisation prompt, same seeds.
+    ``rendered``: prompt -> the adapted pipeline's PIL images for ``seeds`` already made (the trainer's validation
+    images), measured instead of generated again."""
     net = net or metric.load()
     identifier = metric.Identifier(net, subject)
     prompts = {"instance": (subject.instance_prompt, None),
                "recontext": (recontext_prompt(subject), dict(RECONTEXT))}
+    rendered = rendered or {}
     report: Dict[str, dict] = {}
     for label, p in (("adapted", pipe), ("base", base_pipe)):
         p.set_progress_bar_config(disable=True)
         for key, (prompt, wanted) in prompts.items():
-            images = generate(p, [prompt], seeds, steps, guidance)
+            if label == "adapted" and len(rendered.get(prompt, ())) == len(seeds):
+                images = metric.pil_to_tensor(rendered[prompt])
+            else:
+                images = generate(p, [prompt], seeds, steps, guidance)
             report.setdefault(label, {})[key] = dict(prompt=prompt, **score_images(net, identifier, images, wanted))
     return report
 

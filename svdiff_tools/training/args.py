@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dataloader_num_workers", type=int, default=0)
 
     t = p.add_argument_group("training")
-    t.add_argument("--train_text_encoder", action="store_true")
+    t.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="adapt the text encoder(s) too (default: off, on for the toy world)")
     t.add_argument("--text_encoder_lr", type=float, default=None, help="default: --learning_rate")
     t.add_argument("--train_batch_size", type=int, default=1)
     t.add_argument("--max_train_steps", type=int, default=None, help="default: 400, or 12 for the embedded model")
@@ -187,6 +188,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.instance_data_dir, args.instance_prompt = str(first.folder), first.prompt
     if args.embedded_kind == "toyworld":
         _toyworld_defaults(args, subject_preset=args.instance_data_dir is None)
+    if args.train_text_encoder is None:
+        args.train_text_encoder = False
     if args.instance_data_dir is None:
         args.instance_data_dir = str(EXAMPLE_DATA)
         args.instance_prompt = args.instance_prompt or "a photo of sks toy"
@@ -269,6 +272,8 @@ def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
     args.max_train_steps = args.max_train_steps or steps
     args.num_validation_images = args.num_validation_images or toy.NUM_VALIDATION_IMAGES
     args.guidance_scale = args.guidance_scale or toy.GUIDANCE
+    if args.train_text_encoder is None:
+        args.train_text_encoder = toy.TRAIN_TEXT_ENCODER
     if not subject_preset:
         return
     args.instance_data_dir = str(EXAMPLE_DATA)

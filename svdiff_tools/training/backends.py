@@ -203,8 +203,12 @@ class PeftLoraBackend(Backend):
 
         unet.add_adapter(self._config(unet, self.args.target_modules))
         if self.args.train_text_encoder:
+            from peft import inject_adapter_in_model
+
+            # PEFT itself rather than transformers' `add_adapter`, which demands a newer PEFT than PyPI has (5.x
+            # asks for >= 0.22); the result is the same: LoRA layers named `default`, only they trainable
             for encoder in encoders.values():
-                encoder.add_adapter(self._config(encoder, "text-encoder"))
+                inject_adapter_in_model(self._config(encoder, "text-encoder"), encoder, adapter_name="default")
         for model in (unet, *encoders.values()):
             for p in model.parameters():
                 if p.requires_grad:

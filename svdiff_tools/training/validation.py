@@ -46,19 +46,22 @@ def validation_seed(args) -> int:
 
 
 def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> list:
-    """--num_validation_images per validation prompt with fixed seeds (the same seeds for every prompt); saved as
-    ``step{N}_{i}.png`` (first prompt) and ``step{N}_p{k}_{i}.png``. Returns one list of PIL images per prompt."""
+    """--num_validation_images per validation prompt with fixed seeds (image i has seed ``validation_seed + i`` for
+    every prompt), --sample_batch_size images per pipeline call (one generator per image, so batching does not
+    change an image); saved as ``step{N}_{i}.png`` (first prompt) and ``step{N}_p{k}_{i}.png``. Returns one list of
+    PIL images per prompt."""
     folder.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    rows = []
+    rows, first, n = [], validation_seed(args), args.num_validation_images
     for k, prompt in enumerate(args.validation_prompts):
         images = []
-        for i in range(args.num_validation_images):
-            gen = torch.Generator().manual_seed(validation_seed(args) + i)
-            img = pipe(prompt, num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
-                       height=args.resolution, width=args.resolution, generator=gen).images[0]
+        for start in range(0, n, max(1, args.sample_batch_size)):
+            seeds = range(first + start, first + min(n, start + max(1, args.sample_batch_size)))
+            images += pipe([prompt] * len(seeds), num_inference_steps=args.num_inference_steps,
+                           guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
+                           generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        for i, img in enumerate(images):
             img.save(folder / (f"step{step:06d}_{i}.png" if k == 0 else f"step{step:06d}_p{k}_{i}.png"))
-            images.append(img)
         rows.append(images)
     if accelerator is not None:
         import numpy as np
@@ -92,9 +95,11 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
         from ..toyworld import dreambooth, evaluate
 
         first = validation_seed(args)
+        rendered = dict(zip(args.validation_prompts, rows))  # the images just saved are the ones measured
         report = evaluate.dreambooth_report(pipe, load_pipeline(), dreambooth.SUBJECT,
                                             seeds=range(first, first + args.num_validation_images),
-                                            steps=args.num_inference_steps, guidance=args.guidance_scale)
+                                            steps=args.num_inference_steps, guidance=args.guidance_scale,
+                                            rendered=rendered)
         (output_dir / "toyworld_report.json").write_text(json.dumps(report, indent=2))
         for line in evaluate.report_lines(report):
             logging.getLogger("train_dreambooth").info("%s", line)
