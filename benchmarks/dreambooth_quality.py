@@ -384,7 +384,7 @@ def main(argv=None):
 
     rows = QUICK_ROWS if args.quick else ([r.strip() for r in args.rows.split(",")] if args.rows else list(ROWS))
     seeds = [args.seed0] if args.quick else list(range(args.seed0, args.seed0 + args.seeds))
-    steps = args.steps or dreambooth.METHOD_DEFAULTS["svfit"][1]
+    steps = args.steps or dreambooth.METHOD_DEFAULTS["svfit"].steps
     if args.subject:
         if not args.class_word:
             raise SystemExit("--subject needs --class_word (e.g. dog)")

@@ -240,7 +240,7 @@ def parse_args(argv=None):
     if args.base is None and not dreambooth.available():
         p.error("the toy-world pipeline is not shipped yet; pass --base PIPELINE_FOLDER")
     quick = args.quick
-    steps = dreambooth.METHOD_DEFAULTS["svdiff"][1]
+    steps = dreambooth.METHOD_DEFAULTS["svdiff"].steps
     args.steps = args.steps or (max(1, steps // 4) if quick else steps)
     args.seeds = args.seeds or (4 if quick else 16)
     args.edit_steps = args.edit_steps or (40 if quick else 150)

@@ -66,8 +66,8 @@ def parse_args(argv=None):
     from svdiff_tools.toyworld import dreambooth
 
     if not dreambooth.available():
-        p.error("the toy-world pipeline is not shipped yet (svdiff_tools/data/toyworld/pipeline); the sweep tunes "
-                "the main job on it, so pretrain and export it first (docs/toyworld.md)")
+        p.error(f"no toy-world pipeline at {dreambooth.pipeline_folder()}; the sweep tunes the main job on it, so "
+                "pretrain and export it first (docs/toyworld.md)")
     return args
 
 
@@ -79,7 +79,7 @@ def main(argv=None) -> dict:
     results, lines = {}, ["| method | learning rate | score (mean over seeds) | instance identified | "
                           "recontext identified + background | base instance identified |", "|---|---|---|---|---|---|"]
     for method in args.methods:
-        default_lr, steps, _ = METHOD_DEFAULTS[method]
+        default_lr, steps, _, rank = METHOD_DEFAULTS[method]
         points: Dict[float, List[float]] = {}
         for factor in args.factors:
             lr = float(f"{default_lr * factor:.3g}")
@@ -91,13 +91,15 @@ def main(argv=None) -> dict:
                          f"{mean(lambda r: r['adapted']['recontext']['attribute_and_identified']):.0%} | "
                          f"{mean(lambda r: r['base']['instance']['identified']):.0%} |")
         best = choose(points)
-        results[method] = {"chosen": best, "steps": steps, "points": {f"{k:g}": v for k, v in points.items()}}
+        results[method] = {"chosen": best, "steps": steps, "rank": rank,
+                           "points": {f"{k:g}": v for k, v in points.items()}}
     (out / "sweep.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"settings": vars(args), "results": results}, indent=1))
     print("\n".join(lines))
     print("\nMETHOD_DEFAULTS lines:")
     for method, r in results.items():
-        print(f'    "{method}": ({r["chosen"]:g}, {r["steps"]}, SWEEP),')
+        rank = "" if r["rank"] is None else f', rank={r["rank"]:g}'
+        print(f'    "{method}": MethodDefaults({r["chosen"]:g}, {r["steps"]}, SWEEP{rank}),')
     return results
 
 

@@ -22,8 +22,8 @@ def test_every_trainer_method_has_a_toy_world_default_and_a_place_in_the_sweep()
     from svdiff_tools.training.args import ALL_METHODS
 
     assert set(dreambooth.METHOD_DEFAULTS) == set(ALL_METHODS) == set(sweep.METHODS)
-    for lr, steps, source in dreambooth.METHOD_DEFAULTS.values():
-        assert 0 < lr < 1 and steps >= 1 and source
+    for d in dreambooth.METHOD_DEFAULTS.values():
+        assert 0 < d.learning_rate < 1 and d.steps >= 1 and d.source and (d.rank is None or d.rank > 0)
 
 
 def test_score_is_the_mean_of_identification_and_recontextualisation():
@@ -36,10 +36,12 @@ def test_choice_is_the_best_mean_over_seeds_and_ties_go_to_the_smaller_rate():
     assert sweep.choose({3e-3: [0.5], 1e-3: [0.5], 1e-2: [0.1]}) == 1e-3
 
 
-@pytest.mark.skipif(dreambooth.available(), reason="the toy-world pipeline is shipped")
-def test_refuses_in_one_sentence_before_the_pipeline_ships(capsys):
+def test_refuses_in_one_sentence_without_the_pipeline(capsys, monkeypatch, tmp_path):
+    from svdiff_tools.toyworld.assets import PIPELINE_ENV
+
+    monkeypatch.setenv(PIPELINE_ENV, str(tmp_path / "no-pipeline-here"))
     with pytest.raises(SystemExit) as exc:
         sweep.main(["--methods", "svfit", "--out", "unused"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "toy-world pipeline is not shipped yet" in err and "pretrain and export it first" in err
+    assert "no toy-world pipeline at" in err and "no-pipeline-here" in err and "pretrain and export it first" in err

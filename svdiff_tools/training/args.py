@@ -267,9 +267,11 @@ def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
     preservation with cached class images and the recontextualisation validation prompt."""
     from ..toyworld import dreambooth as toy
 
-    lr, steps, _ = toy.METHOD_DEFAULTS[args.method]
-    args.learning_rate = args.learning_rate or lr
-    args.max_train_steps = args.max_train_steps or steps
+    defaults = toy.METHOD_DEFAULTS[args.method]
+    args.learning_rate = args.learning_rate or defaults.learning_rate
+    args.max_train_steps = args.max_train_steps or defaults.steps
+    if args.rank is None and defaults.rank is not None:
+        args.rank = defaults.rank
     args.num_validation_images = args.num_validation_images or toy.NUM_VALIDATION_IMAGES
     args.guidance_scale = args.guidance_scale or toy.GUIDANCE
     if args.train_text_encoder is None:
