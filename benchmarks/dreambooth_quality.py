@@ -44,21 +44,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-ROWS = {  # label -> trainer flags (the trainer documents each method's default learning rate on this world)
+ROWS = {  # label -> trainer flags; the rest (learning rate, rank, text encoder) is the trainer's default for the base
+    # (`METHOD_DEFAULTS` and `TRAIN_TEXT_ENCODER` on the toy world)
     "full FT": ["--method", "full"],
     "LoRA r4": ["--method", "lora", "--rank", "4"],
     "LoRA r16": ["--method", "lora", "--rank", "16"],
     "PiSSA r4": ["--method", "pissa", "--rank", "4"],
-    "svdiff": ["--method", "svdiff"],
+    "svdiff (UNet)": ["--method", "svdiff", "--no-train_text_encoder"],
     "svdiff + TE": ["--method", "svdiff", "--train_text_encoder"],
+    "svfit": ["--method", "svfit"],  # the base's default rank (the toy world: 0.99 of each matrix's energy)
     "svfit r16": ["--method", "svfit", "--rank", "16"],
-    "svfit r4": ["--method", "svfit", "--rank", "4"],
     "svft plain": ["--method", "svft", "--svft_pattern", "plain"],
     "svft banded d=2": ["--method", "svft", "--svft_pattern", "banded", "--svft_offset", "2"],
     "vectorfit": ["--method", "vectorfit"],
     "vectorfit + AVF": ["--method", "vectorfit", "--avf_k", "8", "--avf_interval", "25"],
 }
-QUICK_ROWS = ["LoRA r4", "svdiff", "svfit r16", "vectorfit"]
+QUICK_ROWS = ["LoRA r4", "svdiff + TE", "svfit", "vectorfit"]
 RECONTEXT = {  # attribute -> (prompt template, wanted value)
     "background": ("a {id} {cls} on a green background", "green"),
     "position": ("a {id} {cls} on the left", "left"),
