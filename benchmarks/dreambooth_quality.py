@@ -2,7 +2,8 @@
 """DreamBooth quality on the toy world: every method against PEFT LoRA and full fine-tuning, one protocol.
 
     python benchmarks/dreambooth_quality.py --out runs/quality                 # the full run (hours on a CPU)
-    python benchmarks/dreambooth_quality.py --quick --out runs/quality-quick   # 1 subject, 1 seed, 4 methods
+    python benchmarks/dreambooth_quality.py --quick --out runs/quality-quick   # 1 subject, 1 seed, 4 methods,
+                                                                               # 4 images per prompt, 2 curve points
     python benchmarks/dreambooth_quality.py --subject DIR --class_word dog --instance_prompt "a photo of sks dog"
 
 Each (subject, row, seed) trains with `train_dreambooth.py` (the trainer's documented default learning rate
@@ -361,7 +362,8 @@ def grid_png(subject: Subject, rows: List[str], out: Path, args, seed: int) -> N
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/quality")
-    p.add_argument("--quick", action="store_true", help="one subject, one seed, four methods")
+    p.add_argument("--quick", action="store_true",
+                   help="one subject, one seed, four methods, 4 images per prompt, 2 curve points")
     p.add_argument("--subjects", default="example_toy,example_robot,example_car")
     p.add_argument("--subject", default=None, help="a user folder of subject images instead of shipped ones")
     p.add_argument("--class_word", default=None)
@@ -371,14 +373,17 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed0", type=int, default=0)
     p.add_argument("--steps", type=int, default=None, help="default: the toy world's documented steps")
-    p.add_argument("--curve_points", type=int, default=4)
-    p.add_argument("--images", type=int, default=8, help="images per prompt (the same seeds everywhere)")
+    p.add_argument("--curve_points", type=int, default=None, help="default: 4 (2 with --quick)")
+    p.add_argument("--images", type=int, default=None,
+                   help="images per prompt, the same seeds everywhere (default: 8, 4 with --quick)")
     p.add_argument("--class_images", type=int, default=32)
     p.add_argument("--base", default=None, help="pipeline folder (default: the shipped toy world)")
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--inference_steps", type=int, default=25)
     p.add_argument("--skip_cost", action="store_true")
     args = p.parse_args(argv)
+    args.curve_points = args.curve_points or (2 if args.quick else 4)
+    args.images = args.images or (4 if args.quick else 8)
     from tqdm.auto import tqdm
 
     from svdiff_tools.toyworld import dreambooth, metric
