@@ -79,10 +79,10 @@ def main(argv=None) -> dict:
     results, lines = {}, ["| method | learning rate | score (mean over seeds) | instance identified | "
                           "recontext identified + background | base instance identified |", "|---|---|---|---|---|---|"]
     for method in args.methods:
-        default_lr, steps, _, rank = METHOD_DEFAULTS[method]
+        defaults = METHOD_DEFAULTS[method]
         points: Dict[float, List[float]] = {}
         for factor in args.factors:
-            lr = float(f"{default_lr * factor:.3g}")
+            lr = float(f"{defaults.learning_rate * factor:.3g}")
             reports = [train(method, lr, seed, out) for seed in args.seeds]
             points[lr] = [score(r) for r in reports]
             mean = lambda f: statistics.mean(f(r) for r in reports)  # noqa: E731
@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
                          f"{mean(lambda r: r['adapted']['recontext']['attribute_and_identified']):.0%} | "
                          f"{mean(lambda r: r['base']['instance']['identified']):.0%} |")
         best = choose(points)
-        results[method] = {"chosen": best, "steps": steps, "rank": rank,
+        results[method] = {"chosen": best, "steps": defaults.steps, "rank": defaults.rank,
                            "points": {f"{k:g}": v for k, v in points.items()}}
     (out / "sweep.json").parent.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"settings": vars(args), "results": results}, indent=1))

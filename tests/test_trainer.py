@@ -137,6 +137,7 @@ def test_peft_lora_trains_the_text_encoder_and_diffusers_reloads_it(tmp_path):
         after = pipe.text_encoder(ids)[0]
     assert (after - before).abs().max() > 1e-5
 
+
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
     common = ["--method", "vectorfit", "--avf_k", "2", "--avf_interval", "2", "--max_train_steps", "6",
               "--checkpointing_steps", "3", "--seed", "3", "--random_flip", "--gradient_accumulation_steps", "2"]

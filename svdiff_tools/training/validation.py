@@ -52,11 +52,11 @@ def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> 
     PIL images per prompt."""
     folder.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    rows, first, n = [], validation_seed(args), args.num_validation_images
+    rows, first, n, batch = [], validation_seed(args), args.num_validation_images, max(1, args.sample_batch_size)
     for k, prompt in enumerate(args.validation_prompts):
         images = []
-        for start in range(0, n, max(1, args.sample_batch_size)):
-            seeds = range(first + start, first + min(n, start + max(1, args.sample_batch_size)))
+        for start in range(0, n, batch):
+            seeds = range(first + start, first + min(n, start + batch))
             images += pipe([prompt] * len(seeds), num_inference_steps=args.num_inference_steps,
                            guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
                            generator=[torch.Generator().manual_seed(s) for s in seeds]).images
