@@ -61,14 +61,16 @@ def prepare_run(args) -> Run:
     from svdiff_tools.training import checkpoints
     from svdiff_tools.training.backends import check_targets, make_backend
     from svdiff_tools.training.base_model import pipeline_class_name, resolve_base, weightless_models
-    from svdiff_tools.training.data import load_folder
-
-    from svdiff_tools.training.data import SubjectData
+    from svdiff_tools.training.data import SubjectData, load_captions, load_folder
 
     specs = args.subjects or [None]  # corrupt files fail here, before any model
-    subjects = [SubjectData(load_folder(Path(args.instance_data_dir)), "", "", args.instance_prompt) if spec is None
-                else SubjectData(load_folder(spec.folder), spec.identifier, spec.class_word, spec.prompt)
-                for spec in specs]
+    ext = args.caption_extension or None
+
+    def subject(folder: Path, identifier: str, class_word: str, prompt: str) -> SubjectData:
+        return SubjectData(load_folder(folder, ext), identifier, class_word, prompt, load_captions(folder, ext, prompt))
+
+    subjects = [subject(Path(args.instance_data_dir), "", "", args.instance_prompt) if spec is None
+                else subject(spec.folder, spec.identifier, spec.class_word, spec.prompt) for spec in specs]
     base = resolve_base(args)
     pipeline_cls = pipeline_class_name(args, base)
     sdxl = "XL" in pipeline_cls
@@ -110,7 +112,8 @@ def make_data(args, run: Run, accelerator, class_items):
     dataset = DreamBoothDataset([], args.resolution, args.center_crop, args.random_flip, run.seed,
                                 [img for img, _ in class_items], subjects=run.subjects,
                                 class_prompts=[p for _, p in class_items],
-                                cutmix_probability=args.cutmix_probability if args.cutmix_unmix else 0.0)
+                                cutmix_probability=args.cutmix_probability if args.cutmix_unmix else 0.0,
+                                caption_probability=args.caption_probability)
     sampler = EpochSampler(len(dataset), run.seed, dataset, accelerator.num_processes, accelerator.process_index)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                                          collate_fn=collate, num_workers=args.dataloader_num_workers)

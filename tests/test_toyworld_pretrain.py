@@ -141,3 +141,54 @@ def test_the_main_job_on_the_shipped_pipeline_learns_the_subject(tmp_path):
     report = json.loads((tmp_path / "out" / "toyworld_report.json").read_text())
     adapted, base = report["adapted"]["instance"]["identified"], report["base"]["instance"]["identified"]
     assert adapted >= 0.75 and base <= 0.25, report
+
+
+@pytest.mark.skipif(not dreambooth.available(), reason="the pretrained toy-world pipeline is not shipped yet")
+def test_the_base_scores_are_measured_once_per_pipeline_version(tmp_path):
+    """The main job's report reads the base pipeline's scores from a cache after the first run: the same numbers
+    as measuring again, and the base pipeline is not even loaded."""
+    from diffusers import StableDiffusionPipeline
+
+    from svdiff_tools.toyworld import evaluate, metric
+
+    net, loads = metric.load(), []
+
+    def load_base():
+        loads.append(1)
+        return StableDiffusionPipeline.from_pretrained(assets.pipeline_path(), safety_checker=None,
+                                                       requires_safety_checker=False)
+
+    adapted = load_base()  # no adapter: "adapted" and "base" must then read the same
+    cache = tmp_path / "base.json"
+    kwargs = dict(seeds=range(2), steps=3, guidance=5.0, net=net, base_cache=cache)
+    first = evaluate.dreambooth_report(adapted, load_base, dreambooth.SUBJECT, **kwargs)
+    assert len(loads) == 2 and cache.is_file() and first["adapted"] == first["base"]
+    again = evaluate.dreambooth_report(adapted, load_base, dreambooth.SUBJECT, **kwargs)
+    assert len(loads) == 2 and again == first
+    other_seeds = evaluate.dreambooth_report(adapted, load_base, dreambooth.SUBJECT, **dict(kwargs, seeds=[5]))
+    assert len(loads) == 3 and len(json.loads(cache.read_text())) == 4  # 2 prompts x 2 seed sets
+    cache.write_text("{not json")  # a damaged cache is measured again, not trusted
+    assert evaluate.dreambooth_report(adapted, load_base, dreambooth.SUBJECT, **kwargs) == first and len(loads) == 4
+    assert other_seeds["base"]["instance"]["prompt"] == dreambooth.SUBJECT.instance_prompt
+
+
+@pytest.mark.skipif(not dreambooth.available(), reason="the pretrained toy-world pipeline is not shipped yet")
+def test_the_evaluate_command_reads_an_adapter_on_other_seeds(tmp_path, monkeypatch, capsys):
+    """An adapter at its identity (svdiff at init) must read exactly as the base on every prompt."""
+    from diffusers import UNet2DConditionModel
+
+    import svdiff_tools as st
+    from svdiff_tools.toyworld import evaluate
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    unet = UNet2DConditionModel.from_pretrained(assets.pipeline_path(), subfolder="unet")
+    st.inject_adapter(unet, st.SVDAdapterConfig(method="svdiff", target_modules="unet-attention"))
+    st.save_adapter(unet, tmp_path / "svd_adapter.safetensors")
+    evaluate.main([str(tmp_path), "--first_seed", "7", "--num_images", "2", "--num_inference_steps", "3"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"## {tmp_path}: seeds 7-8\n")
+    rows = {tuple(cells[:2]): cells[2:] for cells in
+            ([c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()[3:])}
+    assert len(rows) == 4
+    for prompt in (dreambooth.SUBJECT.instance_prompt, evaluate.recontext_prompt(dreambooth.SUBJECT)):
+        assert rows[("adapted", f"`{prompt}`")] == rows[("base", f"`{prompt}`")]

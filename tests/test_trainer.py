@@ -206,6 +206,10 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--with_prior_preservation", "--class_data_dir", "c", "--class_prompt", "a toy", "--num_class_images", "0"],
      "needs --num_class_images of at least 1"),
     (["--instance_data_dir", "bomb", "--instance_prompt", "x"], "image bomb/huge.png declares more than"),
+    (["--instance_data_dir", "blank_caption", "--instance_prompt", "x"], "caption file blank_caption/a.txt is empty"),
+    (["--instance_data_dir", "latin1_caption", "--instance_prompt", "x"],
+     "caption file latin1_caption/a.txt cannot be read .UnicodeDecodeError.; save it as UTF-8"),
+    (["--caption_probability", "1.5"], r"--caption_probability 1.5 must lie in \[0, 1\]"),
     (["--output_dir", "afile"], "--output_dir afile is a file; pass a folder path"),
     (["--output_dir", "afile/out"], "--output_dir afile/out lies under the file afile"),
     (["--use_8bit_adam"], "needs bitsandbytes"),
@@ -219,6 +223,10 @@ def test_bad_input_fails_before_any_model_loads(tmp_path, monkeypatch, capsys, e
     (tmp_path / "bomb").mkdir()
     (tmp_path / "bomb" / "huge.png").write_bytes(_png_declaring(20000, 20000))
     (tmp_path / "afile").write_text("not a folder")
+    for folder, caption in (("blank_caption", b" \n"), ("latin1_caption", "caf\u00e9 sks dog".encode("latin-1"))):
+        (tmp_path / folder).mkdir()
+        Image.new("RGB", (16, 16)).save(tmp_path / folder / "a.png")
+        (tmp_path / folder / "a.txt").write_bytes(caption)
     if "--use_8bit_adam" in extra:
         pytest.importorskip("torch")  # the check only fires where bitsandbytes is absent
         if __import__("importlib").util.find_spec("bitsandbytes"):
@@ -393,3 +401,87 @@ def test_text_encoder_training_is_off_by_default_and_can_be_turned_off(monkeypat
         monkeypatch.delenv("SVDIFF_TOOLS_EMBEDDED", raising=False)
         assert parse_args(["--method", "svfit"]).train_text_encoder is dreambooth.TRAIN_TEXT_ENCODER
         assert parse_args(["--method", "svfit", "--no-train_text_encoder"]).train_text_encoder is False
+
+
+def test_caption_files_give_each_image_its_own_prompt(tmp_path, caplog):
+    from svdiff_tools.training.data import DreamBoothDataset, SubjectData, load_captions, load_folder
+
+    for i, name in enumerate(("a", "b", "c")):
+        Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(tmp_path / f"{name}.png")
+    (tmp_path / "a.txt").write_text("a photo of sks dog\n  on a  red sofa\n", encoding="utf-8")
+    (tmp_path / "c.caption").write_text("a photo of sks dog on grass", encoding="utf-8")
+    (tmp_path / "notes.md").write_text("not an image")
+    with caplog.at_level("WARNING"):
+        images = load_folder(tmp_path, ".txt")
+    assert "notes.md" in caplog.text and "a.txt" not in caplog.text and len(images) == 3
+    assert load_captions(tmp_path, ".txt", "a photo of sks dog") == [
+        "a photo of sks dog on a red sofa", "a photo of sks dog", "a photo of sks dog"]
+    assert load_captions(tmp_path, ".caption", "P") == ["P", "P", "a photo of sks dog on grass"]
+    assert load_captions(tmp_path, None, "P") == ["P"] * 3
+    captions = load_captions(tmp_path, ".txt", "a photo of sks dog")
+    data = DreamBoothDataset([], 8, True, False, 0, subjects=[SubjectData(images, "", "", "a photo of sks dog",
+                                                                          captions)])
+    for index in range(6):  # image i % 3 comes with caption i % 3, whatever the epoch's order
+        item = data[index]
+        expected = torch.from_numpy(np.asarray(images[index % 3], dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+        assert torch.equal(item["instance"], expected) and item["prompt"] == captions[index % 3]
+
+
+@pytest.mark.parametrize("name", ["example_toy", "example_robot", "example_car", "example_subject"])
+def test_the_shipped_subjects_are_captioned_with_what_their_views_change(name):
+    from svdiff_tools.toyworld.world import SUBJECTS
+    from svdiff_tools.training.data import load_captions
+
+    subject = SUBJECTS["example_toy" if name == "example_subject" else name]
+    folder = EXAMPLE_DATA if name == "example_subject" else EXAMPLE_DATA.parent / "toyworld" / "subjects" / name
+    captions = load_captions(folder, ".txt", "unused")
+    views = subject.views(len(captions))
+    assert len(captions) == 5 and captions == [subject.caption(view) for view in views]
+    for caption, view in zip(captions, views):
+        assert caption.startswith(f"{subject.instance_prompt.replace(subject.class_word, '')}{view.objects[0].size} ")
+        assert f"on a {view.background} background" in caption and "green" not in caption  # recontext stays unseen
+
+
+def test_caption_probability_mixes_captions_with_the_instance_prompt(tmp_path):
+    from svdiff_tools.training.data import DreamBoothDataset, SubjectData
+
+    images = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(2)]
+    subject = SubjectData(images, "", "", "P", ["caption 0", "caption 1"])
+    prompts = {p: [DreamBoothDataset([], 8, True, False, 0, subjects=[subject], caption_probability=p)[i]["prompt"]
+                   for i in range(400)] for p in (0.0, 0.5, 1.0)}
+    assert set(prompts[0.0]) == {"P"} and "P" not in prompts[1.0]
+    mixed = prompts[0.5]
+    assert 0.4 < mixed.count("P") / len(mixed) < 0.6
+    assert all(p in ("P", f"caption {i % 2}") for i, p in enumerate(mixed))
+    assert mixed == [DreamBoothDataset([], 8, True, False, 0, subjects=[subject], caption_probability=0.5)[i]["prompt"]
+                     for i in range(400)]  # drawn from (seed, epoch, index): a resumed run sees the same prompts
+
+
+def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
+    """Flags the user gives win over the toy world's per-method defaults; the card states what was in effect."""
+    from svdiff_tools.training.args import parse_args
+    from svdiff_tools.training.validation import training_settings
+
+    tiny = parse_args(["--method", "svfit"])
+    assert (tiny.lr_scheduler, tiny.caption_probability) == ("constant", 1.0)
+    assert "captions" not in training_settings(tiny) and training_settings(tiny)["text encoder"] == "frozen"
+    from svdiff_tools.toyworld import dreambooth
+
+    if not dreambooth.available():
+        pytest.skip("the pretrained toy-world pipeline is not shipped")
+    monkeypatch.delenv("SVDIFF_TOOLS_EMBEDDED", raising=False)
+    svfit, wanted = parse_args(["--method", "svfit"]), dreambooth.METHOD_DEFAULTS["svfit"]
+    assert (svfit.learning_rate, svfit.lr_scheduler, svfit.rank) == (wanted.learning_rate, wanted.lr_scheduler,
+                                                                     wanted.rank)
+    assert svfit.caption_probability == wanted.caption_probability == dreambooth.CAPTION_PROBABILITY
+    vectorfit = parse_args(["--method", "vectorfit"])
+    assert vectorfit.caption_probability == 0.0  # captions measured worse there
+    assert training_settings(vectorfit)["captions"] == "not used (the instance prompt on every step)"
+    assert training_settings(svfit)["captions"] == "used on 50% of steps (else the instance prompt)"
+    settings = training_settings(svfit)
+    assert settings["learning rate"] == f"{wanted.learning_rate:g} ({wanted.lr_scheduler})"
+    assert settings["rank"].startswith(f"{wanted.rank:g} (share") and settings["text encoder"] == "adapted"
+    assert settings["prior preservation"] == "`a photo of a toy`, weight 1"
+    mine = parse_args(["--method", "svfit", "--lr_scheduler", "linear", "--caption_probability", "1"])
+    assert (mine.lr_scheduler, mine.caption_probability) == ("linear", 1.0)
+    assert parse_args(["--method", "svdiff"]).lr_scheduler == dreambooth.METHOD_DEFAULTS["svdiff"].lr_scheduler

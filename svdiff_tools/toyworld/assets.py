@@ -47,7 +47,8 @@ def prompt_grid(images: torch.Tensor, prompts: Sequence[str], per_prompt: int, r
 
 
 def write_subject_images(subject, folder: Path, n: int = 5, seed: int = 0) -> list:
-    """The subject's ``n`` training views (`Subject.views`) as PNG files in ``folder``."""
+    """The subject's ``n`` training views (`Subject.views`) as PNG files in ``folder``, each with its caption
+    (`Subject.caption`) in a ``.txt`` file of the same name."""
     from .render import render
 
     folder = Path(folder)
@@ -56,5 +57,6 @@ def write_subject_images(subject, folder: Path, n: int = 5, seed: int = 0) -> li
     for i, scene in enumerate(subject.views(n, seed)):
         path = folder / f"{subject.name}_{i}.png"
         render(scene).save(path)
+        path.with_suffix(".txt").write_text(subject.caption(scene) + "\n", encoding="utf-8")
         paths.append(path)
     return paths

@@ -10,13 +10,20 @@ identified as the subject.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+import json
+import logging
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
+
+from ..atomic import atomic_path
 
 from . import metric
 from .gate import generate
 from .world import RECONTEXT_BACKGROUND, Subject
+
+logger = logging.getLogger(__name__)
 
 RECONTEXT = {"background": RECONTEXT_BACKGROUND}
 
@@ -39,26 +46,54 @@ def score_images(net, identifier: "metric.Identifier", images: torch.Tensor,
     return out
 
 
-def dreambooth_report(pipe, base_pipe, subject: Subject, seeds: Sequence[int] = range(8), steps: int = 25,
-                      guidance: float = 5.0, net=None, rendered: Optional[Dict[str, list]] = None) -> dict:
+def dreambooth_report(pipe, load_base: Callable[[], object], subject: Subject, seeds: Sequence[int] = range(8),
+                      steps: int = 25, guidance: float = 5.0, net=None, rendered: Optional[Dict[str, list]] = None,
+                      base_cache: Optional[Path] = None) -> dict:
     """The adapted and the base pipeline on the instance prompt and a recontextualisation prompt, same seeds.
     ``rendered``: prompt -> the adapted pipeline's PIL images for ``seeds`` already made (the trainer's validation
-    images), measured instead of generated again."""
+    images), measured instead of generated again. ``load_base()`` returns the base pipeline; it is called only when
+    a base score is not in ``base_cache`` (a JSON file: the base's scores keyed by subject, prompt, seeds, steps and
+    guidance; the caller names one file per base version)."""
     net = net or metric.load()
     identifier = metric.Identifier(net, subject)
     prompts = {"instance": (subject.instance_prompt, None),
                "recontext": (recontext_prompt(subject), dict(RECONTEXT))}
     rendered = rendered or {}
+    cached, base_pipe = _read_json(base_cache), None
     report: Dict[str, dict] = {}
-    for label, p in (("adapted", pipe), ("base", base_pipe)):
-        p.set_progress_bar_config(disable=True)
+    for label in ("adapted", "base"):
         for key, (prompt, wanted) in prompts.items():
+            tag = json.dumps([subject.name, prompt, list(seeds), steps, guidance])
+            if label == "base" and tag in cached:
+                report.setdefault(label, {})[key] = cached[tag]
+                continue
             if label == "adapted" and len(rendered.get(prompt, ())) == len(seeds):
                 images = metric.pil_to_tensor(rendered[prompt])
             else:
+                if label == "base" and base_pipe is None:
+                    base_pipe = load_base()
+                p = pipe if label == "adapted" else base_pipe
+                p.set_progress_bar_config(disable=True)
                 images = generate(p, [prompt], seeds, steps, guidance)
             report.setdefault(label, {})[key] = dict(prompt=prompt, **score_images(net, identifier, images, wanted))
+            if label == "base":
+                cached[tag] = report[label][key]
+    if base_cache is not None:
+        try:
+            with atomic_path(base_cache) as tmp:
+                tmp.write_text(json.dumps(cached, indent=1))
+        except OSError as exc:
+            logger.warning("base scores not cached (%s: %s); they are measured again next time", base_cache, exc)
     return report
+
+
+def _read_json(path: Optional[Path]) -> dict:
+    """A cache file's dict; {} when absent or unreadable (it is then measured again and rewritten)."""
+    try:
+        data = json.loads(Path(path).read_text()) if path is not None else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def report_lines(report: dict) -> List[str]:
@@ -70,3 +105,45 @@ def report_lines(report: dict) -> List[str]:
             attr = f"{r['attribute']:.0%}" if "attribute" in r else ""
             lines.append(f"| {label} | `{r['prompt']}` | {r['identified']:.0%} | {r['similarity']:.3f} | {attr} |")
     return lines
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Read a trained svd adapter again on other seeds (more images than the trainer's validation):
+
+        python -m svdiff_tools.toyworld.evaluate OUTPUT_DIR [OUTPUT_DIR ...] --first_seed 100 --num_images 32
+    """
+    import argparse
+
+    from diffusers import StableDiffusionPipeline
+
+    import svdiff_tools  # noqa: F401  (load_svd_adapter)
+
+    from . import dreambooth
+    from .assets import pipeline_path
+
+    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    p.add_argument("adapters", nargs="+", help="trainer output folders (or adapter files) of the shipped subject")
+    p.add_argument("--first_seed", type=int, default=100)
+    p.add_argument("--num_images", type=int, default=32, help="per prompt")
+    p.add_argument("--num_inference_steps", type=int, default=dreambooth.INFERENCE_STEPS)
+    p.add_argument("--guidance_scale", type=float, default=dreambooth.GUIDANCE)
+    args = p.parse_args(argv)
+
+    def load_base():
+        return StableDiffusionPipeline.from_pretrained(pipeline_path(), safety_checker=None,
+                                                       requires_safety_checker=False)
+
+    net = metric.load()
+    for adapter in args.adapters:
+        pipe = load_base()
+        pipe.load_svd_adapter(adapter)
+        report = dreambooth_report(pipe, load_base, dreambooth.SUBJECT, net=net,
+                                   seeds=range(args.first_seed, args.first_seed + args.num_images),
+                                   steps=args.num_inference_steps, guidance=args.guidance_scale,
+                                   base_cache=dreambooth.base_report_cache())
+        print(f"## {adapter}: seeds {args.first_seed}-{args.first_seed + args.num_images - 1}")
+        print("\n".join(report_lines(report)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -204,6 +204,14 @@ class Subject:
              jitter: Tuple[float, float, float] = (0.0, 0.0, 0.0)) -> Scene:
         return Scene((replace(self.obj, position=position, size=size, jitter=jitter),), background)
 
+    def caption(self, scene: Scene) -> str:
+        """A training view's own prompt: the instance prompt plus what the view changes and the subject does not
+        (size, position, background), so the identifier is not bound to them: 'a photo of sks big toy on the
+        left on a red background'."""
+        (obj,) = scene.objects
+        return (f"a photo of {self.identifier} {obj.size} {obj.cls} {POSITION_PHRASES[obj.position]} "
+                f"on a {scene.background} background")
+
     def views(self, n: int, seed: int = 0) -> List[Scene]:
         """``n`` training views: every position in turn, sizes alternating, backgrounds other than the
         recontextualisation one (``RECONTEXT_BACKGROUND``), small random jitter (deterministic)."""

@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--unmix_weight", type=float, default=0.1,
                    help="weight of the unmix term (the squared share of an identifier's attention on the wrong "
                         "half, in [0, 1])")
+    d.add_argument("--caption_extension", default=".txt",
+                   help="an instance image's own prompt is read from a file of its name with this extension "
+                        "(photo.png -> photo.txt, as kohya); images without one use --instance_prompt. '' = off")
+    d.add_argument("--caption_probability", type=float, default=None,
+                   help="share of a captioned image's steps trained on its caption, the rest on --instance_prompt "
+                        "(default 1; on the toy world each method's, mostly 0.5: the identifier must also work "
+                        "without the caption's words)")
     d.add_argument("--class_data_dir", default=None)
     d.add_argument("--class_prompt", default=None)
     d.add_argument("--with_prior_preservation", action="store_true")
@@ -119,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--gradient_checkpointing", action="store_true")
     t.add_argument("--learning_rate", type=float, default=None, help=_lr_help())
     t.add_argument("--scale_lr", action="store_true")
-    t.add_argument("--lr_scheduler", default="constant",
-                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    t.add_argument("--lr_scheduler", default=None,
+                   choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
+                   help="default: constant (on the toy world svfit decays on a cosine: METHOD_DEFAULTS in "
+                        "svdiff_tools/toyworld/dreambooth.py)")
     t.add_argument("--lr_warmup_steps", type=int, default=0)
     t.add_argument("--lr_num_cycles", type=int, default=1)
     t.add_argument("--use_8bit_adam", action="store_true", help="needs bitsandbytes (pip install svdiff-tools[bnb])")
@@ -190,6 +199,9 @@ def fill_defaults(args: argparse.Namespace) -> None:
         _toyworld_defaults(args, subject_preset=args.instance_data_dir is None)
     if args.train_text_encoder is None:
         args.train_text_encoder = False
+    if args.caption_probability is None:
+        args.caption_probability = 1.0
+    args.lr_scheduler = args.lr_scheduler or "constant"
     if args.instance_data_dir is None:
         args.instance_data_dir = str(EXAMPLE_DATA)
         args.instance_prompt = args.instance_prompt or "a photo of sks toy"
@@ -272,10 +284,13 @@ def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
     args.max_train_steps = args.max_train_steps or defaults.steps
     if args.rank is None and defaults.rank is not None:
         args.rank = defaults.rank
+    args.lr_scheduler = args.lr_scheduler or defaults.lr_scheduler
     args.num_validation_images = args.num_validation_images or toy.NUM_VALIDATION_IMAGES
     args.guidance_scale = args.guidance_scale or toy.GUIDANCE
     if args.train_text_encoder is None:
         args.train_text_encoder = toy.TRAIN_TEXT_ENCODER
+    if args.caption_probability is None:
+        args.caption_probability = defaults.caption_probability
     if not subject_preset:
         return
     args.instance_data_dir = str(EXAMPLE_DATA)
@@ -297,6 +312,8 @@ def validate(args: argparse.Namespace) -> None:
     for sub in args.subjects:
         if not sub.folder.is_dir() or not list_images(sub.folder):
             fail(f"--subject folder {sub.folder} does not exist or holds no images; point it at subject photos.")
+    if not 0.0 <= args.caption_probability <= 1.0:
+        fail(f"--caption_probability {args.caption_probability} must lie in [0, 1].")
     if args.cutmix_unmix:
         if len(args.subjects) < 2:
             fail("--cutmix_unmix needs at least two --subject DIR:IDENTIFIER:CLASS.")

@@ -17,9 +17,10 @@ EMBEDDED_LOAD = {
 def write_model_card(output_dir: Path, *, base_model: str, method: str, trainable: int, adapter_file: Path,
                      instance_prompt: str, validation_prompt: str, steps: int, grid: Optional[Path],
                      extra_files: List[Path], command: str, embedded: Optional[str] = None,
-                     report: Optional[dict] = None) -> Path:
+                     report: Optional[dict] = None, settings: Optional[dict] = None) -> Path:
     """``embedded``: "toyworld" / "tiny" when the trainer used an embedded base (its load lines are runnable
-    as written); ``report``: the toy world's subject measurements (`toyworld.evaluate.dreambooth_report`)."""
+    as written); ``report``: the toy world's subject measurements (`toyworld.evaluate.dreambooth_report`);
+    ``settings``: the training settings in effect, defaults included (name -> value), one line each."""
     files = [p for p in adapter_file.rglob("*") if p.is_file()] if adapter_file.is_dir() else [adapter_file]
     size_kib = sum(p.stat().st_size for p in files) / 1024
     shown = EMBEDDED_NAMES.get(embedded, base_model)
@@ -40,6 +41,7 @@ def write_model_card(output_dir: Path, *, base_model: str, method: str, trainabl
         f"- validation prompt: `{validation_prompt}`",
         f"- training steps: {steps}",
     ]
+    lines += [f"- {name}: {value}" for name, value in (settings or {}).items()]
     lines += [f"- also: `{p.name}`" for p in extra_files]
     if grid is not None:
         lines += ["", f"![validation images]({grid.name})"]

@@ -40,12 +40,34 @@ def open_rgb(path: Path) -> Image.Image:
         raise TrainingInputError(f"image {path} cannot be read ({type(exc).__name__}); remove or replace it.") from None
 
 
-def load_folder(folder: Path) -> List[Image.Image]:
-    """Every image of a folder; other files are skipped with a warning."""
-    others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES)
+def load_folder(folder: Path, caption_extension: Optional[str] = None) -> List[Image.Image]:
+    """Every image of a folder; other files (but ``caption_extension`` ones) are skipped with a warning."""
+    others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
+                    and not (caption_extension and p.name.endswith(caption_extension)))
     if others:
         logger.warning("skipping %d non-image files in %s: %s", len(others), folder, ", ".join(others[:5]))
     return [open_rgb(p) for p in list_images(folder)]
+
+
+def load_captions(folder: Path, caption_extension: Optional[str], default: str) -> List[str]:
+    """Each image's prompt, in `list_images` order: the text of its caption file (``photo.png`` ->
+    ``photo`` + ``caption_extension``, kohya's sidecar convention) where one exists, else ``default``."""
+    prompts = []
+    for image in list_images(folder):
+        path = image.with_name(image.stem + caption_extension) if caption_extension else None
+        if path is None or not path.is_file():
+            prompts.append(default)
+            continue
+        try:
+            text = " ".join(path.read_text(encoding="utf-8").split())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TrainingInputError(f"caption file {path} cannot be read ({type(exc).__name__}); save it as UTF-8 "
+                                     "text or delete it.") from None
+        if not text:
+            raise TrainingInputError(f"caption file {path} is empty; write the image's prompt in it (e.g. "
+                                     f"'{default}') or delete it.")
+        prompts.append(text)
+    return prompts
 
 
 def to_tensor(img: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
@@ -69,12 +91,17 @@ def to_tensor(img: Image.Image, resolution: int, center_crop: bool, random_flip:
 
 @dataclass
 class SubjectData:
-    """One subject of a (multi-subject) run: its images, identifier, class word and instance prompt."""
+    """One subject of a (multi-subject) run: its images, identifier, class word and instance prompt; ``captions``
+    (one per image, `load_captions`) replace the prompt image by image."""
 
     images: List[Image.Image]
     identifier: str
     class_word: str
     prompt: str
+    captions: Optional[List[str]] = None
+
+    def prompt_of(self, i: int) -> str:
+        return self.captions[i] if self.captions else self.prompt
 
 
 def cutmix(left: Image.Image, right: Image.Image, resolution: int) -> Image.Image:
@@ -98,7 +125,8 @@ def mixed_prompt(left: SubjectData, right: SubjectData) -> str:
 
 
 class DreamBoothDataset(Dataset):
-    """Item i: instance image i % n_instance with its subject's prompt (and class image i % n_class with its
+    """Item i: instance image i % n_instance with its prompt (its caption at ``caption_probability``, drawn per
+    item, else its subject's prompt; and class image i % n_class with its
     prompt, with prior preservation). With several subjects and ``cutmix_probability`` > 0, an item is instead,
     at that rate, a Cut-Mix of its image and an image of another subject (sides and partner drawn per item),
     prompted ``a photo of <id1> <class1> on the left and <id2> <class2> on the right`` and never flipped; its
@@ -107,13 +135,16 @@ class DreamBoothDataset(Dataset):
     def __init__(self, instance_images: Sequence[Image.Image], resolution: int, center_crop: bool,
                  random_flip: bool, seed: int, class_images: Sequence[Image.Image] = (),
                  instance_prompt: str = "", class_prompt: str = "", subjects: Sequence[SubjectData] = (),
-                 class_prompts: Sequence[str] = (), cutmix_probability: float = 0.0):
+                 class_prompts: Sequence[str] = (), cutmix_probability: float = 0.0,
+                 caption_probability: float = 1.0):
         self.subjects = list(subjects) or [SubjectData(list(instance_images), "", "", instance_prompt)]
-        self.instances = [(img, k) for k, sub in enumerate(self.subjects) for img in sub.images]
-        self.instance_images = [img for img, _ in self.instances]
+        self.instances = [(img, k, sub.prompt_of(i)) for k, sub in enumerate(self.subjects)
+                          for i, img in enumerate(sub.images)]
+        self.instance_images = [img for img, _, _ in self.instances]
         self.class_images = list(class_images)
         self.class_prompts = list(class_prompts) or [class_prompt] * len(self.class_images)
         self.cutmix_probability = cutmix_probability if len(self.subjects) > 1 else 0.0
+        self.caption_probability = caption_probability
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.epoch = 0
 
@@ -130,8 +161,11 @@ class DreamBoothDataset(Dataset):
         return to_tensor(img, self.resolution, self.center_crop, self.random_flip and flip, self._gen(index, salt))
 
     def __getitem__(self, index: int) -> dict:
-        img, k = self.instances[index % len(self.instances)]
-        item = {"index": index, "prompt": self.subjects[k].prompt, "mix": None}
+        img, k, prompt = self.instances[index % len(self.instances)]
+        if self.caption_probability < 1.0 and float(torch.rand(1, generator=self._gen(index, 3))) >= \
+                self.caption_probability:
+            prompt = self.subjects[k].prompt
+        item = {"index": index, "prompt": prompt, "mix": None}
         gen = self._gen(index, 2)
         if self.cutmix_probability and float(torch.rand(1, generator=gen)) < self.cutmix_probability:
             others = [j for j in range(len(self.subjects)) if j != k]

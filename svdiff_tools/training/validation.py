@@ -73,6 +73,24 @@ def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> 
     return rows
 
 
+def training_settings(args) -> dict:
+    """What the command line may not show (the toy world and the method fill defaults): the model card's lines."""
+    lr = f"{args.learning_rate:g} ({args.lr_scheduler}" + (f", {args.lr_warmup_steps} warmup steps)"
+                                                           if args.lr_warmup_steps else ")")
+    settings = {"learning rate": lr}
+    if args.rank is not None:
+        settings["rank"] = f"{args.rank:g}" + (" (share of each matrix's spectral energy)" if args.rank < 1 else "")
+    settings["text encoder"] = "adapted" if args.train_text_encoder else "frozen"
+    settings["batch size"] = args.train_batch_size * args.gradient_accumulation_steps
+    if args.with_prior_preservation:
+        settings["prior preservation"] = f"`{args.class_prompt}`, weight {args.prior_loss_weight:g}"
+    if 0.0 < args.caption_probability < 1.0:
+        settings["captions"] = f"used on {args.caption_probability:.0%} of steps (else the instance prompt)"
+    elif args.caption_probability == 0.0:
+        settings["captions"] = "not used (the instance prompt on every step)"
+    return settings
+
+
 def final_check_and_card(args, base: str, backend, files: list, output_dir: Path, trainable: int, steps: int,
                          load_pipeline) -> Path:
     """Reload the saved adapter into a fresh base pipeline, render the final images, measure the subject on the
@@ -96,10 +114,10 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
 
         first = validation_seed(args)
         rendered = dict(zip(args.validation_prompts, rows))  # the images just saved are the ones measured
-        report = evaluate.dreambooth_report(pipe, load_pipeline(), dreambooth.SUBJECT,
+        report = evaluate.dreambooth_report(pipe, load_pipeline, dreambooth.SUBJECT,
                                             seeds=range(first, first + args.num_validation_images),
                                             steps=args.num_inference_steps, guidance=args.guidance_scale,
-                                            rendered=rendered)
+                                            rendered=rendered, base_cache=dreambooth.base_report_cache())
         (output_dir / "toyworld_report.json").write_text(json.dumps(report, indent=2))
         for line in evaluate.report_lines(report):
             logging.getLogger("train_dreambooth").info("%s", line)
@@ -107,5 +125,5 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
     write_model_card(output_dir, base_model=base, embedded=args.embedded_kind, method=args.method,
                      trainable=trainable, adapter_file=files[0], instance_prompt=args.instance_prompt,
                      validation_prompt=args.validation_prompts[0], steps=steps, grid=grid, extra_files=files[1:],
-                     command=command, report=report)
+                     command=command, report=report, settings=training_settings(args))
     return grid
