@@ -23,13 +23,20 @@ def _solid(colour, size=40):
     return Image.new("RGB", (size, size), colour)
 
 
-def test_cutmix_puts_the_centre_strips_side_by_side():
+def test_cutmix_scales_each_whole_view_into_its_half():
     left, right = _solid((255, 0, 0)), _solid((0, 0, 255))
-    left.paste((0, 255, 0), (10, 0, 30, 40))  # a green band in the middle of the left image
-    mixed = np.asarray(cutmix(left, right, 32))
+    left.paste((0, 255, 0), (0, 0, 8, 40))  # a green band at the left image's left edge: a centre strip misses it
+    mixed = np.asarray(cutmix(left, right, 32)).astype(int)
     assert mixed.shape == (32, 32, 3)
-    assert (mixed[:, :16, 1] > 200).mean() > 0.9  # the left half is the left image's (green) centre strip
+    band = mixed[:, :2]  # the first 2 of the left half's 16 columns: the band's 8 of 40, scaled
+    assert (band[..., 1] > 200).all() and (band[..., 0] < 60).all()
+    assert (mixed[:, 4:16, 0] > 200).all() and (mixed[:, 4:16, 1] < 60).all()  # the rest of the left view: red
     assert (mixed[:, 16:, 2] > 200).all() and (mixed[:, 16:, 0] < 50).all()  # the right half is blue
+    grid = Image.new("RGB", (40, 40))  # rows above and below the scaled view repeat its edge rows
+    grid.paste((255, 255, 0), (0, 0, 40, 20))
+    column = np.asarray(cutmix(grid, right, 32)).astype(int)[:, :16]
+    assert (column[:8] == column[8]).all() and (column[24:] == column[23]).all()
+    assert (column[:8, :, 1] > 200).all() and (column[24:, :, 1] < 60).all()  # yellow top, black bottom
 
 
 def test_mixed_items_carry_prompts_and_sides_and_are_never_flipped():

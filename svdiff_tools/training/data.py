@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
@@ -105,17 +106,19 @@ class SubjectData:
 
 
 def cutmix(left: Image.Image, right: Image.Image, resolution: int) -> Image.Image:
-    """Cut-Mix (SVDiff): the centre half-width strips of two images side by side, ``resolution`` square."""
+    """Cut-Mix (SVDiff): two subjects' views side by side, ``resolution`` square. Each view (its centre square) is
+    scaled whole into a ``resolution / 2`` square, so a subject off centre or small is kept rather than cut away,
+    and stands in its half's middle; the rows above and below repeat the view's top and bottom edge."""
+    half = resolution // 2
     canvas = Image.new("RGB", (resolution, resolution))
-    for img, x in ((left, 0), (right, resolution // 2)):
+    for img, x in ((left, 0), (right, half)):
         w, h = img.size
-        scale = resolution / min(w, h)
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
-        w, h = img.size
-        half = resolution // 2
-        strip = img.crop(((w - half) // 2, (h - resolution) // 2, (w - half) // 2 + half, (h - resolution) // 2 +
-                          resolution))
-        canvas.paste(strip, (x, 0))
+        side = min(w, h)
+        square = img.crop(((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side))
+        small = np.asarray(square.resize((half, half), Image.BILINEAR))
+        top = (resolution - half) // 2
+        column = np.pad(small, ((top, resolution - half - top), (0, 0), (0, 0)), mode="edge")
+        canvas.paste(Image.fromarray(column), (x, 0))
     return canvas
 
 
