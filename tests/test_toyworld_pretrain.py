@@ -163,8 +163,9 @@ def test_the_base_scores_are_measured_once_per_pipeline_version(tmp_path):
     kwargs = dict(seeds=range(2), steps=3, guidance=5.0, net=net, base_cache=cache)
     first = evaluate.dreambooth_report(adapted, load_base, dreambooth.SUBJECT, **kwargs)
     assert len(loads) == 2 and cache.is_file() and first["adapted"] == first["base"]
+    written = cache.stat().st_mtime_ns
     again = evaluate.dreambooth_report(adapted, load_base, dreambooth.SUBJECT, **kwargs)
-    assert len(loads) == 2 and again == first
+    assert len(loads) == 2 and again == first and cache.stat().st_mtime_ns == written  # all hits: not rewritten
     other_seeds = evaluate.dreambooth_report(adapted, load_base, dreambooth.SUBJECT, **dict(kwargs, seeds=[5]))
     assert len(loads) == 3 and len(json.loads(cache.read_text())) == 4  # 2 prompts x 2 seed sets
     cache.write_text("{not json")  # a damaged cache is measured again, not trusted

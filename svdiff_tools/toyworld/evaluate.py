@@ -59,26 +59,26 @@ def dreambooth_report(pipe, load_base: Callable[[], object], subject: Subject, s
     prompts = {"instance": (subject.instance_prompt, None),
                "recontext": (recontext_prompt(subject), dict(RECONTEXT))}
     rendered = rendered or {}
-    cached, base_pipe = _read_json(base_cache), None
-    report: Dict[str, dict] = {}
-    for label in ("adapted", "base"):
-        for key, (prompt, wanted) in prompts.items():
-            tag = json.dumps([subject.name, prompt, list(seeds), steps, guidance])
-            if label == "base" and tag in cached:
-                report.setdefault(label, {})[key] = cached[tag]
-                continue
-            if label == "adapted" and len(rendered.get(prompt, ())) == len(seeds):
-                images = metric.pil_to_tensor(rendered[prompt])
-            else:
-                if label == "base" and base_pipe is None:
-                    base_pipe = load_base()
-                p = pipe if label == "adapted" else base_pipe
-                p.set_progress_bar_config(disable=True)
-                images = generate(p, [prompt], seeds, steps, guidance)
-            report.setdefault(label, {})[key] = dict(prompt=prompt, **score_images(net, identifier, images, wanted))
-            if label == "base":
-                cached[tag] = report[label][key]
-    if base_cache is not None:
+    cached, base_pipe, measured = _read_json(base_cache), None, False
+    report: Dict[str, dict] = {"adapted": {}, "base": {}}
+
+    def scores(p, prompt: str, wanted: Optional[Dict[str, str]], done=()) -> dict:
+        if len(done) == len(seeds):
+            images = metric.pil_to_tensor(done)
+        else:
+            p.set_progress_bar_config(disable=True)
+            images = generate(p, [prompt], seeds, steps, guidance)
+        return dict(prompt=prompt, **score_images(net, identifier, images, wanted))
+
+    for key, (prompt, wanted) in prompts.items():
+        report["adapted"][key] = scores(pipe, prompt, wanted, rendered.get(prompt, ()))
+        tag = json.dumps([subject.name, prompt, list(seeds), steps, guidance])
+        if tag not in cached:
+            if base_pipe is None:
+                base_pipe = load_base()
+            cached[tag], measured = scores(base_pipe, prompt, wanted), True
+        report["base"][key] = cached[tag]
+    if base_cache is not None and measured:
         try:
             with atomic_path(base_cache) as tmp:
                 tmp.write_text(json.dumps(cached, indent=1))
