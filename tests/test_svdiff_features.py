@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import svdiff_tools as st
-from svdiff_tools.training.data import DreamBoothDataset, SubjectData, cutmix, mixed_prompt
+from svdiff_tools.training.data import CUTMIX_OBJECT_SIZE, DreamBoothDataset, SubjectData, cutmix, mixed_prompt
 from svdiff_tools.training.tiny import tiny_pipeline, tiny_pipeline_path
 from svdiff_tools.training.unmix import UnmixRecorder, identifier_positions, install
 
@@ -23,7 +23,30 @@ def _solid(colour, size=40):
     return Image.new("RGB", (size, size), colour)
 
 
+def test_cutmix_composes_flat_backdrop_views_into_one_scene():
+    """Subjects on flat backdrops are cut out, scaled to CUTMIX_OBJECT_SIZE and centred in their halves on the left
+    view's backdrop; the right view's backdrop does not appear."""
+    left, right = _solid((250, 250, 250), 64), _solid((20, 20, 30), 64)
+    left.paste((255, 0, 0), (40, 10, 60, 20))  # a wide red bar near the top right of its view: 20 x 10
+    right.paste((0, 0, 255), (5, 30, 15, 60))  # a tall blue bar at the bottom left of its view: 10 x 30
+    mixed = np.asarray(cutmix(left, right, 32)).astype(int)
+    red = (mixed[..., 0] > 200) & (mixed[..., 1] < 60)
+    blue = (mixed[..., 2] > 200) & (mixed[..., 0] < 60)
+    assert (mixed[0, 0] == 250).all() and (mixed[-1, -1] == 250).all()  # the left view's backdrop everywhere else
+    assert not ((mixed < 60).all(axis=-1)).any()  # no pixel of the right view's dark backdrop
+    rows, cols = np.flatnonzero(red.any(1)), np.flatnonzero(red.any(0))
+    assert cols[-1] < 16 and abs(cols.mean() - 7.5) <= 1 and abs(rows.mean() - 15.5) <= 1  # centred in the left half
+    assert abs(len(cols) - CUTMIX_OBJECT_SIZE * 32) <= 1 and abs(len(rows) - CUTMIX_OBJECT_SIZE * 16) <= 1
+    rows, cols = np.flatnonzero(blue.any(1)), np.flatnonzero(blue.any(0))
+    assert cols[0] >= 16 and abs(cols.mean() - 23.5) <= 1 and abs(rows.mean() - 15.5) <= 1
+    assert abs(len(rows) - CUTMIX_OBJECT_SIZE * 32) <= 1  # the longer side sets the scale
+    blank = _solid((250, 250, 250), 64)  # a flat view with nothing on it falls back to halves
+    halves = np.asarray(cutmix(blank, right, 32)).astype(int)
+    assert (halves[:, :16] == 250).all() and (halves[:, 16:, 0] < 60).all()
+
+
 def test_cutmix_scales_each_whole_view_into_its_half():
+    """Views not on a flat backdrop are put side by side, as the paper does."""
     left, right = _solid((255, 0, 0)), _solid((0, 0, 255))
     left.paste((0, 255, 0), (0, 0, 8, 40))  # a green band at the left image's left edge: a centre strip misses it
     mixed = np.asarray(cutmix(left, right, 32)).astype(int)

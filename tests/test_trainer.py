@@ -463,7 +463,8 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     from svdiff_tools.training.validation import training_settings
 
     tiny = parse_args(["--method", "svfit"])
-    assert (tiny.lr_scheduler, tiny.caption_probability) == ("constant", 1.0)
+    assert (tiny.lr_scheduler, tiny.caption_probability, tiny.prior_loss_weight) == ("constant", 1.0, 1.0)
+    assert tiny.text_encoder_lr is None
     assert "captions" not in training_settings(tiny) and training_settings(tiny)["text encoder"] == "frozen"
     from svdiff_tools.toyworld import dreambooth
 
@@ -480,8 +481,13 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     assert training_settings(svfit)["captions"] == "used on 50% of steps (else the instance prompt)"
     settings = training_settings(svfit)
     assert settings["learning rate"] == f"{wanted.learning_rate:g} ({wanted.lr_scheduler})"
-    assert settings["rank"].startswith(f"{wanted.rank:g} (share") and settings["text encoder"] == "adapted"
-    assert settings["prior preservation"] == "`a photo of a toy`, weight 1"
-    mine = parse_args(["--method", "svfit", "--lr_scheduler", "linear", "--caption_probability", "1"])
-    assert (mine.lr_scheduler, mine.caption_probability) == ("linear", 1.0)
+    assert settings["rank"].startswith(f"{wanted.rank:g} (share")
+    assert (svfit.text_encoder_lr, svfit.prior_loss_weight) == (wanted.text_encoder_lr, wanted.prior_loss_weight)
+    assert settings["text encoder"] == f"adapted, learning rate {wanted.text_encoder_lr:g}"
+    assert settings["prior preservation"] == f"`a photo of a toy`, weight {wanted.prior_loss_weight:g}"
+    mine = parse_args(["--method", "svfit", "--lr_scheduler", "linear", "--caption_probability", "1",
+                       "--text_encoder_lr", "0.3", "--prior_loss_weight", "0.5"])
+    assert (mine.lr_scheduler, mine.caption_probability, mine.text_encoder_lr, mine.prior_loss_weight) == (
+        "linear", 1.0, 0.3, 0.5)
+    assert training_settings(mine)["prior preservation"] == "`a photo of a toy`, weight 0.5"
     assert parse_args(["--method", "svdiff"]).lr_scheduler == dreambooth.METHOD_DEFAULTS["svdiff"].lr_scheduler

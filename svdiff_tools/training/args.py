@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cutmix_unmix", action="store_true",
                    help="SVDiff's Cut-Mix-Unmix (needs two or more --subject): cut-and-mixed pairs prompted "
                         "'... IDENTIFIER1 CLASS1 on the left and IDENTIFIER2 CLASS2 on the right' plus the unmix "
-                        "regularisation of the identifiers' cross-attention")
+                        "regularisation of the identifiers' cross-attention; views on a flat backdrop are cut out "
+                        "and placed on one backdrop, others are put side by side")
     d.add_argument("--cutmix_probability", type=float, default=0.5, help="share of instance items that are mixed")
     d.add_argument("--unmix_weight", type=float, default=0.1,
                    help="weight of the unmix term (the squared share of an identifier's attention on the wrong "
@@ -106,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--class_data_dir", default=None)
     d.add_argument("--class_prompt", default=None)
     d.add_argument("--with_prior_preservation", action="store_true")
-    d.add_argument("--prior_loss_weight", type=float, default=1.0)
+    d.add_argument("--prior_loss_weight", type=float, default=None, help="default 1 (the toy world: per method)")
     d.add_argument("--num_class_images", type=int, default=None, help="default: 100 (32 for the embedded model)")
     d.add_argument("--sample_batch_size", type=int, default=4)
     d.add_argument("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None)
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=None,
                    help="adapt the text encoder(s) too (default: off, on for the toy world)")
-    t.add_argument("--text_encoder_lr", type=float, default=None, help="default: --learning_rate")
+    t.add_argument("--text_encoder_lr", type=float, default=None,
+                   help="default: --learning_rate (the toy world: per method)")
     t.add_argument("--train_batch_size", type=int, default=1)
     t.add_argument("--max_train_steps", type=int, default=None, help="default: 400, or 12 for the embedded model")
     t.add_argument("--num_train_epochs", type=int, default=1, help="used when --max_train_steps is not set")
@@ -201,6 +203,8 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.train_text_encoder = False
     if args.caption_probability is None:
         args.caption_probability = 1.0
+    if args.prior_loss_weight is None:
+        args.prior_loss_weight = 1.0
     args.lr_scheduler = args.lr_scheduler or "constant"
     if args.instance_data_dir is None:
         args.instance_data_dir = str(EXAMPLE_DATA)
@@ -291,6 +295,10 @@ def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
         args.train_text_encoder = toy.TRAIN_TEXT_ENCODER
     if args.caption_probability is None:
         args.caption_probability = defaults.caption_probability
+    if args.text_encoder_lr is None and defaults.text_encoder_lr is not None:
+        args.text_encoder_lr = defaults.text_encoder_lr
+    if args.prior_loss_weight is None:
+        args.prior_loss_weight = defaults.prior_loss_weight
     if not subject_preset:
         return
     args.instance_data_dir = str(EXAMPLE_DATA)

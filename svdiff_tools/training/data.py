@@ -105,10 +105,60 @@ class SubjectData:
         return self.captions[i] if self.captions else self.prompt
 
 
+# A view's border is a flat backdrop when every border pixel lies within this many levels (per channel) of the
+# border's median colour; its pixels farther than that from the backdrop are the subject.
+FLAT_TOLERANCE = 12
+# Foreground Cut-Mix: each subject's cut-out spans this share of the canvas (its longer side), centred in its half,
+# the size of a small object as the toy world draws two of them left and right (the shipped subjects' small views:
+# 22-28 of 64 pixels).
+CUTMIX_OBJECT_SIZE = 0.38
+
+
+def flat_backdrop(img: Image.Image) -> Optional[np.ndarray]:
+    """The backdrop colour (3,) of a view whose one-pixel border is one flat colour, else None."""
+    a = np.asarray(img.convert("RGB")).astype(np.int16)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    colour = np.median(border, axis=0)
+    return colour if np.abs(border - colour).max() <= FLAT_TOLERANCE else None
+
+
+def cut_out(img: Image.Image, backdrop: np.ndarray) -> Optional[Image.Image]:
+    """The subject of a flat-backdrop view as an RGBA crop of its bounding box (alpha 255 where a pixel differs
+    from ``backdrop`` by more than FLAT_TOLERANCE in some channel, else 0); None when nothing differs."""
+    rgb = img.convert("RGB")
+    mask = (np.abs(np.asarray(rgb).astype(np.int16) - backdrop).max(axis=-1) > FLAT_TOLERANCE)
+    if not mask.any():
+        return None
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
+    subject = rgb.crop(box)
+    subject.putalpha(Image.fromarray((mask * 255).astype(np.uint8)).crop(box))
+    return subject
+
+
 def cutmix(left: Image.Image, right: Image.Image, resolution: int) -> Image.Image:
-    """Cut-Mix (SVDiff): two subjects' views side by side, ``resolution`` square. Each view (its centre square) is
-    scaled whole into a ``resolution / 2`` square, so a subject off centre or small is kept rather than cut away,
-    and stands in its half's middle; the rows above and below repeat the view's top and bottom edge."""
+    """Cut-Mix (SVDiff): two subjects in one ``resolution`` square, ``left``'s on the left half.
+
+    Views on a flat backdrop (`flat_backdrop`, a product-photo or toy-world view) are composed as one scene: each
+    subject cut out (`cut_out`), scaled so its longer side is CUTMIX_OBJECT_SIZE of the canvas and centred in its
+    half, on the left view's backdrop. Other views are put side by side (`cutmix_halves`), as the paper does."""
+    backdrops = [flat_backdrop(v) for v in (left, right)]
+    subjects = [cut_out(v, b) if b is not None else None for v, b in zip((left, right), backdrops)]
+    if any(s is None for s in subjects):
+        return cutmix_halves(left, right, resolution)
+    canvas = Image.new("RGB", (resolution, resolution), tuple(int(c) for c in backdrops[0]))
+    for subject, cx in zip(subjects, (0.25, 0.75)):
+        scale = CUTMIX_OBJECT_SIZE * resolution / max(subject.size)
+        w, h = max(1, round(subject.width * scale)), max(1, round(subject.height * scale))
+        small = subject.resize((w, h), Image.BILINEAR)
+        canvas.paste(small, (round(cx * resolution - w / 2), round((resolution - h) / 2)), small)
+    return canvas
+
+
+def cutmix_halves(left: Image.Image, right: Image.Image, resolution: int) -> Image.Image:
+    """Two subjects' views side by side, ``resolution`` square. Each view (its centre square) is scaled whole into a
+    ``resolution / 2`` square, so a subject off centre or small is kept rather than cut away, and stands in its
+    half's middle; the rows above and below repeat the view's top and bottom edge."""
     half = resolution // 2
     canvas = Image.new("RGB", (resolution, resolution))
     for img, x in ((left, 0), (right, half)):

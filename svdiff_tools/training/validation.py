@@ -80,7 +80,8 @@ def training_settings(args) -> dict:
     settings = {"learning rate": lr}
     if args.rank is not None:
         settings["rank"] = f"{args.rank:g}" + (" (share of each matrix's spectral energy)" if args.rank < 1 else "")
-    settings["text encoder"] = "adapted" if args.train_text_encoder else "frozen"
+    settings["text encoder"] = "frozen" if not args.train_text_encoder else "adapted" + (
+        f", learning rate {args.text_encoder_lr:g}" if args.text_encoder_lr else "")
     settings["batch size"] = args.train_batch_size * args.gradient_accumulation_steps
     if args.with_prior_preservation:
         settings["prior preservation"] = f"`{args.class_prompt}`, weight {args.prior_loss_weight:g}"
