@@ -490,4 +490,7 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     assert (mine.lr_scheduler, mine.caption_probability, mine.text_encoder_lr, mine.prior_loss_weight) == (
         "linear", 1.0, 0.3, 0.5)
     assert training_settings(mine)["prior preservation"] == "`a photo of a toy`, weight 0.5"
+    own_rate = parse_args(["--method", "svfit", "--learning_rate", "1e-2"])  # the text encoder follows it
+    assert (own_rate.learning_rate, own_rate.text_encoder_lr) == (1e-2, None)
+    assert training_settings(own_rate)["text encoder"] == "adapted"
     assert parse_args(["--method", "svdiff"]).lr_scheduler == dreambooth.METHOD_DEFAULTS["svdiff"].lr_scheduler

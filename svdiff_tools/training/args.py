@@ -120,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=None,
                    help="adapt the text encoder(s) too (default: off, on for the toy world)")
     t.add_argument("--text_encoder_lr", type=float, default=None,
-                   help="default: --learning_rate (the toy world: per method)")
+                   help="default: --learning_rate (the toy world: per method, unless --learning_rate is given)")
     t.add_argument("--train_batch_size", type=int, default=1)
     t.add_argument("--max_train_steps", type=int, default=None, help="default: 400, or 12 for the embedded model")
     t.add_argument("--num_train_epochs", type=int, default=1, help="used when --max_train_steps is not set")
@@ -284,6 +284,8 @@ def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
     from ..toyworld import dreambooth as toy
 
     defaults = toy.METHOD_DEFAULTS[args.method]
+    if args.text_encoder_lr is None and args.learning_rate is None:  # a rate the user gives covers both
+        args.text_encoder_lr = defaults.text_encoder_lr
     args.learning_rate = args.learning_rate or defaults.learning_rate
     args.max_train_steps = args.max_train_steps or defaults.steps
     if args.rank is None and defaults.rank is not None:
@@ -295,8 +297,6 @@ def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
         args.train_text_encoder = toy.TRAIN_TEXT_ENCODER
     if args.caption_probability is None:
         args.caption_probability = defaults.caption_probability
-    if args.text_encoder_lr is None and defaults.text_encoder_lr is not None:
-        args.text_encoder_lr = defaults.text_encoder_lr
     if args.prior_loss_weight is None:
         args.prior_loss_weight = defaults.prior_loss_weight
     if not subject_preset:
