@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """DreamBooth quality on the toy world: every method against PEFT LoRA and full fine-tuning, one protocol.
 
-    python benchmarks/dreambooth_quality.py --out runs/quality                 # the full run (hours on a CPU)
+    python benchmarks/dreambooth_quality.py --out benchmarks/results/dreambooth_quality
+                                  # the full run: hours on a CPU; each run's scores are committed as it goes
     python benchmarks/dreambooth_quality.py --quick --out runs/quality-quick   # 1 subject, 1 seed, 4 methods,
                                                                                # 4 images per prompt, 2 curve points
     python benchmarks/dreambooth_quality.py --subject DIR --class_word dog --instance_prompt "a photo of sks dog"
@@ -68,6 +69,10 @@ RECONTEXT = {  # attribute -> (prompt template, wanted value)
     "pattern": ("a striped {id} {cls}", "striped"),
 }
 DRIFT_ATTRIBUTES = ("shape", "colour", "pattern", "background", "position", "size")
+# What a scored run keeps (the rest of its folder, adapters and validation images, can go): its scores and the
+# first final image of each prompt for the grid. `benchmarks/results/dreambooth_quality/.gitignore` commits
+# just these, so a run of hours resumes in any checkout.
+RESULT, STRIP = "result.json", "final_strip.png"
 
 
 class Subject:
@@ -94,10 +99,14 @@ def shipped_subjects(names: List[str]) -> List[Subject]:
 
 
 # ----------------------------------------------------------------------------------- training runs
+def run_folder(out: Path, subject: Subject, row: str, seed: int) -> Path:
+    return out / subject.name / row.replace(" ", "_").replace("+", "plus").replace("=", "") / f"seed{seed}"
+
+
 def train(subject: Subject, row: str, seed: int, steps: int, out: Path, class_dir: Path, args) -> Path:
-    """One trainer run (skipped when its final file exists); returns its folder."""
-    folder = out / subject.name / row.replace(" ", "_").replace("+", "plus").replace("=", "") / f"seed{seed}"
-    if (folder / "README.md").is_file():
+    """One trainer run (skipped when its final file or its scores exist); returns its folder."""
+    folder = run_folder(out, subject, row, seed)
+    if (folder / "README.md").is_file() or (folder / RESULT).is_file():
         return folder
     prompts = list(subject.prompts().values())
     cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), *ROWS[row],
@@ -182,7 +191,29 @@ def score_run(net, identifier, subject: Subject, folder: Path, steps: int, args,
     final["drift_tv"] = statistics.mean(total_variation(h[a], h0[a]) for a in DRIFT_ATTRIBUTES)
     final["trainable"] = trainable_count(folder)
     final["file_bytes"] = adapter_bytes(folder)
-    return {"final": final, "curve": curve}
+    final_strip(folder, max(curve), len(prompts)).save(folder / STRIP)
+    return {"final": final, "curve": curve, "commit": git_commit()}
+
+
+def final_strip(folder: Path, step: int, n_prompts: int):
+    """The first validation image of every prompt at ``step``, side by side (64 px each)."""
+    from PIL import Image
+
+    images = [Image.open(folder / "validation" / (f"step{step:06d}_0.png" if k == 0 else f"step{step:06d}_p{k}_0.png"))
+              .convert("RGB").resize((64, 64)) for k in range(n_prompts)]
+    strip = Image.new("RGB", (64 * n_prompts, 64))
+    for k, image in enumerate(images):
+        strip.paste(image, (64 * k, 0))
+    return strip
+
+
+def git_commit() -> Optional[str]:
+    """The checkout's commit (recorded with every score), or None outside git."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def base_scores(net, identifier, subject: Subject, args, out: Path) -> dict:
@@ -346,14 +377,11 @@ def grid_png(subject: Subject, rows: List[str], out: Path, args, seed: int) -> N
     prompts = list(subject.prompts())
     grid_rows, labels = [], []
     for row in rows:
-        folder = out / subject.name / row.replace(" ", "_").replace("+", "plus").replace("=", "") / f"seed{seed}"
-        finals = sorted({int(p.name[4:10]) for p in (folder / "validation").glob("step*_0.png")})
-        if not finals:
+        strip_file = run_folder(out, subject, row, seed) / STRIP
+        if not strip_file.is_file():
             continue
-        step = finals[-1]
-        grid_rows.append([Image.open(folder / "validation" / (f"step{step:06d}_0.png" if k == 0 else
-                                                               f"step{step:06d}_p{k}_0.png")).resize((96, 96))
-                          for k in range(len(prompts))])
+        strip = Image.open(strip_file)
+        grid_rows.append([strip.crop((64 * k, 0, 64 * k + 64, 64)).resize((96, 96)) for k in range(len(prompts))])
         labels.append(row)
     labelled_grid(grid_rows, labels, caption=" | ".join(subject.prompts().values())).save(
         out / f"grid_{subject.name}.png")
@@ -412,7 +440,7 @@ def main(argv=None):
             for row in rows:
                 for seed in seeds:
                     folder = train(subject, row, seed, steps, out, class_dir, args)
-                    result_file = folder / "result.json"
+                    result_file = folder / RESULT
                     if result_file.is_file():
                         result = json.loads(result_file.read_text())
                         result["curve"] = {int(k): v for k, v in result["curve"].items()}

@@ -34,3 +34,25 @@ def test_smoke_run_computes_every_figure_and_resumes(tmp_path, capsys):
     before = result_file.stat().st_mtime
     dreambooth_quality.main(argv + ["--skip_cost"])  # resumes: nothing retrained or rescored
     assert result_file.stat().st_mtime == before
+    # a fresh checkout holds only what the results folder's .gitignore commits: the scores and the grid strip
+    kept = {dreambooth_quality.RESULT, dreambooth_quality.STRIP}
+    assert kept <= {p.name for p in result_file.parent.iterdir()}
+    for path in sorted(result_file.parent.rglob("*"), reverse=True):
+        if path.name not in kept:
+            path.unlink() if path.is_file() else path.rmdir()
+    (tmp_path / "grid_example_toy.png").unlink()
+    dreambooth_quality.main(argv + ["--skip_cost"])
+    assert result_file.stat().st_mtime == before and not (result_file.parent / "README.md").exists()  # not retrained
+    assert (tmp_path / "grid_example_toy.png").is_file() and json.loads(result_file.read_text())["commit"]
+
+
+def test_the_results_folder_commits_only_scores_and_strips():
+    """The full run's folder in the repository keeps what resumes it and nothing heavy."""
+    import subprocess
+
+    folder = ROOT / "benchmarks" / "results" / "dreambooth_quality"
+    probe = [f"example_toy/svfit/seed0/{name}" for name in ("result.json", "final_strip.png", "README.md",
+                                                             "pytorch_svd_weights.safetensors", "validation/a.png")]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *probe], cwd=folder, capture_output=True,
+                             text=True).stdout.split()
+    assert ignored == probe[2:]
