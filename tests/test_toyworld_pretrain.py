@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 
 from svdiff_tools.toyworld import assets, dreambooth, gate
+from svdiff_tools.toyworld.world import SUBJECTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--batch_size", "2", "--log_every", "1", "--checkpoint_every", "1", "--warmup", "1"]
@@ -185,11 +186,13 @@ def test_the_evaluate_command_reads_an_adapter_on_other_seeds(tmp_path, monkeypa
     unet = UNet2DConditionModel.from_pretrained(assets.pipeline_path(), subfolder="unet")
     st.inject_adapter(unet, st.SVDAdapterConfig(method="svdiff", target_modules="unet-attention"))
     st.save_adapter(unet, tmp_path / "svd_adapter.safetensors")
-    evaluate.main([str(tmp_path), "--first_seed", "7", "--num_images", "2", "--num_inference_steps", "3"])
+    evaluate.main([str(tmp_path), "--first_seed", "7", "--num_images", "2", "--num_inference_steps", "3",
+                   "--subject", "example_robot"])  # any shipped subject: its prompts and its renders
     out = capsys.readouterr().out
     assert out.startswith(f"## {tmp_path}: seeds 7-8\n")
     rows = {tuple(cells[:2]): cells[2:] for cells in
             ([c.strip() for c in line.strip().strip("|").split("|")] for line in out.splitlines()[3:])}
     assert len(rows) == 4
-    for prompt in (dreambooth.SUBJECT.instance_prompt, evaluate.recontext_prompt(dreambooth.SUBJECT)):
+    robot = SUBJECTS["example_robot"]
+    for prompt in (robot.instance_prompt, evaluate.recontext_prompt(robot)):
         assert rows[("adapted", f"`{prompt}`")] == rows[("base", f"`{prompt}`")]

@@ -457,6 +457,26 @@ def test_caption_probability_mixes_captions_with_the_instance_prompt(tmp_path):
                      for i in range(400)]  # drawn from (seed, epoch, index): a resumed run sees the same prompts
 
 
+def test_the_toy_world_report_measures_only_a_shipped_subject_under_its_own_prompt(tmp_path):
+    """The trainer's subject report identifies against a shipped subject's renders: it must name the subject
+    whose views were trained (by content, wherever the folder is) and stay silent for any other folder or prompt,
+    where its figures would describe the wrong subject."""
+    import shutil
+
+    from svdiff_tools.toyworld.assets import DATA
+    from svdiff_tools.toyworld.dreambooth import shipped_subject
+    from svdiff_tools.training.args import EXAMPLE_DATA
+
+    assert shipped_subject(EXAMPLE_DATA, "a photo of sks toy").name == "example_toy"
+    robot = shutil.copytree(DATA / "subjects" / "example_robot", tmp_path / "my_robot")
+    assert shipped_subject(robot, "a photo of zwx robot").name == "example_robot"
+    assert shipped_subject(robot, "a photo of sks toy") is None  # another subject's prompt
+    assert shipped_subject(robot, "a photo of sks robot") is None  # its views, another identifier
+    next(robot.glob("*.png")).unlink()
+    assert shipped_subject(robot, "a photo of zwx robot") is None  # not the same views
+    assert shipped_subject(tmp_path / "missing", "a photo of sks toy") is None
+
+
 def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     """Flags the user gives win over the toy world's per-method defaults; the card states what was in effect."""
     from svdiff_tools.training.args import parse_args

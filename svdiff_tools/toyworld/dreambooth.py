@@ -14,9 +14,9 @@ import os
 from pathlib import Path
 from typing import NamedTuple, Optional
 
-from .assets import pipeline_folder
+from .assets import DATA, pipeline_folder
 from .evaluate import recontext_prompt
-from .world import SUBJECTS
+from .world import SUBJECTS, Subject
 
 SUBJECT = SUBJECTS["example_toy"]
 RESOLUTION = 64
@@ -105,6 +105,25 @@ def base_report_cache() -> Path:
     tag = _version_tag(_unet_weights(), pipeline_folder() / "text_encoder" / "model.safetensors",
                        Path(DEFAULT_PATH) / "model.safetensors")
     return _cache_root() / f"base-report-{tag}.json"
+
+
+def shipped_subject(instance_data_dir, instance_prompt: str) -> Optional[Subject]:
+    """The shipped subject whose views ``instance_data_dir`` holds (the same image files, wherever the folder is),
+    trained under its own prompt; else None. The toy-world report identifies against a subject's own renders, so
+    it measures only a shipped subject: for another folder or prompt its figures would describe the wrong one."""
+    from ..training.args import list_images
+
+    def digests(folder: Path) -> frozenset:
+        return frozenset(hashlib.sha1(p.read_bytes()).hexdigest() for p in list_images(folder))
+
+    folder = Path(instance_data_dir)
+    if not folder.is_dir():
+        return None
+    views = digests(folder)
+    for subject in SUBJECTS.values():
+        if instance_prompt == subject.instance_prompt and views == digests(DATA / "subjects" / subject.name):
+            return subject
+    return None
 
 
 def validation_prompts():

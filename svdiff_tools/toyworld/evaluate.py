@@ -21,7 +21,7 @@ from ..atomic import atomic_path
 
 from . import metric
 from .gate import generate
-from .world import RECONTEXT_BACKGROUND, Subject
+from .world import RECONTEXT_BACKGROUND, SUBJECTS, Subject
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +122,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     from .assets import pipeline_path
 
     p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    p.add_argument("adapters", nargs="+", help="trainer output folders (or adapter files) of the shipped subject")
+    p.add_argument("adapters", nargs="+", help="trainer output folders (or adapter files) of one shipped subject")
+    p.add_argument("--subject", default=dreambooth.SUBJECT.name, choices=sorted(SUBJECTS),
+                   help="the shipped subject they were trained on")
     p.add_argument("--first_seed", type=int, default=100)
     p.add_argument("--num_images", type=int, default=32, help="per prompt")
     p.add_argument("--num_inference_steps", type=int, default=dreambooth.INFERENCE_STEPS)
@@ -137,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for adapter in args.adapters:
         pipe = load_base()
         pipe.load_svd_adapter(adapter)
-        report = dreambooth_report(pipe, load_base, dreambooth.SUBJECT, net=net,
+        report = dreambooth_report(pipe, load_base, SUBJECTS[args.subject], net=net,
                                    seeds=range(args.first_seed, args.first_seed + args.num_images),
                                    steps=args.num_inference_steps, guidance=args.guidance_scale,
                                    base_cache=dreambooth.base_report_cache())

@@ -109,13 +109,19 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
     rows = render_validation(args, pipe, steps, output_dir / "validation", None)
     grid = output_dir / "grid.png"
     labelled_grid(rows, [f"{args.method}, step {steps}: {p}" for p in args.validation_prompts]).save(grid)
-    report = None
+    report, subject = None, None
     if args.embedded_kind == "toyworld":
         from ..toyworld import dreambooth, evaluate
 
+        subject = dreambooth.shipped_subject(args.instance_data_dir, args.instance_prompt)
+        if subject is None:
+            logging.getLogger("train_dreambooth").info(
+                "no toy-world subject report: %s with `%s` is not a shipped subject under its own prompt (the "
+                "metric network identifies only those)", args.instance_data_dir, args.instance_prompt)
+    if subject is not None:
         first = validation_seed(args)
         rendered = dict(zip(args.validation_prompts, rows))  # the images just saved are the ones measured
-        report = evaluate.dreambooth_report(pipe, load_pipeline, dreambooth.SUBJECT,
+        report = evaluate.dreambooth_report(pipe, load_pipeline, subject,
                                             seeds=range(first, first + args.num_validation_images),
                                             steps=args.num_inference_steps, guidance=args.guidance_scale,
                                             rendered=rendered, base_cache=dreambooth.base_report_cache())
