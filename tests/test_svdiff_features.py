@@ -62,7 +62,12 @@ def test_cutmix_scales_each_whole_view_into_its_half():
     assert (column[:8, :, 1] > 200).all() and (column[24:, :, 1] < 60).all()  # yellow top, black bottom
 
 
-def test_mixed_items_carry_prompts_and_sides_and_are_never_flipped():
+def test_mixed_items_carry_prompts_and_sides_and_are_never_flipped(monkeypatch):
+    from svdiff_tools.training import data as data_module
+
+    seen = []
+    real = data_module.subject_cut_out
+    monkeypatch.setattr(data_module, "subject_cut_out", lambda view: seen.append(id(view)) or real(view))
     toy = SubjectData([_solid((255, 0, 0))], "sks", "toy", "a photo of sks toy")
     robot = SubjectData([_solid((0, 0, 255))], "zwx", "robot", "a photo of zwx robot")
     data = DreamBoothDataset([], 32, True, True, 0, subjects=[toy, robot], cutmix_probability=1.0)
@@ -74,6 +79,7 @@ def test_mixed_items_carry_prompts_and_sides_and_are_never_flipped():
         pixels = item["instance"]
         red_left = bool((pixels[0, :, :16] > 0.9).all())
         assert red_left == (left == "sks")  # the side the prompt names is the side the pixels show
+    assert sorted(seen) == sorted({id(toy.images[0]), id(robot.images[0])})  # each view's cut-out made once
     plain = DreamBoothDataset([], 32, True, False, 0, subjects=[toy, robot], cutmix_probability=0.0)
     assert all(plain[i]["mix"] is None for i in range(4))
     assert {plain[i]["prompt"] for i in range(2)} == {toy.prompt, robot.prompt}

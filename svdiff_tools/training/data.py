@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -114,40 +114,40 @@ FLAT_TOLERANCE = 12
 CUTMIX_OBJECT_SIZE = 0.38
 
 
-def flat_backdrop(img: Image.Image) -> Optional[np.ndarray]:
-    """The backdrop colour (3,) of a view whose one-pixel border is one flat colour, else None."""
-    a = np.asarray(img.convert("RGB")).astype(np.int16)
-    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
-    colour = np.median(border, axis=0)
-    return colour if np.abs(border - colour).max() <= FLAT_TOLERANCE else None
-
-
-def cut_out(img: Image.Image, backdrop: np.ndarray) -> Optional[Image.Image]:
-    """The subject of a flat-backdrop view as an RGBA crop of its bounding box (alpha 255 where a pixel differs
-    from ``backdrop`` by more than FLAT_TOLERANCE in some channel, else 0); None when nothing differs."""
+def subject_cut_out(img: Image.Image) -> Optional[Tuple[Tuple[int, int, int], Image.Image]]:
+    """``(backdrop colour, subject)`` of a view on a flat backdrop, else None. The backdrop is flat when every
+    pixel of the one-pixel border is within FLAT_TOLERANCE of the border's median colour; the subject is an RGBA
+    crop of its bounding box, alpha 255 where a pixel differs from the backdrop by more than FLAT_TOLERANCE in
+    some channel, else 0 (None when nothing differs)."""
     rgb = img.convert("RGB")
-    mask = (np.abs(np.asarray(rgb).astype(np.int16) - backdrop).max(axis=-1) > FLAT_TOLERANCE)
+    a = np.asarray(rgb).astype(np.int16)
+    border = np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+    backdrop = np.median(border, axis=0)
+    if np.abs(border - backdrop).max() > FLAT_TOLERANCE:
+        return None
+    mask = np.abs(a - backdrop).max(axis=-1) > FLAT_TOLERANCE
     if not mask.any():
         return None
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     box = (int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1)
     subject = rgb.crop(box)
     subject.putalpha(Image.fromarray((mask * 255).astype(np.uint8)).crop(box))
-    return subject
+    return tuple(int(c) for c in backdrop), subject
 
 
-def cutmix(left: Image.Image, right: Image.Image, resolution: int) -> Image.Image:
+def cutmix(left: Image.Image, right: Image.Image, resolution: int, cut_outs: Optional[Sequence] = None
+           ) -> Image.Image:
     """Cut-Mix (SVDiff): two subjects in one ``resolution`` square, ``left``'s on the left half.
 
-    Views on a flat backdrop (`flat_backdrop`, a product-photo or toy-world view) are composed as one scene: each
-    subject cut out (`cut_out`), scaled so its longer side is CUTMIX_OBJECT_SIZE of the canvas and centred in its
-    half, on the left view's backdrop. Other views are put side by side (`cutmix_halves`), as the paper does."""
-    backdrops = [flat_backdrop(v) for v in (left, right)]
-    subjects = [cut_out(v, b) if b is not None else None for v, b in zip((left, right), backdrops)]
-    if any(s is None for s in subjects):
+    Views on a flat backdrop (a product-photo or toy-world view; `subject_cut_out`, or ``cut_outs`` already made
+    for ``(left, right)``) are composed as one scene: each subject scaled so its longer side is
+    CUTMIX_OBJECT_SIZE of the canvas and centred in its half, on the left view's backdrop. Other views are put
+    side by side (`cutmix_halves`), as the paper does."""
+    cut_outs = cut_outs if cut_outs is not None else [subject_cut_out(v) for v in (left, right)]
+    if any(c is None for c in cut_outs):
         return cutmix_halves(left, right, resolution)
-    canvas = Image.new("RGB", (resolution, resolution), tuple(int(c) for c in backdrops[0]))
-    for subject, cx in zip(subjects, (0.25, 0.75)):
+    canvas = Image.new("RGB", (resolution, resolution), cut_outs[0][0])
+    for (_, subject), cx in zip(cut_outs, (0.25, 0.75)):
         scale = CUTMIX_OBJECT_SIZE * resolution / max(subject.size)
         w, h = max(1, round(subject.width * scale)), max(1, round(subject.height * scale))
         small = subject.resize((w, h), Image.BILINEAR)
@@ -200,6 +200,12 @@ class DreamBoothDataset(Dataset):
         self.caption_probability = caption_probability
         self.resolution, self.center_crop, self.random_flip, self.seed = resolution, center_crop, random_flip, seed
         self.epoch = 0
+        self._cut_outs: Dict[int, object] = {}  # id(view) -> `subject_cut_out(view)`, made once per view
+
+    def _cut_out(self, view: Image.Image):
+        if id(view) not in self._cut_outs:
+            self._cut_outs[id(view)] = subject_cut_out(view)
+        return self._cut_outs[id(view)]
 
     def __len__(self) -> int:
         return max(len(self.instance_images), len(self.class_images))
@@ -226,7 +232,7 @@ class DreamBoothDataset(Dataset):
             partner = self.subjects[j].images[int(torch.randint(len(self.subjects[j].images), (1,), generator=gen))]
             (left, a), (right, b) = ((img, k), (partner, j)) if float(torch.rand(1, generator=gen)) < 0.5 else \
                 ((partner, j), (img, k))
-            img = cutmix(left, right, self.resolution)
+            img = cutmix(left, right, self.resolution, [self._cut_out(v) for v in (left, right)])
             item.update(prompt=mixed_prompt(self.subjects[a], self.subjects[b]),
                         mix=(self.subjects[a].identifier, self.subjects[b].identifier))
             item["instance"] = self._tensor(img, index, 0, flip=False)
