@@ -20,7 +20,7 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 from torch import nn
 
@@ -31,7 +31,15 @@ from .module_kinds import kind_of
 from .targets import norm_modules, resolve_targets
 
 CPU_GFLOPS = 8.0  # this project's 2-core CPU on the float64 Gram route
-FILE_OVERHEAD_PER_LAYER = 420  # metadata bytes per module record (kind, shape, rank, fingerprint), measured
+# An adapter file's bytes besides its values (`io.write_adapter_file`), fitted to files written by the tests' models:
+# each module's metadata record (kind, shapes, rank, driver, fingerprint: JSON inside the JSON header) besides its
+# name, and each tensor's header entry and checksum besides its key, which both repeat.
+RECORD_BYTES, NORM_RECORD_BYTES, TENSOR_BYTES, FILE_BYTES = 450, 215, 112, 700
+
+
+def file_overhead(name: str, tensors: Sequence[str], record: int = RECORD_BYTES) -> int:
+    """Metadata bytes of one module ``name`` whose state holds ``tensors`` (suffixes such as ``delta``)."""
+    return len(name) + record + sum(2 * (len(name) + 1 + len(t)) + TENSOR_BYTES for t in tensors)
 
 
 @dataclass
@@ -52,6 +60,7 @@ class Estimate:
     method: str
     layers: List[LayerEstimate] = field(default_factory=list)
     norm_trainable: int = 0
+    norm_file_bytes: int = 0
     model_parameters: int = 0
 
     @property
@@ -60,7 +69,7 @@ class Estimate:
 
     @property
     def file_bytes(self) -> int:
-        return sum(layer.file_bytes for layer in self.layers) + 4 * self.norm_trainable + 1024
+        return sum(layer.file_bytes for layer in self.layers) + self.norm_file_bytes + FILE_BYTES
 
     @property
     def basis_bytes(self) -> int:
@@ -137,14 +146,19 @@ def estimate(model_or_config, config: SVDAdapterConfig, weight_bytes: int = 4) -
         one_sided = (SVDBasis.worth_one_sided(config.basis_storage, shape, kind.supports_input_correction())
                      and driver != "randomized" and requested is None)
         basis = (q * q + q) if one_sided else ((shape[0] + shape[1]) * q + q)
-        # SVFT's sparse patterns also store their (row, col) indices, int64 each
-        index_bytes = 16 * cls.trainable_count(rank, None, config.replace(train_bias=False)) \
-            if getattr(cls, "name", "") == "svft" and config.svft_pattern != "plain" else 0
+        # SVFT stores each entry of M with its (row, col) indices, int64 each, whatever the pattern
+        sparse = getattr(cls, "name", "") == "svft"
+        entries = cls.trainable_count(rank, None, config.replace(train_bias=False))  # M alone, no bias
+        index_bytes = 16 * entries if sparse else 0
+        tensors = (["rows", "cols", "values"] if sparse else ["delta"]) + (["bias_delta"] if trainable > entries else [])
         out.layers.append(LayerEstimate(name, kind.name, shape, rank, trainable,
-                                        4 * trainable + index_bytes + FILE_OVERHEAD_PER_LAYER,
+                                        4 * trainable + index_bytes + file_overhead(name, tensors),
                                         basis * weight_bytes, driver, gflop))
     if config.train_norms:
-        out.norm_trainable = sum(m.weight.numel() for _, m in norm_modules(model, config.exclude_modules))
+        norms = list(norm_modules(model, config.exclude_modules))
+        out.norm_trainable = sum(m.weight.numel() for _, m in norms)
+        out.norm_file_bytes = sum(4 * m.weight.numel() + file_overhead(n, ["weight_delta"], NORM_RECORD_BYTES)
+                                  for n, m in norms)
     return out
 
 

@@ -14,7 +14,7 @@ from conftest import METHOD_CASES, MODEL_CASES
 
 @pytest.mark.parametrize("method", [m for m in METHOD_CASES if m != "svfit_energy"])
 @pytest.mark.parametrize("case", MODEL_CASES, ids=[c.name for c in MODEL_CASES])
-def test_estimate_equals_what_injection_trains(case, method):
+def test_estimate_equals_what_injection_trains(case, method, tmp_path):
     kwargs = dict(METHOD_CASES[method])
     config = st.SVDAdapterConfig(target_modules=case.targets, **kwargs)
     model = case.build(0)
@@ -22,6 +22,8 @@ def test_estimate_equals_what_injection_trains(case, method):
     st.inject_adapter(model, config)
     assert plan.trainable == st.count_parameters(model)[0]
     assert [layer.name for layer in plan.layers] == [n for n, m in adapter_layers(model) if isinstance(m, st.SVDLayer)]
+    written = st.save_adapter(model, tmp_path / "adapter.safetensors").stat().st_size
+    assert 0.9 * written <= plan.file_bytes <= 1.1 * written, (plan.file_bytes, written)  # metadata included
 
 
 def test_estimate_reads_a_config_file_and_matches_the_svft_tables(tmp_path):

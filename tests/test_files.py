@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import svdiff_tools as st
 from svdiff_tools import decomposition as dec
+from svdiff_tools.fingerprint import sample_positions
 
 from conftest import MODEL_CASES
 from reference import randomize_adapter
@@ -208,4 +209,9 @@ def test_metadata_is_complete(saved):
     assert info["kind"] == "conv" and info["weight_shape"] == [16, 16, 3, 3]
     assert info["weight_dtype"] == "float32" and info["driver"] == "gram"
     assert set(info["fingerprint"]) == {"shape", "norm", "sum", "samples"}
+    weight = model.get_submodule("down_blocks.0.resnets.0.conv1").unmerged_weight().double()
+    fp = info["fingerprint"]  # six significant digits of the float64 figures
+    for recorded, exact in [(fp["norm"], weight.norm()), (fp["sum"], weight.sum())] + \
+            [(v, weight.reshape(-1)[i]) for v, i in zip(fp["samples"], sample_positions(weight.numel()))]:
+        assert abs(recorded - float(exact)) <= 5e-6 * abs(float(exact)) and float(f"{recorded:.6g}") == recorded
     assert "out_channels, -1" in meta["conv_reshape"]
