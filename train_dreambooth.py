@@ -169,7 +169,9 @@ def train(args) -> int:
         backend, out = run.backend, run.output_dir
         files = backend.save_final(out, run.base, run.pipeline_cls, session.raw_unet, session.raw_encoders,
                                    run.load_pipeline)
-        grid = final_check_and_card(args, run.base, backend, files, out, session.trainable, step, run.load_pipeline)
+        captioned = sum(c != sub.prompt for sub in run.subjects for c in sub.captions or ())
+        grid = final_check_and_card(args, run.base, backend, files, out, session.trainable, step, run.load_pipeline,
+                                    captioned)
         push_to_hub(args, out)
         print(f"done: {files[0]} ({session.trainable:,} trainable parameters); validation grid {grid}; model card "
               f"{out / 'README.md'}")

@@ -66,6 +66,7 @@ def test_readme_main_job(tmp_path):
     assert "done: svd-dreambooth-model/svd_adapter.safetensors" in result.stdout
     card = (out / "README.md").read_text()
     assert "method: `svfit`" in card and "trainable parameters" in card and "grid.png" in card
+    assert "- captions: 5 caption files, used on every step" in card  # the shipped views' sidecar captions
     pipe = base_pipe()
     before = render(pipe)
     pipe.load_svd_adapter(out)
@@ -486,6 +487,8 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     assert (tiny.lr_scheduler, tiny.caption_probability, tiny.prior_loss_weight) == ("constant", 1.0, 1.0)
     assert tiny.text_encoder_lr is None
     assert "captions" not in training_settings(tiny) and training_settings(tiny)["text encoder"] == "frozen"
+    assert training_settings(tiny, captioned=3)["captions"] == "3 caption files, used on every step"
+    assert training_settings(tiny, captioned=0)["captions"].startswith("none (no caption files")
     from svdiff_tools.toyworld import dreambooth
 
     if not dreambooth.available():
@@ -499,6 +502,9 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     assert vectorfit.caption_probability == 0.0  # captions measured worse there
     assert training_settings(vectorfit)["captions"] == "not used (the instance prompt on every step)"
     assert training_settings(svfit)["captions"] == "used on 50% of steps (else the instance prompt)"
+    assert training_settings(svfit, 5)["captions"] == "5 caption files, used on 50% of steps (else the instance prompt)"
+    assert training_settings(svfit, 0)["captions"] == "none (no caption files: the instance prompt on every step)"
+    assert training_settings(vectorfit, 5)["captions"] == "not used (the instance prompt on every step)"
     settings = training_settings(svfit)
     assert settings["learning rate"] == f"{wanted.learning_rate:g} ({wanted.lr_scheduler})"
     assert settings["rank"].startswith(f"{wanted.rank:g} (share")

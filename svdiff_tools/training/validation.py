@@ -5,6 +5,7 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -73,8 +74,9 @@ def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> 
     return rows
 
 
-def training_settings(args) -> dict:
-    """What the command line may not show (the toy world and the method fill defaults): the model card's lines."""
+def training_settings(args, captioned: Optional[int] = None) -> dict:
+    """What the command line may not show (the toy world and the method fill defaults): the model card's lines.
+    ``captioned``: how many instance images had a caption file (None: not known)."""
     lr = f"{args.learning_rate:g} ({args.lr_scheduler}" + (f", {args.lr_warmup_steps} warmup steps)"
                                                            if args.lr_warmup_steps else ")")
     settings = {"learning rate": lr}
@@ -85,15 +87,20 @@ def training_settings(args) -> dict:
     settings["batch size"] = args.train_batch_size * args.gradient_accumulation_steps
     if args.with_prior_preservation:
         settings["prior preservation"] = f"`{args.class_prompt}`, weight {args.prior_loss_weight:g}"
-    if 0.0 < args.caption_probability < 1.0:
-        settings["captions"] = f"used on {args.caption_probability:.0%} of steps (else the instance prompt)"
-    elif args.caption_probability == 0.0:
+    files = f"{captioned} caption files, " if captioned else ""
+    if args.caption_probability == 0.0:
         settings["captions"] = "not used (the instance prompt on every step)"
+    elif captioned == 0:
+        settings["captions"] = "none (no caption files: the instance prompt on every step)"
+    elif args.caption_probability < 1.0:
+        settings["captions"] = f"{files}used on {args.caption_probability:.0%} of steps (else the instance prompt)"
+    elif captioned:
+        settings["captions"] = f"{files}used on every step"
     return settings
 
 
 def final_check_and_card(args, base: str, backend, files: list, output_dir: Path, trainable: int, steps: int,
-                         load_pipeline) -> Path:
+                         load_pipeline, captioned: Optional[int] = None) -> Path:
     """Reload the saved adapter into a fresh base pipeline, render the final images, measure the subject on the
     toy world (embedded default), write the model card."""
     import json
@@ -132,5 +139,5 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
     write_model_card(output_dir, base_model=base, embedded=args.embedded_kind, method=args.method,
                      trainable=trainable, adapter_file=files[0], instance_prompt=args.instance_prompt,
                      validation_prompt=args.validation_prompts[0], steps=steps, grid=grid, extra_files=files[1:],
-                     command=command, report=report, settings=training_settings(args))
+                     command=command, report=report, settings=training_settings(args, captioned))
     return grid
