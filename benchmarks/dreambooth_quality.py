@@ -72,7 +72,7 @@ DRIFT_ATTRIBUTES = ("shape", "colour", "pattern", "background", "position", "siz
 # What a scored run keeps (the rest of its folder, adapters and validation images, can go): its scores and the
 # first final image of each prompt for the grid. `benchmarks/results/dreambooth_quality/.gitignore` commits
 # just these, so a run of hours resumes in any checkout.
-RESULT, STRIP = "result.json", "final_strip.png"
+RESULT, STRIP, TRAINED_AT = "result.json", "final_strip.png", "trained_at_commit.txt"
 
 
 class Subject:
@@ -124,7 +124,10 @@ def train(subject: Subject, row: str, seed: int, steps: int, out: Path, class_di
     if args.base:
         cmd += ["--pretrained_model_name_or_path", args.base, "--resolution", str(args.resolution)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    folder.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()  # the code that trains (the scores record it)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    (folder / TRAINED_AT).write_text(commit or "")
     if result.returncode != 0:
         raise SystemExit(f"{row} on {subject.name} (seed {seed}) failed:\n{result.stderr[-3000:]}")
     (folder / "train.log").write_text(result.stderr[-20000:])
@@ -192,7 +195,9 @@ def score_run(net, identifier, subject: Subject, folder: Path, steps: int, args,
     final["trainable"] = trainable_count(folder)
     final["file_bytes"] = adapter_bytes(folder)
     final_strip(folder, max(curve), len(prompts)).save(folder / STRIP)
-    return {"final": final, "curve": curve, "commit": git_commit()}
+    trained_at = folder / TRAINED_AT
+    return {"final": final, "curve": curve,
+            "commit": (trained_at.read_text() if trained_at.is_file() else "") or git_commit()}
 
 
 def final_strip(folder: Path, step: int, n_prompts: int):
