@@ -309,7 +309,9 @@ def training_loop(s: Session) -> int:
             accelerator.log({"loss": loss.item(), "lr": s.lr_scheduler.get_last_lr()[0]}, step=step)
             if step % args.checkpointing_steps == 0 and step < s.max_steps:
                 last_good = save_checkpoint(s.run, accelerator, backend, s.raw_unet, s.raw_encoders, step, last_good)
-            if args.validation_steps and step % args.validation_steps == 0 and accelerator.is_main_process:
+            # the last step's images are the final check's, rendered from the saved file (not twice)
+            if args.validation_steps and step % args.validation_steps == 0 and step < s.max_steps and \
+                    accelerator.is_main_process:
                 pipe = s.run.load_pipeline(unet=s.raw_unet, vae=s.base.vae, torch_dtype=s.base.weight_dtype,
                                            **s.raw_encoders)
                 render_validation(args, pipe, step, s.run.output_dir / "validation", accelerator)

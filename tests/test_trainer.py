@@ -520,3 +520,20 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     assert (own_rate.learning_rate, own_rate.text_encoder_lr) == (1e-2, None)
     assert training_settings(own_rate)["text encoder"] == "adapted"
     assert parse_args(["--method", "svdiff"]).lr_scheduler == dreambooth.METHOD_DEFAULTS["svdiff"].lr_scheduler
+
+
+def test_validation_renders_each_step_once_and_the_last_from_the_saved_file(tmp_path, monkeypatch):
+    """--validation_steps renders in the loop; the last step's images are the final check's (the adapter read back
+    from its file), so the loop skips that step instead of rendering it twice."""
+    from svdiff_tools.training import validation
+
+    rendered = []
+    real = validation.render_validation
+    monkeypatch.setattr(validation, "render_validation",
+                        lambda args, pipe, step, *a, **k: rendered.append(step) or real(args, pipe, step, *a, **k))
+    monkeypatch.chdir(tmp_path)
+    code = train_dreambooth.main(["--method", "svdiff", "--max_train_steps", "4", "--validation_steps", "2",
+                                  "--num_validation_images", "1", "--output_dir", "out"])
+    assert code in (0, None) and rendered == [2, 4]
+    assert sorted(p.name for p in (tmp_path / "out" / "validation").iterdir()) == ["step000002_0.png",
+                                                                                   "step000004_0.png"]
