@@ -414,6 +414,8 @@ def main(argv=None):
     p.add_argument("--resolution", type=int, default=64)
     p.add_argument("--inference_steps", type=int, default=25)
     p.add_argument("--skip_cost", action="store_true")
+    p.add_argument("--report_only", action="store_true",
+                   help="train nothing: the table, curves and grids of the runs scored so far (an interim report)")
     args = p.parse_args(argv)
     args.curve_points = args.curve_points or (2 if args.quick else 4)
     args.images = args.images or (4 if args.quick else 8)
@@ -444,6 +446,9 @@ def main(argv=None):
             class_dir = out / "class_images" / subject.class_word
             for row in rows:
                 for seed in seeds:
+                    if args.report_only and not (run_folder(out, subject, row, seed) / RESULT).is_file():
+                        bar.update(1)
+                        continue
                     folder = train(subject, row, seed, steps, out, class_dir, args)
                     result_file = folder / RESULT
                     if result_file.is_file():
@@ -459,7 +464,8 @@ def main(argv=None):
     costs = {} if args.skip_cost else cost_rows(rows, args)
     table_md = write_outputs(results, base, costs, rows, out, args)
     print(table_md)
-    print(f"{len(results)} runs; wall time {time.time() - started:.0f} s; outputs in {out}")
+    print(f"{len(results)} runs of {len(subjects) * len(rows) * len(seeds)}; wall time {time.time() - started:.0f} s; "
+          f"outputs in {out}")
 
 
 if __name__ == "__main__":

@@ -44,6 +44,14 @@ def test_smoke_run_computes_every_figure_and_resumes(tmp_path, capsys):
     dreambooth_quality.main(argv + ["--skip_cost"])
     assert result_file.stat().st_mtime == before and not (result_file.parent / "README.md").exists()  # not retrained
     assert (tmp_path / "grid_example_toy.png").is_file() and json.loads(result_file.read_text())["commit"]
+    # an interim report: the runs scored so far, nothing trained for a row without scores
+    rows = argv.index("--rows") + 1
+    interim = argv[:rows] + ["svfit r16,svfit"] + argv[rows + 1:] + ["--skip_cost", "--report_only"]
+    dreambooth_quality.main(interim)
+    table = (tmp_path / "table.md").read_text()
+    labels = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
+    assert labels == ["base pipeline", "svfit r16 (no better than the base)"]
+    assert not (tmp_path / "example_toy" / "svfit").exists()
 
 
 def test_the_results_folder_commits_only_scores_and_strips():
