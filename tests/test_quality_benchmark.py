@@ -52,6 +52,11 @@ def test_smoke_run_computes_every_figure_and_resumes(tmp_path, capsys):
     labels = [line.split("|")[1].strip() for line in table.splitlines()[2:]]
     assert labels == ["base pipeline", "svfit r16 (no better than the base)"]
     assert not (tmp_path / "example_toy" / "svfit").exists()
+    # a second seed through the pool of parallel runs (--jobs), the first one reused
+    seeds = argv.index("--seeds") + 1
+    dreambooth_quality.main(argv[:seeds] + ["2"] + argv[seeds + 1:] + ["--skip_cost", "--jobs", "2"])
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert sorted(runs) == ["example_toy/svfit r16/0", "example_toy/svfit r16/1"] and result_file.stat().st_mtime == before
 
 
 def test_the_results_folder_commits_only_scores_and_strips():
