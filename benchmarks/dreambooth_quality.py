@@ -110,8 +110,10 @@ def run_folder(out: Path, subject: Subject, row: str, seed: int) -> Path:
     return out / subject.name / row.replace(" ", "_").replace("+", "plus").replace("=", "") / f"seed{seed}"
 
 
-def train(subject: Subject, row: str, seed: int, steps: int, out: Path, class_dir: Path, args) -> Path:
-    """One trainer run (skipped when its final file or its scores exist); returns its folder."""
+def train(subject: Subject, row: str, seed: int, steps: int, out: Path, class_dir: Path, args,
+          parallel: bool = False) -> Path:
+    """One trainer run (skipped when its final file or its scores exist); returns its folder. ``parallel``: it
+    runs beside ``args.jobs - 1`` others, on its share of the cores."""
     folder = run_folder(out, subject, row, seed)
     if (folder / "README.md").is_file() or (folder / RESULT).is_file():
         return folder
@@ -131,7 +133,7 @@ def train(subject: Subject, row: str, seed: int, steps: int, out: Path, class_di
     if args.base:
         cmd += ["--pretrained_model_name_or_path", args.base, "--resolution", str(args.resolution)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if args.jobs > 1:  # one process per core share: small models scale poorly across threads
+    if parallel and args.jobs > 1:  # one process per core share: small models scale poorly across threads
         threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
         env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
     folder.mkdir(parents=True, exist_ok=True)
@@ -461,9 +463,9 @@ def main(argv=None):
 
     pending = [] if args.report_only else [t for t in tasks if not scored(t)]
 
-    def train_task(task):
+    def train_task(task, parallel=True):
         subject, row, seed = task
-        return task, train(subject, row, seed, steps, out, out / "class_images" / subject.class_word, args)
+        return task, train(subject, row, seed, steps, out, out / "class_images" / subject.class_word, args, parallel)
 
     def score_task(task, folder: Path) -> None:
         subject = task[0]
@@ -476,7 +478,7 @@ def main(argv=None):
         firsts = {t[0].class_word: t for t in reversed(pending)}
         alone = [t for c, t in firsts.items() if len(list_class_images(out / "class_images" / c)) < args.class_images]
         for task in alone:
-            score_task(*train_task(task))
+            score_task(*train_task(task, parallel=False))
             bar.update(1)
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             for future in as_completed([pool.submit(train_task, t) for t in pending if t not in alone]):
