@@ -181,8 +181,10 @@ def total_variation(p: Dict[str, float], q: Dict[str, float]) -> float:
     return 0.5 * sum(abs(p.get(k, 0.0) - q.get(k, 0.0)) for k in set(p) | set(q))
 
 
-def score_run(net, identifier, subject: Subject, folder: Path, steps: int, args, base_class: torch.Tensor) -> dict:
-    """Scores at every validation step (the last is the final adapter reloaded from its file)."""
+def score_run(net, identifier, subject: Subject, folder: Path, steps: int, args, base_class: torch.Tensor,
+              strip: bool = True) -> dict:
+    """Scores at every validation step (the last is the final adapter reloaded from its file); ``strip``: also
+    keep the grid's strip (the grid shows one seed)."""
     prompts = list(subject.prompts())
     checkpoints = sorted({int(p.name[4:10]) for p in (folder / "validation").glob("step*_0.png")})
     curve = {}
@@ -206,7 +208,8 @@ def score_run(net, identifier, subject: Subject, folder: Path, steps: int, args,
     final["drift_tv"] = statistics.mean(total_variation(h[a], h0[a]) for a in DRIFT_ATTRIBUTES)
     final["trainable"] = trainable_count(folder)
     final["file_bytes"] = adapter_bytes(folder)
-    final_strip(folder, max(curve), len(prompts)).save(folder / STRIP)
+    if strip:
+        final_strip(folder, max(curve), len(prompts)).save(folder / STRIP)
     trained_at = folder / TRAINED_AT
     return {"final": final, "curve": curve,
             "commit": (trained_at.read_text() if trained_at.is_file() else "") or git_commit()}
@@ -458,6 +461,7 @@ def main(argv=None):
             metric.FolderIdentifier(net, subject.folder)
         base[subject.name] = base_scores(net, identifiers[subject.name], subject, args, out)
     tasks = [(subject, row, seed) for subject in subjects for row in rows for seed in seeds]
+
     def scored(task) -> bool:
         return (run_folder(out, *task) / RESULT).is_file()
 
@@ -470,7 +474,7 @@ def main(argv=None):
     def score_task(task, folder: Path) -> None:
         subject = task[0]
         result = score_run(net, identifiers[subject.name], subject, folder, steps, args,
-                           base[subject.name]["class_images"])
+                           base[subject.name]["class_images"], strip=task[2] == seeds[0])
         (folder / RESULT).write_text(json.dumps(result, indent=1))
 
     with tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="dreambooth runs") as bar:
