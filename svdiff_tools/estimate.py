@@ -150,7 +150,8 @@ def estimate(model_or_config, config: SVDAdapterConfig, weight_bytes: int = 4) -
         sparse = getattr(cls, "name", "") == "svft"
         entries = cls.trainable_count(rank, None, config.replace(train_bias=False))  # M alone, no bias
         index_bytes = 16 * entries if sparse else 0
-        tensors = (["rows", "cols", "values"] if sparse else ["delta"]) + (["bias_delta"] if trainable > entries else [])
+        tensors = ["rows", "cols", "values"] if sparse else ["delta"]
+        tensors += ["bias_delta"] if trainable > entries else []
         out.layers.append(LayerEstimate(name, kind.name, shape, rank, trainable,
                                         4 * trainable + index_bytes + file_overhead(name, tensors),
                                         basis * weight_bytes, driver, gflop))

@@ -56,9 +56,10 @@ def test_smoke_run_computes_every_figure_and_resumes(tmp_path, capsys):
     seeds = argv.index("--seeds") + 1
     dreambooth_quality.main(argv[:seeds] + ["2"] + argv[seeds + 1:] + ["--skip_cost", "--jobs", "2"])
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert sorted(runs) == ["example_toy/svfit r16/0", "example_toy/svfit r16/1"] and result_file.stat().st_mtime == before
-    second = result_file.parent.parent / "seed1"
-    assert (second / dreambooth_quality.RESULT).is_file() and not (second / dreambooth_quality.STRIP).exists()  # grid: seed 0
+    assert sorted(runs) == ["example_toy/svfit r16/0", "example_toy/svfit r16/1"]
+    assert result_file.stat().st_mtime == before
+    second = result_file.parent.parent / "seed1"  # scored; the grid shows seed 0, so no strip
+    assert (second / dreambooth_quality.RESULT).is_file() and not (second / dreambooth_quality.STRIP).exists()
 
 
 def test_the_results_folder_commits_only_scores_and_strips():
