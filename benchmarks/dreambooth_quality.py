@@ -317,6 +317,10 @@ def mean_spread(values: List[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.pstdev(values):.2f}"
 
 
+def ratio(cost: dict, key: str) -> str:
+    return f"{cost[key]:.2f}x" if key in cost else "not measured"
+
+
 def write_outputs(results: dict, base: dict, costs: dict, rows: List[str], out: Path, args) -> str:
     lines = ["| method | trainable params | adapter bytes | identified | subject similarity | prompt fidelity | "
              "prior drift (1 - cos) | prior drift (TV) | step time / floor | peak memory / floor |",
@@ -337,8 +341,7 @@ def write_outputs(results: dict, base: dict, costs: dict, rows: List[str], out: 
         lines.append(f"| {row}{note} | {finals[0]['trainable']:,} | {finals[0]['file_bytes']:,} | "
                      f"{mean_spread(col['identified'])} | {mean_spread(col['similarity'])} | "
                      f"{mean_spread(col['prompt_fidelity'])} | {mean_spread(col['drift_embedding'])} | "
-                     f"{mean_spread(col['drift_tv'])} | {cost.get('time_ratio', float('nan')):.2f}x | "
-                     f"{cost.get('memory_ratio', float('nan')):.2f}x |")
+                     f"{mean_spread(col['drift_tv'])} | {ratio(cost, 'time_ratio')} | {ratio(cost, 'memory_ratio')} |")
         csv_rows.append({"method": row, "trainable": finals[0]["trainable"], "file_bytes": finals[0]["file_bytes"],
                          **{k: statistics.mean(v) for k, v in col.items()}, **cost})
     table_md = "\n".join(lines)
