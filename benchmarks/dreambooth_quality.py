@@ -163,9 +163,9 @@ def load_images(folder: Path, step: int, k: int, n: int) -> torch.Tensor:
     from PIL import Image
 
     from svdiff_tools.toyworld.metric import pil_to_tensor
+    from svdiff_tools.training.validation import validation_image_name
 
-    names = [folder / "validation" / (f"step{step:06d}_{i}.png" if k == 0 else f"step{step:06d}_p{k}_{i}.png")
-             for i in range(n)]
+    names = [folder / "validation" / validation_image_name(step, k, i) for i in range(n)]
     return pil_to_tensor([Image.open(p) for p in names])
 
 
@@ -219,8 +219,10 @@ def final_strip(folder: Path, step: int, n_prompts: int):
     """The first validation image of every prompt at ``step``, side by side (64 px each)."""
     from PIL import Image
 
-    images = [Image.open(folder / "validation" / (f"step{step:06d}_0.png" if k == 0 else f"step{step:06d}_p{k}_0.png"))
-              .convert("RGB").resize((64, 64)) for k in range(n_prompts)]
+    from svdiff_tools.training.validation import validation_image_name
+
+    images = [Image.open(folder / "validation" / validation_image_name(step, k, 0)).convert("RGB").resize((64, 64))
+              for k in range(n_prompts)]
     strip = Image.new("RGB", (64 * n_prompts, 64))
     for k, image in enumerate(images):
         strip.paste(image, (64 * k, 0))

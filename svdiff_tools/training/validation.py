@@ -46,6 +46,12 @@ def validation_seed(args) -> int:
     return args.validation_seed if args.validation_seed is not None else (args.seed or 0)
 
 
+def validation_image_name(step: int, prompt_index: int, image_index: int) -> str:
+    """``step{N}_{i}.png`` for the first validation prompt, ``step{N}_p{k}_{i}.png`` for prompt k."""
+    prompt = f"_p{prompt_index}" if prompt_index else ""
+    return f"step{step:06d}{prompt}_{image_index}.png"
+
+
 def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> list:
     """--num_validation_images per validation prompt with fixed seeds (image i has seed ``validation_seed + i`` for
     every prompt), --sample_batch_size images per pipeline call (one generator per image, so batching does not
@@ -62,7 +68,7 @@ def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> 
                            guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
                            generator=[torch.Generator().manual_seed(s) for s in seeds]).images
         for i, img in enumerate(images):
-            img.save(folder / (f"step{step:06d}_{i}.png" if k == 0 else f"step{step:06d}_p{k}_{i}.png"))
+            img.save(folder / validation_image_name(step, k, i))
         rows.append(images)
     if accelerator is not None:
         import numpy as np
