@@ -73,7 +73,9 @@ DRIFT_ATTRIBUTES = ("shape", "colour", "pattern", "background", "position", "siz
 # What a scored run keeps (the rest of its folder, adapters and validation images, can go): its scores and the
 # first final image of each prompt for the grid. `benchmarks/results/dreambooth_quality/.gitignore` commits
 # just these, so a run of hours resumes in any checkout.
-RESULT, STRIP, TRAINED_AT = "result.json", "final_strip.png", "trained_at_commit.txt"
+# A run also records what trained it (the commit and the trainer's thread count: a run is bit-reproducible at one
+# thread count, not across them; float sums differ in the last bits and 400 steps amplify that).
+RESULT, STRIP, TRAINED_WITH = "result.json", "final_strip.png", "trained_with.json"
 
 
 class Subject:
@@ -133,16 +135,18 @@ def train(subject: Subject, row: str, seed: int, steps: int, out: Path, class_di
     if args.base:
         cmd += ["--pretrained_model_name_or_path", args.base, "--resolution", str(args.resolution)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    if parallel and args.jobs > 1:  # one process per core share: small models scale poorly across threads
-        threads = str(max(1, (os.cpu_count() or 1) // args.jobs))
-        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    # alone: every core (or the caller's OMP_NUM_THREADS); beside others: one process per core share (small models
+    # scale poorly across threads)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if parallel and args.jobs > 1 else \
+        int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     folder.mkdir(parents=True, exist_ok=True)
     commit = git_commit()  # the code that trains (the scores record it)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    (folder / TRAINED_AT).write_text(commit or "")
     if result.returncode != 0:
         raise SystemExit(f"{row} on {subject.name} (seed {seed}) failed:\n{result.stderr[-3000:]}")
     (folder / "train.log").write_text(result.stderr[-20000:])
+    (folder / TRAINED_WITH).write_text(json.dumps({"commit": commit, "threads": threads}))
     return folder
 
 
@@ -210,9 +214,9 @@ def score_run(net, identifier, subject: Subject, folder: Path, steps: int, args,
     final["file_bytes"] = adapter_bytes(folder)
     if strip:
         final_strip(folder, max(curve), len(prompts)).save(folder / STRIP)
-    trained_at = folder / TRAINED_AT
-    return {"final": final, "curve": curve,
-            "commit": (trained_at.read_text() if trained_at.is_file() else "") or git_commit()}
+    trained_with = json.loads((folder / TRAINED_WITH).read_text()) if (folder / TRAINED_WITH).is_file() else {}
+    return {"final": final, "curve": curve, "commit": trained_with.get("commit") or git_commit(),
+            "threads": trained_with.get("threads")}
 
 
 def final_strip(folder: Path, step: int, n_prompts: int):

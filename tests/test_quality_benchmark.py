@@ -3,6 +3,7 @@ row, and a row that does no better than the base pipeline is reported as such (o
 nothing can be identified, so the row must say so)."""
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def test_smoke_run_computes_every_figure_and_resumes(tmp_path, capsys):
     (tmp_path / "grid_example_toy.png").unlink()
     dreambooth_quality.main(argv + ["--skip_cost"])
     assert result_file.stat().st_mtime == before and not (result_file.parent / "README.md").exists()  # not retrained
-    assert (tmp_path / "grid_example_toy.png").is_file() and json.loads(result_file.read_text())["commit"]
+    first = json.loads(result_file.read_text())
+    assert (tmp_path / "grid_example_toy.png").is_file() and first["commit"]
+    assert first["threads"] == int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count())  # alone: every core
     # an interim report: the runs scored so far, nothing trained for a row without scores
     rows = argv.index("--rows") + 1
     interim = argv[:rows] + ["svfit r16,svfit"] + argv[rows + 1:] + ["--skip_cost", "--report_only"]
@@ -60,6 +63,7 @@ def test_smoke_run_computes_every_figure_and_resumes(tmp_path, capsys):
     assert result_file.stat().st_mtime == before
     second = result_file.parent.parent / "seed1"  # scored; the grid shows seed 0, so no strip
     assert (second / dreambooth_quality.RESULT).is_file() and not (second / dreambooth_quality.STRIP).exists()
+    assert json.loads((second / dreambooth_quality.RESULT).read_text())["threads"] == max(1, os.cpu_count() // 2)
 
 
 def test_the_results_folder_commits_only_scores_and_strips():
