@@ -113,3 +113,51 @@ def test_pruning_and_latest_see_only_this_runs_checkpoints(tmp_path):
     _fake_checkpoint(tmp_path, 2, "mine", config)
     assert checkpoints.plan_run(tmp_path, config, "latest", False).resume_path == tmp_path / "checkpoint-2"
     assert [s for s, _ in checkpoints.checkpoints(tmp_path, "mine")] == [2]
+
+
+def test_class_images_appear_only_when_complete(tmp_path, monkeypatch):
+    """An interrupted class-image run leaves no truncated PNG for the next run to count and fail on; the next one
+    tops the folder up to whole, readable images."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from svdiff_tools.training.args import list_images
+    from svdiff_tools.training.validation import generate_class_images
+
+    class Pipe:
+        def __call__(self, prompts, generator=None, **_):
+            g = torch.Generator().manual_seed(generator.initial_seed())
+            return SimpleNamespace(images=[Image.fromarray(torch.randint(0, 255, (8, 8, 3), generator=g,
+                                                                         dtype=torch.uint8).numpy())
+                                           for _ in prompts])
+
+        def set_progress_bar_config(self, **_):
+            pass
+
+        def to(self, device):
+            return self
+
+    args = SimpleNamespace(num_class_images=3, prior_generation_precision="fp32", sample_batch_size=1, seed=0,
+                           num_inference_steps=1, guidance_scale=1.0, resolution=8)
+    accelerator = SimpleNamespace(device="cpu", is_local_main_process=False)
+    save, saved = Image.Image.save, []
+
+    def dies_while_writing_the_second(self, fp, *a, **k):
+        if len(saved) == 1:
+            Path(fp).write_bytes(b"\x89PNG\r\n\x1a\n")  # the first bytes, then the kill
+            raise KeyboardInterrupt
+        saved.append(fp)
+        return save(self, fp, *a, **k)
+
+    monkeypatch.setattr(Image.Image, "save", dies_while_writing_the_second)
+    try:
+        generate_class_images(args, lambda **_: Pipe(), accelerator, torch.float32, tmp_path, "a toy")
+    except KeyboardInterrupt:
+        pass
+    assert [p.name for p in tmp_path.iterdir()] == ["class_00000.png"]  # the whole one; nothing else
+    monkeypatch.setattr(Image.Image, "save", save)
+    generate_class_images(args, lambda **_: Pipe(), accelerator, torch.float32, tmp_path, "a toy")
+    images = list_images(tmp_path)
+    assert [p.name for p in images] == [f"class_{i:05d}.png" for i in range(3)]
+    assert all(Image.open(p).convert("RGB").size == (8, 8) for p in images)

@@ -13,11 +13,16 @@ from .args import list_images
 
 
 def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder: Path, prompt: str) -> None:
-    """Top up ``folder`` to --num_class_images images of ``prompt`` with the base model (never regenerates)."""
+    """Top up ``folder`` to --num_class_images images of ``prompt`` with the base model (never regenerates). Each
+    image appears only when complete (an interrupted run leaves no truncated PNG for the next to count and read;
+    runs sharing the folder write whole files)."""
     from tqdm.auto import tqdm
+
+    from ..atomic import atomic_path, remove_orphans
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    remove_orphans(folder, older_than_s=3600)  # a killed run's temporary files, not a running one's
     missing = args.num_class_images - len(list_images(folder))
     if missing <= 0:
         return
@@ -36,7 +41,8 @@ def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder
                           guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
                           generator=gen).images
             for i, img in enumerate(images):
-                img.save(folder / f"class_{start + done + i:05d}.png")
+                with atomic_path(folder / f"class_{start + done + i:05d}.png") as tmp:
+                    img.save(tmp, format="PNG")
             done += n
             bar.update(n)
     del pipe
