@@ -416,6 +416,32 @@ def grid_png(subject: Subject, rows: List[str], out: Path, args, seed: int) -> N
         out / f"grid_{subject.name}.png")
 
 
+def check_flags(args, rows: List[str]) -> None:
+    """A bad flag stops the run before anything loads, with one line that says what to give."""
+    from svdiff_tools.toyworld.world import SUBJECTS
+    from svdiff_tools.training.args import list_images
+
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        raise SystemExit(f"--rows: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(ROWS)}")
+    for flag in ("seeds", "jobs", "images", "curve_points", "inference_steps", "resolution", "class_images"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag} must be at least 1 (got {getattr(args, flag)})")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"--steps must be at least 1 (got {args.steps})")
+    if args.subject:
+        if not args.class_word:
+            raise SystemExit("--subject needs --class_word (e.g. dog)")
+        folder = Path(args.subject)
+        if not folder.is_dir() or not list_images(folder):
+            raise SystemExit(f"--subject {folder}: not a folder of images; point it at your subject's photos")
+    else:
+        unknown = [n for n in args.subjects.split(",") if n not in SUBJECTS]
+        if unknown:
+            raise SystemExit(f"--subjects: unknown {', '.join(map(repr, unknown))}; shipped: {', '.join(SUBJECTS)} "
+                             "(or --subject DIR --class_word WORD for your own)")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/quality")
@@ -446,16 +472,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.curve_points = args.curve_points or (2 if args.quick else 4)
     args.images = args.images or (4 if args.quick else 8)
+    rows = QUICK_ROWS if args.quick else ([r.strip() for r in args.rows.split(",")] if args.rows else list(ROWS))
+    check_flags(args, rows)
     from tqdm.auto import tqdm
 
     from svdiff_tools.toyworld import dreambooth, metric
 
-    rows = QUICK_ROWS if args.quick else ([r.strip() for r in args.rows.split(",")] if args.rows else list(ROWS))
     seeds = [args.seed0] if args.quick else list(range(args.seed0, args.seed0 + args.seeds))
     steps = args.steps or dreambooth.METHOD_DEFAULTS["svfit"].steps
     if args.subject:
-        if not args.class_word:
-            raise SystemExit("--subject needs --class_word (e.g. dog)")
         subjects = [Subject(Path(args.subject).name, Path(args.subject), args.identifier, args.class_word,
                             args.instance_prompt)]
     else:

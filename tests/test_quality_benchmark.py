@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
+
 from svdiff_tools.training.tiny import tiny_pipeline_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,3 +78,24 @@ def test_the_results_folder_commits_only_scores_and_strips():
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *probe], cwd=folder, capture_output=True,
                              text=True).stdout.split()
     assert ignored == probe[2:]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--rows", "svfit,svfit r8"], "--rows: unknown 'svfit r8'; choose from full FT"),
+    (["--subjects", "example_toy,example_dog"], "--subjects: unknown 'example_dog'; shipped: example_toy"),
+    (["--subject", "no/such/folder", "--class_word", "dog"], "not a folder of images"),
+    (["--subject", "."], "--subject needs --class_word"),
+    (["--jobs", "0"], "--jobs must be at least 1"),
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--class_images", "0"], "--class_images must be at least 1"),
+])
+def test_a_bad_flag_stops_the_run_with_one_line_before_anything_loads(flags, message, tmp_path, monkeypatch):
+    import dreambooth_quality
+
+    from svdiff_tools.toyworld import metric
+
+    monkeypatch.setattr(metric, "load", lambda *a, **k: pytest.fail("loaded the metric network for a bad flag"))
+    with pytest.raises(SystemExit) as stop:
+        dreambooth_quality.main(["--out", str(tmp_path)] + flags)
+    assert message in str(stop.value) and "\n" not in str(stop.value)
+    assert not any(tmp_path.iterdir())  # nothing written
