@@ -135,10 +135,9 @@ def train(subject: Subject, row: str, seed: int, steps: int, out: Path, class_di
     if args.base:
         cmd += ["--pretrained_model_name_or_path", args.base, "--resolution", str(args.resolution)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # alone: every core (or the caller's OMP_NUM_THREADS); beside others: one process per core share (small models
-    # scale poorly across threads)
-    threads = max(1, (os.cpu_count() or 1) // args.jobs) if parallel and args.jobs > 1 else \
-        int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    # alone: this process's thread count (torch's default, or the caller's OMP_NUM_THREADS); beside others: one
+    # process per core share (small models scale poorly across threads)
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if parallel and args.jobs > 1 else torch.get_num_threads()
     env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     folder.mkdir(parents=True, exist_ok=True)
     commit = git_commit()  # the code that trains (the scores record it)
