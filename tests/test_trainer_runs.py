@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -151,10 +152,8 @@ def test_class_images_appear_only_when_complete(tmp_path, monkeypatch):
         return save(self, fp, *a, **k)
 
     monkeypatch.setattr(Image.Image, "save", dies_while_writing_the_second)
-    try:
+    with pytest.raises(KeyboardInterrupt):
         generate_class_images(args, lambda **_: Pipe(), accelerator, torch.float32, tmp_path, "a toy")
-    except KeyboardInterrupt:
-        pass
     assert [p.name for p in tmp_path.iterdir()] == ["class_00000.png"]  # the whole one; nothing else
     monkeypatch.setattr(Image.Image, "save", save)
     generate_class_images(args, lambda **_: Pipe(), accelerator, torch.float32, tmp_path, "a toy")
