@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import io
 import json
 import os
 import statistics
@@ -43,6 +44,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
+
+from svdiff_tools.atomic import atomic_path, save_image, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -144,8 +147,8 @@ def train(subject: Subject, row: str, seed: int, steps: int, out: Path, class_di
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise SystemExit(f"{row} on {subject.name} (seed {seed}) failed:\n{result.stderr[-3000:]}")
-    (folder / "train.log").write_text(result.stderr[-20000:])
-    (folder / TRAINED_WITH).write_text(json.dumps({"commit": commit, "threads": threads}))
+    write_text(folder / "train.log", result.stderr[-20000:])
+    write_text(folder / TRAINED_WITH, json.dumps({"commit": commit, "threads": threads}))
     return folder
 
 
@@ -212,7 +215,7 @@ def score_run(net, identifier, subject: Subject, folder: Path, steps: int, args,
     final["trainable"] = trainable_count(folder)
     final["file_bytes"] = adapter_bytes(folder)
     if strip:
-        final_strip(folder, max(curve), len(prompts)).save(folder / STRIP)
+        save_image(final_strip(folder, max(curve), len(prompts)), folder / STRIP)
     trained_with = json.loads((folder / TRAINED_WITH).read_text()) if (folder / TRAINED_WITH).is_file() else {}
     return {"final": final, "curve": curve, "commit": trained_with.get("commit") or git_commit(),
             "threads": trained_with.get("threads")}
@@ -254,8 +257,8 @@ def base_scores(net, identifier, subject: Subject, args, out: Path) -> dict:
 
         images = {k: generate(pipe, [p], range(args.seed0, args.seed0 + args.images), args.inference_steps, GUIDANCE)
                   for k, p in subject.prompts().items()}
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(images, cache)
+        with atomic_path(cache) as tmp:  # a killed run leaves no truncated cache to load
+            torch.save(images, tmp)
     scores = {"identified": float(identifier.identify(images["instance"]).float().mean()),
               "similarity": float(identifier.similarity(images["instance"]).mean())}
     fidelity = {a: sum(v == w for v in net.read(images[a])[a]) / args.images for a, (_, w) in RECONTEXT.items()}
@@ -350,14 +353,15 @@ def write_outputs(results: dict, base: dict, costs: dict, rows: List[str], out: 
         csv_rows.append({"method": row, "trainable": finals[0]["trainable"], "file_bytes": finals[0]["file_bytes"],
                          **{k: statistics.mean(v) for k, v in col.items()}, **cost})
     table_md = "\n".join(lines)
-    (out / "table.md").write_text(table_md + "\n")
-    with (out / "results.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=sorted({k for r in csv_rows for k in r}))
-        writer.writeheader()
-        writer.writerows(csv_rows)
-    (out / "results.json").write_text(json.dumps({"runs": {"/".join(map(str, k)): v for k, v in results.items()},
-                                                  "base": {k: v["scores"] for k, v in base.items()},
-                                                  "costs": costs}, indent=1))
+    write_text(out / "table.md", table_md + "\n")
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=sorted({k for r in csv_rows for k in r}))
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    write_text(out / "results.csv", text.getvalue())
+    write_text(out / "results.json", json.dumps({"runs": {"/".join(map(str, k)): v for k, v in results.items()},
+                                                 "base": {k: v["scores"] for k, v in base.items()},
+                                                 "costs": costs}, indent=1))
     curves_png(results, rows, out / "curves.png")
     return table_md
 
@@ -394,7 +398,7 @@ def curves_png(results: dict, rows: List[str], path: Path) -> None:
             if len(pts) > 1:
                 d.line(pts, fill=colour, width=width)
         d.text((W - 220, T + 16 * i), row, fill=colour)
-    img.save(path)
+    save_image(img, path)
 
 
 def grid_png(subject: Subject, rows: List[str], out: Path, args, seed: int) -> None:
@@ -411,8 +415,8 @@ def grid_png(subject: Subject, rows: List[str], out: Path, args, seed: int) -> N
         strip = Image.open(strip_file)
         grid_rows.append([strip.crop((64 * k, 0, 64 * k + 64, 64)).resize((96, 96)) for k in range(len(prompts))])
         labels.append(row)
-    labelled_grid(grid_rows, labels, caption=" | ".join(subject.prompts().values())).save(
-        out / f"grid_{subject.name}.png")
+    save_image(labelled_grid(grid_rows, labels, caption=" | ".join(subject.prompts().values())),
+               out / f"grid_{subject.name}.png")
 
 
 def check_flags(args, rows: List[str]) -> None:
@@ -508,7 +512,7 @@ def main(argv=None):
         subject = task[0]
         result = score_run(net, identifiers[subject.name], subject, folder, steps, args,
                            base[subject.name]["class_images"], strip=task[2] == seeds[0])
-        (folder / RESULT).write_text(json.dumps(result, indent=1))
+        write_text(folder / RESULT, json.dumps(result, indent=1))  # whole or absent: its presence marks a scored run
 
     with tqdm(total=len(tasks), initial=len(tasks) - len(pending), desc="dreambooth runs") as bar:
         # the first run of each class makes its class images alone (parallel runs would race to write them)

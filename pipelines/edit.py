@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import svdiff_tools as st
+from svdiff_tools.atomic import save_image
 
 
 def parse_args(argv=None):
@@ -130,13 +131,13 @@ def main(argv=None) -> int:
                                   args.guidance, args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result.save(out / "edited.png")
-    reconstruction.save(out / "reconstruction.png")
+    save_image(result, out / "edited.png")
+    save_image(reconstruction, out / "reconstruction.png")
     from svdiff_tools.training.images import labelled_grid
 
     size = result.size
-    labelled_grid([[image.resize(size), reconstruction, result]], ["source | reconstruction | edit"],
-                  caption=f"{args.prompt} -> {args.edit}").save(out / "grid.png")
+    save_image(labelled_grid([[image.resize(size), reconstruction, result]], ["source | reconstruction | edit"],
+                             caption=f"{args.prompt} -> {args.edit}"), out / "grid.png")
     print(f"wrote {out / 'edited.png'} and {out / 'grid.png'}")
     return 0
 

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 import svdiff_tools  # noqa: F401  (adds pipe.load_svd_adapter and friends)
+from svdiff_tools.atomic import save_image
 from svdiff_tools.errors import SVDAdapterError
 from svdiff_tools.training.images import labelled_grid
 from svdiff_tools.diffusers.loaders import resolve_adapter_source
@@ -107,7 +108,7 @@ def main(argv=None) -> int:
             gen = torch.Generator(device="cpu").manual_seed(args.seed + i)
             img = pipe(args.prompt, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gen,
                        **call).images[0]
-            img.save(out / f"{prefix}_{i:03d}.png")
+            save_image(img, out / f"{prefix}_{i:03d}.png")
             images.append(img)
         return images
 
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     rows.append(render("img"))
     labels.append("adapted: " + ", ".join(f"{p.name}:{w:g}" for p, w in adapters) + f" (scale {args.scale:g})")
     grid = labelled_grid(rows, labels, caption=args.prompt)
-    grid.save(out / "grid.png")
+    save_image(grid, out / "grid.png")
     print(f"wrote {len(rows) * args.num_images} images and {out / 'grid.png'}")
     return 0
 

@@ -51,6 +51,26 @@ def save_safetensors(tensors: Dict[str, torch.Tensor], path: os.PathLike,
     return Path(path)
 
 
+def write_text(path: os.PathLike, text: str) -> Path:
+    """``Path(path).write_text(text)`` (UTF-8), appearing only when complete."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def save_image(image, path: os.PathLike) -> Path:
+    """``image.save(path)`` for a PIL image, appearing only when complete (the format from ``path``'s suffix)."""
+    from PIL import Image
+
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unknown image suffix {path.suffix!r}; use .png, .jpg or .webp")
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt)
+    return path
+
+
 def remove_orphans(folder: os.PathLike, older_than_s: float = 0.0) -> int:
     """Delete temporary files `atomic_path` left behind in ``folder`` (a killed writer's), those at least
     ``older_than_s`` old; returns how many."""

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import SVDAdapterError
-from .atomic import save_safetensors
+from .atomic import save_safetensors, write_text
 from .io import load_adapter
 from .layer import NormDeltaLayer, SVDLayer
 from .model import adapter_configs, adapter_layers, remove_adapter
@@ -342,7 +342,7 @@ def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, b
                 "fan_in_fan_out": out.has_hf_conv1d, "init_lora_weights": True, "use_dora": False,
                 "modules_to_save": None,
             }
-            (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            write_text(path / "adapter_config.json", json.dumps(config, indent=2))
             path = path / "adapter_model.safetensors"
         metadata = {"format": "pt", "svdiff_tools_export": json.dumps(
             {"source_method": method, "rank": rank, "overall_relative_error": report.overall_error})}

@@ -2,6 +2,7 @@
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,3 +216,42 @@ def test_metadata_is_complete(saved):
             [(v, weight.reshape(-1)[i]) for v, i in zip(fp["samples"], sample_positions(weight.numel()))]:
         assert abs(recorded - float(exact)) <= 5e-6 * abs(float(exact)) and float(f"{recorded:.6g}") == recorded
     assert "out_channels, -1" in meta["conv_reshape"]
+
+
+@pytest.mark.parametrize("kind", ["text", "image"])
+def test_outputs_written_whole_or_not_at_all(tmp_path, monkeypatch, kind):
+    """Model cards, reports, grids and validation images (`atomic.write_text`, `atomic.save_image`): a write killed
+    midway leaves the previous file byte for byte and no temporary file."""
+    from PIL import Image
+
+    from svdiff_tools import atomic
+
+    target = tmp_path / ("README.md" if kind == "text" else "grid.png")
+    first, second = ("card one\n", "card two\n") if kind == "text" else \
+        (Image.new("RGB", (4, 4), (200, 10, 10)), Image.new("RGB", (4, 4), (10, 200, 10)))
+
+    def write(content):
+        return atomic.write_text(target, content) if kind == "text" else atomic.save_image(content, target)
+
+    write(first)
+    before = target.read_bytes()
+    if kind == "text":
+        assert target.read_text() == "card one\n"
+    else:
+        assert Image.open(target).format == "PNG" and Image.open(target).getpixel((0, 0)) == (200, 10, 10)
+    cls, name = (Path, "write_text") if kind == "text" else (Image.Image, "save")
+
+    def killed_midway(self, fp=None, *a, **k):
+        Path(self if kind == "text" else fp).write_bytes(before[:5])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cls, name, killed_midway)
+    with pytest.raises(KeyboardInterrupt):
+        write(second)
+    monkeypatch.undo()
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]
+    write(second)
+    assert target.read_bytes() != before
+    with pytest.raises(ValueError, match="unknown image suffix"):
+        atomic.save_image(Image.new("RGB", (2, 2)), tmp_path / "grid.xyz")

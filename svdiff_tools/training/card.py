@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+from ..atomic import write_text
+
 EMBEDDED_NAMES = {"toyworld": "the embedded toy-world Stable Diffusion", "tiny": "the embedded tiny Stable Diffusion"}
 EMBEDDED_LOAD = {
     "toyworld": ["from svdiff_tools.toyworld.assets import pipeline_path",
@@ -59,6 +61,4 @@ def write_model_card(output_dir: Path, *, base_model: str, method: str, trainabl
                 [f'pipe.load_svd_adapter("{adapter_file}")']),
               f'image = pipe("{validation_prompt}").images[0]', "```",
               "", "## Training command", "", "```bash", command, "```", ""]
-    path = output_dir / "README.md"
-    path.write_text("\n".join(lines))
-    return path
+    return write_text(output_dir / "README.md", "\n".join(lines))

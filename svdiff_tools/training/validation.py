@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from ..atomic import remove_orphans, save_image, write_text
 from .args import list_images
 
 
@@ -17,8 +18,6 @@ def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder
     image appears only when complete (an interrupted run leaves no truncated PNG for the next to count and read;
     runs sharing the folder write whole files)."""
     from tqdm.auto import tqdm
-
-    from ..atomic import atomic_path, remove_orphans
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -41,8 +40,7 @@ def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder
                           guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
                           generator=gen).images
             for i, img in enumerate(images):
-                with atomic_path(folder / f"class_{start + done + i:05d}.png") as tmp:
-                    img.save(tmp, format="PNG")
+                save_image(img, folder / f"class_{start + done + i:05d}.png")
             done += n
             bar.update(n)
     del pipe
@@ -74,7 +72,7 @@ def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> 
                            guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
                            generator=[torch.Generator().manual_seed(s) for s in seeds]).images
         for i, img in enumerate(images):
-            img.save(folder / validation_image_name(step, k, i))
+            save_image(img, folder / validation_image_name(step, k, i))
         rows.append(images)
     if accelerator is not None:
         import numpy as np
@@ -127,7 +125,7 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
     backend.load_into(pipe, files)
     rows = render_validation(args, pipe, steps, output_dir / "validation", None)
     grid = output_dir / "grid.png"
-    labelled_grid(rows, [f"{args.method}, step {steps}: {p}" for p in args.validation_prompts]).save(grid)
+    save_image(labelled_grid(rows, [f"{args.method}, step {steps}: {p}" for p in args.validation_prompts]), grid)
     report, subject = None, None
     if args.embedded_kind == "toyworld":
         from ..toyworld import dreambooth, evaluate
@@ -144,7 +142,7 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
                                             seeds=range(first, first + args.num_validation_images),
                                             steps=args.num_inference_steps, guidance=args.guidance_scale,
                                             rendered=rendered, base_cache=dreambooth.base_report_cache())
-        (output_dir / "toyworld_report.json").write_text(json.dumps(report, indent=2))
+        write_text(output_dir / "toyworld_report.json", json.dumps(report, indent=2))
         for line in evaluate.report_lines(report):
             logging.getLogger("train_dreambooth").info("%s", line)
     command = "accelerate launch train_dreambooth.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
