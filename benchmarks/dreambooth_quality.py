@@ -79,6 +79,7 @@ DRIFT_ATTRIBUTES = ("shape", "colour", "pattern", "background", "position", "siz
 # A run also records what trained it (the commit and the trainer's thread count: a run is bit-reproducible at one
 # thread count, not across them; float sums differ in the last bits and 400 steps amplify that).
 RESULT, STRIP, TRAINED_WITH = "result.json", "final_strip.png", "trained_with.json"
+PAIRED_ANCHOR = "LoRA r4"  # the reading's reference: LoRA as diffusers' DreamBooth-LoRA script runs it
 
 
 class Subject:
@@ -329,6 +330,45 @@ def ratio(cost: dict, key: str) -> str:
     return f"{cost[key]:.2f}x" if key in cost else "not measured"
 
 
+# two-sided 95% quantiles of Student's t, by degrees of freedom (beyond 30: the normal's 1.96)
+T95 = [12.71, 4.30, 3.18, 2.78, 2.57, 2.45, 2.36, 2.31, 2.26, 2.23, 2.20, 2.18, 2.16, 2.14, 2.13, 2.12, 2.11, 2.10,
+       2.09, 2.09, 2.08, 2.07, 2.07, 2.06, 2.06, 2.06, 2.05, 2.05, 2.05, 2.04]
+PAIRED = ("identified", "similarity", "prompt_fidelity", "drift_tv")
+
+
+def mean_interval(values: List[float]) -> str:
+    """``mean [lo, hi]``: the mean and its 95% t-interval (one value: the value alone)."""
+    m = statistics.mean(values)
+    if len(values) < 2:
+        return f"{m:+.2f}"
+    df = len(values) - 1
+    half = (T95[df - 1] if df <= len(T95) else 1.96) * statistics.stdev(values) / len(values) ** 0.5
+    return f"{m:+.2f} [{m - half:+.2f}, {m + half:+.2f}]"
+
+
+def paired_lines(results: dict, rows: List[str], anchor: str) -> List[str]:
+    """Each row against ``anchor`` on the same (subject, training seed): the mean difference of each final metric
+    and its 95% t-interval over those pairs (the subjects' and seeds' own difficulty cancels in a pair)."""
+    finals = {(k[0], k[2]): {} for k in results}
+    for (subject, row, seed), r in results.items():
+        finals[(subject, seed)][row] = r["final"]
+    pairs_of = {row: [f for f in finals.values() if row in f and anchor in f] for row in rows}
+    if not pairs_of.get(anchor):
+        return []
+    lines = [f"Against {anchor}, paired by subject and training seed (mean difference [95% interval]; drift: lower "
+             "is less drift):", "",
+             "| method | params / " + anchor + " | pairs | identified | subject similarity | prompt fidelity | "
+             "prior drift (TV) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in rows:
+        pairs = pairs_of[row]
+        if row == anchor or not pairs:
+            continue
+        share = pairs[0][row]["trainable"] / pairs[0][anchor]["trainable"]
+        cells = [mean_interval([p[row][k] - p[anchor][k] for p in pairs]) for k in PAIRED]
+        lines.append(f"| {row} | {share:.2f} | {len(pairs)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_outputs(results: dict, base: dict, costs: dict, rows: List[str], out: Path, args) -> str:
     lines = ["| method | trainable params | adapter bytes | identified | subject similarity | prompt fidelity | "
              "prior drift (1 - cos) | prior drift (TV) | step time / floor | peak memory / floor |",
@@ -352,7 +392,8 @@ def write_outputs(results: dict, base: dict, costs: dict, rows: List[str], out: 
                      f"{mean_spread(col['drift_tv'])} | {ratio(cost, 'time_ratio')} | {ratio(cost, 'memory_ratio')} |")
         csv_rows.append({"method": row, "trainable": finals[0]["trainable"], "file_bytes": finals[0]["file_bytes"],
                          **{k: statistics.mean(v) for k, v in col.items()}, **cost})
-    table_md = "\n".join(lines)
+    paired = paired_lines(results, rows, PAIRED_ANCHOR)
+    table_md = "\n".join(lines + ([""] + paired if paired else []))
     write_text(out / "table.md", table_md + "\n")
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=sorted({k for r in csv_rows for k in r}))

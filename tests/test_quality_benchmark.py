@@ -100,3 +100,34 @@ def test_a_bad_flag_stops_the_run_with_one_line_before_anything_loads(flags, mes
         dreambooth_quality.main(["--out", str(tmp_path)] + flags)
     assert message in str(stop.value) and "\n" not in str(stop.value)
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_paired_differences_against_the_anchor_match_a_float64_reference():
+    """The reading's table: each row minus LoRA r4 on the same (subject, seed), mean and 95% t-interval; a missing
+    run drops its pair, not the row."""
+    import re
+
+    import dreambooth_quality as dq
+
+    g = torch.Generator().manual_seed(0)
+    trainable = {"LoRA r4": 84992, "svfit": 13978, "svdiff (UNet)": 15104}
+    results = {(subject, row, seed): {"final": {**{k: float(torch.rand((), generator=g)) for k in dq.PAIRED},
+                                                "trainable": trainable[row]}}
+               for subject in ("a", "b", "c") for seed in (0, 1) for row in trainable}
+    del results[("c", "svdiff (UNet)", 1)]
+    lines = dq.paired_lines(results, list(trainable), "LoRA r4")
+    table = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")] for line in lines
+                                            if line.startswith("| ") and "---" not in line)}
+    assert set(table) == {"method", "svfit", "svdiff (UNet)"}
+    t975 = {5: 2.5706, 4: 2.7764}  # Student's t, two-sided 95%
+    for row, n in (("svfit", 6), ("svdiff (UNet)", 5)):
+        cells = table[row]
+        assert float(cells[1]) == pytest.approx(trainable[row] / trainable["LoRA r4"], abs=0.005)
+        assert int(cells[2]) == n
+        for key, cell in zip(dq.PAIRED, cells[3:]):
+            d = torch.tensor([r["final"][key] - results[(s, "LoRA r4", e)]["final"][key]
+                              for (s, name, e), r in results.items() if name == row], dtype=torch.float64)
+            half = t975[n - 1] * d.std() / n ** 0.5
+            got = [float(x) for x in re.findall(r"[+-]\d\.\d\d", cell)]
+            assert got == pytest.approx([float(d.mean()), float(d.mean() - half), float(d.mean() + half)], abs=0.006)
+    assert dq.paired_lines(results, ["svfit"], "LoRA r4") == []  # no anchor among the rows: no table
