@@ -510,7 +510,7 @@ def main(argv=None):
     p.add_argument("--skip_cost", action="store_true")
     p.add_argument("--jobs", type=int, default=1,
                    help="trainer runs at once, each on cpu_count / jobs threads (2 on a 2-core CPU: 1.8x the runs "
-                        "per hour of one 2-thread run, measured)")
+                        "per hour of one 2-thread run on the full run's rows; none on --quick's shorter ones, measured)")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: the table, curves and grids of the runs scored so far (an interim report)")
     args = p.parse_args(argv)
