@@ -89,6 +89,7 @@ def test_the_results_folder_commits_only_scores_and_strips():
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--class_images", "0"], "--class_images must be at least 1"),
+    (["--quick", "--images", "0"], "--images must be at least 1"),
 ])
 def test_a_bad_flag_stops_the_run_with_one_line_before_anything_loads(flags, message, tmp_path, monkeypatch):
     import dreambooth_quality
