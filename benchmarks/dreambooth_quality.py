@@ -369,6 +369,24 @@ def paired_lines(results: dict, rows: List[str], anchor: str) -> List[str]:
     return lines
 
 
+def per_subject_lines(results: dict, rows: List[str], key: str = "identified") -> List[str]:
+    """One row per method, one column per subject: the mean of ``key`` over that subject's seeds (and how many);
+    shown only when there are several subjects."""
+    subjects = sorted({k[0] for k in results})
+    if len(subjects) < 2:
+        return []
+    lines = [f"{key.replace('_', ' ').capitalize()} per subject (mean over its training seeds; runs):", "",
+             "| method | " + " | ".join(subjects) + " |", "| --- |" + " --- |" * len(subjects)]
+    for row in rows:
+        cells = []
+        for subject in subjects:
+            values = [r["final"][key] for (s, name, _), r in results.items() if s == subject and name == row]
+            cells.append(f"{statistics.mean(values):.2f} ({len(values)})" if values else "-")
+        if any(c != "-" for c in cells):
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_outputs(results: dict, base: dict, costs: dict, rows: List[str], out: Path, args) -> str:
     lines = ["| method | trainable params | adapter bytes | identified | subject similarity | prompt fidelity | "
              "prior drift (1 - cos) | prior drift (TV) | step time / floor | peak memory / floor |",
@@ -392,8 +410,9 @@ def write_outputs(results: dict, base: dict, costs: dict, rows: List[str], out: 
                      f"{mean_spread(col['drift_tv'])} | {ratio(cost, 'time_ratio')} | {ratio(cost, 'memory_ratio')} |")
         csv_rows.append({"method": row, "trainable": finals[0]["trainable"], "file_bytes": finals[0]["file_bytes"],
                          **{k: statistics.mean(v) for k, v in col.items()}, **cost})
-    paired = paired_lines(results, rows, PAIRED_ANCHOR)
-    table_md = "\n".join(lines + ([""] + paired if paired else []))
+    sections = [lines] + [extra for extra in (per_subject_lines(results, rows),
+                                              paired_lines(results, rows, PAIRED_ANCHOR)) if extra]
+    table_md = "\n\n".join("\n".join(section) for section in sections)
     write_text(out / "table.md", table_md + "\n")
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=sorted({k for r in csv_rows for k in r}))

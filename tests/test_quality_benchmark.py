@@ -132,3 +132,14 @@ def test_paired_differences_against_the_anchor_match_a_float64_reference():
             got = [float(x) for x in re.findall(r"[+-]\d\.\d\d", cell)]
             assert got == pytest.approx([float(d.mean()), float(d.mean() - half), float(d.mean() + half)], abs=0.006)
     assert dq.paired_lines(results, ["svfit"], "LoRA r4") == []  # no anchor among the rows: no table
+
+
+def test_per_subject_table_averages_each_subjects_seeds():
+    import dreambooth_quality as dq
+
+    results = {("car", "svfit", 0): {"final": {"identified": 0.25}}, ("car", "svfit", 1): {"final": {"identified": 0.5}},
+               ("toy", "svfit", 0): {"final": {"identified": 1.0}}, ("toy", "LoRA r4", 0): {"final": {"identified": 0.0}}}
+    lines = dq.per_subject_lines(results, ["LoRA r4", "svfit", "full FT"])
+    assert lines[2] == "| method | car | toy |"
+    assert lines[4:] == ["| LoRA r4 | - | 0.00 (1) |", "| svfit | 0.38 (2) | 1.00 (1) |"]  # full FT: no runs, no line
+    assert dq.per_subject_lines({k: v for k, v in results.items() if k[0] == "toy"}, ["svfit"]) == []
