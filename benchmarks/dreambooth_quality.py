@@ -4,7 +4,7 @@
     python benchmarks/dreambooth_quality.py --out benchmarks/results/dreambooth_quality
                                   # the full run: hours on a CPU; each run's scores are committed as it goes
     python benchmarks/dreambooth_quality.py --quick --out runs/quality-quick   # 1 subject, 1 seed, 4 methods,
-                                                          # 4 images per prompt, 2 curve points
+                                                                               # 4 images per prompt, 2 curve points
     python benchmarks/dreambooth_quality.py --subject DIR --class_word dog --instance_prompt "a photo of sks dog"
 
 Each (subject, row, seed) trains with `train_dreambooth.py` (the trainer's documented default learning rate
