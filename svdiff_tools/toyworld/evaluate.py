@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from ..atomic import atomic_path
+from ..atomic import write_text
 
 from . import metric
 from .gate import generate
@@ -80,8 +80,7 @@ def dreambooth_report(pipe, load_base: Callable[[], object], subject: Subject, s
         report["base"][key] = cached[tag]
     if base_cache is not None and measured:
         try:
-            with atomic_path(base_cache) as tmp:
-                tmp.write_text(json.dumps(cached, indent=1))
+            write_text(base_cache, json.dumps(cached, indent=1))
         except OSError as exc:
             logger.warning("base scores not cached (%s: %s); they are measured again next time", base_cache, exc)
     return report

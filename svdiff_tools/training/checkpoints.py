@@ -171,7 +171,7 @@ def _resume(path: Path, config: dict) -> RunPlan:
 def start(output_dir: Path, plan: RunPlan) -> None:
     """Main process, before training: record the run; a fresh run removes older runs' checkpoints and every
     temporary file a killed writer left."""
-    from ..atomic import atomic_path, remove_orphans
+    from ..atomic import remove_orphans, write_text
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -185,8 +185,8 @@ def start(output_dir: Path, plan: RunPlan) -> None:
         for p in output_dir.glob("checkpoint-*"):
             if p.is_dir() and not (p / STATE_FILE).is_file():
                 shutil.rmtree(p, ignore_errors=True)  # a folder an older version left half written
-    with atomic_path(output_dir / RUN_FILE) as tmp:
-        tmp.write_text(json.dumps({"run_id": plan.run_id, "config": plan.config}, indent=2, sort_keys=True))
+    write_text(output_dir / RUN_FILE, json.dumps({"run_id": plan.run_id, "config": plan.config}, indent=2,
+                                                 sort_keys=True))
 
 
 def save(output_dir: Path, step: int, accelerator, state: dict,
