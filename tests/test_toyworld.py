@@ -186,3 +186,30 @@ def test_the_token_identity_loss_reads_words_back_up_to_the_first_end_of_text():
     padding_changed[:, 5:] = 0                            # after the first end-of-text nothing counts
     torch.testing.assert_close(token_identity_loss(padding_changed, ids, embeddings, eos),
                                token_identity_loss(readable, ids, embeddings, eos))
+
+
+def test_identification_rates_are_reported_with_their_count_and_wilson_interval():
+    """The trainer's report gives each rate's 95% interval: checked against the float64 roots of
+    (k/n - p)^2 = z^2 p (1 - p) / n, the definition of the Wilson score interval."""
+    import pytest
+
+    from svdiff_tools.toyworld.evaluate import report_lines, wilson_interval
+
+    z = 1.96
+    for hits, n in ((11, 16), (0, 16), (16, 16), (1, 8), (25, 32), (3, 7)):
+        rate = np.float64(hits) / n
+        a, b, c = 1 + z * z / n, -(2 * rate + z * z / n), rate * rate  # a p^2 + b p + c = 0
+        roots = np.sort(np.roots([a, b, c]).real)
+        lo, hi = wilson_interval(hits, n)
+        assert lo == pytest.approx(max(0.0, roots[0]), abs=1e-12) and hi == pytest.approx(min(1.0, roots[1]), abs=1e-12)
+        assert lo <= rate <= hi
+    assert wilson_interval(0, 16)[0] == 0.0 and wilson_interval(16, 16)[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="at least one image"):
+        wilson_interval(0, 0)
+
+    report = {"adapted": {"instance": {"prompt": "a photo of sks toy", "images": 16, "identified": 0.6875,
+                                       "similarity": 0.84}},
+              "base": {"instance": {"prompt": "a photo of sks toy", "identified": 0.0, "similarity": 0.27}}}
+    adapted, base = report_lines(report)[2:]
+    assert "| 69% (11 of 16; 95%: 44-86%) |" in adapted
+    assert "| 0% |" in base  # a score without its count (an older cache) keeps the rate alone

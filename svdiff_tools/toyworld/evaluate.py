@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,11 +33,23 @@ def recontext_prompt(subject: Subject, background: str = RECONTEXT_BACKGROUND) -
     return f"a {subject.identifier} {subject.class_word} on a {background} background"
 
 
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> Tuple[float, float]:
+    """Wilson score interval of a rate ``hits / n`` (95% at z = 1.96): the p with (hits/n - p)^2 = z^2 p (1-p) / n,
+    i.e. (p^ + z^2/2n +- z sqrt(p^(1-p^)/n + z^2/4n^2)) / (1 + z^2/n). On 16 images a measured 69% is 44-86%."""
+    if n <= 0:
+        raise ValueError(f"a rate needs at least one image, got n={n}")
+    rate, zz = hits / n, z * z / n
+    centre = (rate + zz / 2) / (1 + zz)
+    half = z / (1 + zz) * math.sqrt(rate * (1 - rate) / n + zz / (4 * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def score_images(net, identifier: "metric.Identifier", images: torch.Tensor,
                  wanted: Optional[Dict[str, str]] = None) -> dict:
-    """Identification rate, mean subject similarity and (with ``wanted``) attribute and joint success."""
+    """Identification rate, mean subject similarity and (with ``wanted``) attribute and joint success, over
+    ``images`` ((n, 3, H, W); their count is kept, so a rate can be given with its interval)."""
     hit = identifier.identify(images)
-    out = {"identified": round(float(hit.float().mean()), 4),
+    out = {"images": len(images), "identified": round(float(hit.float().mean()), 4),
            "similarity": round(float(identifier.similarity(images).mean()), 4)}
     if wanted:
         read = net.read(images)
@@ -77,7 +90,7 @@ def dreambooth_report(pipe, load_base: Callable[[], object], subject: Subject, s
             if base_pipe is None:
                 base_pipe = load_base()
             cached[tag], measured = scores(base_pipe, prompt, wanted), True
-        report["base"][key] = cached[tag]
+        report["base"][key] = dict(cached[tag], images=len(seeds))  # scores cached before the count was kept
     if base_cache is not None and measured:
         try:
             write_text(base_cache, json.dumps(cached, indent=1))
@@ -95,14 +108,25 @@ def _read_json(path: Optional[Path]) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def identified_text(r: dict) -> str:
+    """'69% (11 of 16; 95%: 44-86%)': the rate, its count and its Wilson interval (the rate alone without a count)."""
+    n = r.get("images")
+    if not n:
+        return f"{r['identified']:.0%}"
+    hits = round(r["identified"] * n)
+    lo, hi = wilson_interval(hits, n)
+    return f"{r['identified']:.0%} ({hits} of {n}; 95%: {100 * lo:.0f}-{hi:.0%})"
+
+
 def report_lines(report: dict) -> List[str]:
-    """Markdown lines for a model card."""
+    """Markdown lines for a model card: each rate with how many images it counts and its 95% interval, since 16
+    images leave about +-20 points."""
     lines = ["| pipeline | prompt | identified as the subject | subject similarity | requested attribute |",
              "| --- | --- | --- | --- | --- |"]
     for label in ("adapted", "base"):
         for key, r in report[label].items():
             attr = f"{r['attribute']:.0%}" if "attribute" in r else ""
-            lines.append(f"| {label} | `{r['prompt']}` | {r['identified']:.0%} | {r['similarity']:.3f} | {attr} |")
+            lines.append(f"| {label} | `{r['prompt']}` | {identified_text(r)} | {r['similarity']:.3f} | {attr} |")
     return lines
 
 
