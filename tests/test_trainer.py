@@ -521,6 +521,16 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     assert training_settings(own_rate)["text encoder"] == "adapted"
     assert parse_args(["--method", "svdiff"]).lr_scheduler == dreambooth.METHOD_DEFAULTS["svdiff"].lr_scheduler
 
+    # the cached class images are kept per sampling setting: a quick 2-step run must not leave its images to others
+    assert Path(svfit.class_data_dir) == dreambooth.class_data_dir(25, 5.0, 64)
+    assert Path(svfit.class_data_dir).parent.name.endswith("-25steps-cfg5-64px")
+    quick = parse_args(["--method", "svfit", "--num_inference_steps", "2"])
+    assert (quick.num_inference_steps, quick.resolution) == (2, 64)
+    assert len({svfit.class_data_dir, quick.class_data_dir, parse_args(["--method", "lora"]).class_data_dir,
+                parse_args(["--method", "svfit", "--guidance_scale", "7.5"]).class_data_dir,
+                parse_args(["--method", "svfit", "--resolution", "32"]).class_data_dir}) == 4  # lora shares svfit's
+    assert parse_args(["--method", "svfit", "--class_data_dir", "mine"]).class_data_dir == "mine"
+
 
 def test_validation_renders_each_step_once_and_the_last_from_the_saved_file(tmp_path, monkeypatch):
     """--validation_steps renders in the loop; the last step's images are the final check's (the adapter read back

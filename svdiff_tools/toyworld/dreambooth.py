@@ -92,9 +92,13 @@ def _unet_weights() -> Path:
     return pipeline_folder() / "unet" / "diffusion_pytorch_model.safetensors"
 
 
-def class_data_dir() -> Path:
-    """Class images of the shipped pipeline, cached per pipeline version (its UNet weights' hash)."""
-    return _cache_root() / f"class-images-{_version_tag(_unet_weights())}" / SUBJECT.class_word
+def class_data_dir(steps: int = INFERENCE_STEPS, guidance: float = GUIDANCE, resolution: int = RESOLUTION) -> Path:
+    """Class images of the shipped pipeline, cached per version of what makes them: the UNet, text encoder and VAE
+    weights and the sampling settings (a quick run at 2 steps must not leave its images to every later run)."""
+    folder = pipeline_folder()
+    tag = _version_tag(_unet_weights(), folder / "text_encoder" / "model.safetensors",
+                       folder / "vae" / "diffusion_pytorch_model.safetensors")
+    return _cache_root() / f"class-images-{tag}-{steps}steps-cfg{guidance:g}-{resolution}px" / SUBJECT.class_word
 
 
 def base_report_cache() -> Path:

@@ -293,6 +293,8 @@ def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
     args.lr_scheduler = args.lr_scheduler or defaults.lr_scheduler
     args.num_validation_images = args.num_validation_images or toy.NUM_VALIDATION_IMAGES
     args.guidance_scale = args.guidance_scale or toy.GUIDANCE
+    args.num_inference_steps = args.num_inference_steps or toy.INFERENCE_STEPS
+    args.resolution = args.resolution or toy.RESOLUTION
     if args.train_text_encoder is None:
         args.train_text_encoder = toy.TRAIN_TEXT_ENCODER
     if args.caption_probability is None:
@@ -305,7 +307,8 @@ def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
     args.instance_prompt = args.instance_prompt or toy.SUBJECT.instance_prompt
     args.with_prior_preservation = True
     args.class_prompt = args.class_prompt or toy.SUBJECT.class_prompt
-    args.class_data_dir = args.class_data_dir or str(toy.class_data_dir())
+    args.class_data_dir = args.class_data_dir or str(toy.class_data_dir(args.num_inference_steps, args.guidance_scale,
+                                                                        args.resolution))
     args.num_class_images = args.num_class_images or toy.NUM_CLASS_IMAGES
     if args.validation_prompt is None and args.validation_prompts is None:
         args.validation_prompts = toy.validation_prompts()
