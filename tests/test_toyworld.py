@@ -213,3 +213,30 @@ def test_identification_rates_are_reported_with_their_count_and_wilson_interval(
     adapted, base = report_lines(report)[2:]
     assert "| 69% (11 of 16; 95%: 44-86%) |" in adapted
     assert "| 0% |" in base  # a score without its count (an older cache) keeps the rate alone
+
+
+def test_the_metric_network_saves_whole_in_float16_and_loads_back(tmp_path, monkeypatch):
+    """`metric.save` then `metric.load`: the float16 of every weight, read back in float32; a save killed midway
+    leaves the previous file and no temporary one."""
+    import pytest
+
+    from svdiff_tools import atomic
+
+    torch.manual_seed(0)
+    net = metric.MetricNet()
+    metric.save(net, tmp_path)
+    back = metric.load(tmp_path)
+    for name, value in net.state_dict().items():
+        assert back.state_dict()[name].dtype == value.dtype
+        assert torch.equal(back.state_dict()[name], value.half().float() if value.is_floating_point() else value)
+    before = (tmp_path / "model.safetensors").read_bytes()
+
+    def killed(tensors, filename, metadata=None):
+        open(filename, "wb").write(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        metric.save(metric.MetricNet(), tmp_path)
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]

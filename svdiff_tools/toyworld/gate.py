@@ -18,6 +18,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
+from ..atomic import save_image
+
 from . import metric
 from .render import render_tensor
 from .world import HELD_OUT, Scene, describe, random_object, sample_scene
@@ -139,7 +141,7 @@ def main(argv=None):
     if args.grid:
         from .assets import prompt_grid
 
-        prompt_grid(result["images"], result["prompts"], args.seeds, rows=12).save(args.grid)
+        save_image(prompt_grid(result["images"], result["prompts"], args.seeds, rows=12), args.grid)
 
 
 if __name__ == "__main__":

@@ -197,13 +197,14 @@ def train(out: Path, steps: int = 3000, lr: float = 2e-3, seed: int = 0, log_eve
 
 
 def save(net: MetricNet, out: Path) -> None:
-    from safetensors.torch import save_file
+    """``out/model.safetensors`` in float16, written whole or not at all."""
+    from ..atomic import save_safetensors
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().half().contiguous() if v.is_floating_point() else v.contiguous()
              for k, v in net.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"heads": json.dumps(HEADS)})
+    save_safetensors(state, out / "model.safetensors", metadata={"heads": json.dumps(HEADS)})
 
 
 def load(path: Optional[Path] = None) -> MetricNet:
