@@ -214,6 +214,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--output_dir", "afile"], "--output_dir afile is a file; pass a folder path"),
     (["--output_dir", "afile/out"], "--output_dir afile/out lies under the file afile"),
     (["--use_8bit_adam"], "needs bitsandbytes"),
+    (["--learning_rate", "0"], "--learning_rate 0.0 must be a positive number"),
+    (["--method", "svfit", "--text_encoder_lr", "nan"], "--text_encoder_lr nan must be a positive number"),
 ])
 def test_bad_input_fails_before_any_model_loads(tmp_path, monkeypatch, capsys, extra, match):
     monkeypatch.chdir(tmp_path)
@@ -480,7 +482,7 @@ def test_the_toy_world_report_measures_only_a_shipped_subject_under_its_own_prom
 
 def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     """Flags the user gives win over the toy world's per-method defaults; the card states what was in effect."""
-    from svdiff_tools.training.args import parse_args
+    from svdiff_tools.training.args import TrainingInputError, parse_args, validate
     from svdiff_tools.training.validation import training_settings
 
     tiny = parse_args(["--method", "svfit"])
@@ -530,6 +532,11 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
                 parse_args(["--method", "svfit", "--guidance_scale", "7.5"]).class_data_dir,
                 parse_args(["--method", "svfit", "--resolution", "32"]).class_data_dir}) == 4  # lora shares svfit's
     assert parse_args(["--method", "svfit", "--class_data_dir", "mine"]).class_data_dir == "mine"
+    # a 0 the user gives stays theirs on the toy world: guidance 0 samples unconditionally, counts of 0 are refused
+    assert parse_args(["--method", "svfit", "--guidance_scale", "0"]).guidance_scale == 0.0
+    for flag in ("--max_train_steps", "--num_validation_images", "--num_inference_steps"):
+        with pytest.raises(TrainingInputError, match=f"{flag} must be at least 1"):
+            validate(parse_args(["--method", "svfit", flag, "0"]))
 
 
 def test_validation_renders_each_step_once_and_the_last_from_the_saved_file(tmp_path, monkeypatch):

@@ -277,6 +277,13 @@ def _embedded_kind() -> str:
     return "toyworld"
 
 
+def _fill(args: argparse.Namespace, **defaults) -> None:
+    """Set each flag the user left unset (None) to its default."""
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
 def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
     """On the toy world (flags the user gave win): per-method learning rate and steps for this world, 64 px,
     more validation images; with ``subject_preset`` (no data flags) also the shipped subject, prior
@@ -286,30 +293,24 @@ def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
     defaults = toy.METHOD_DEFAULTS[args.method]
     if args.text_encoder_lr is None and args.learning_rate is None:  # a rate the user gives covers both
         args.text_encoder_lr = defaults.text_encoder_lr
-    args.learning_rate = args.learning_rate or defaults.learning_rate
-    args.max_train_steps = args.max_train_steps or defaults.steps
     if args.rank is None and defaults.rank is not None:
         args.rank = defaults.rank
-    args.lr_scheduler = args.lr_scheduler or defaults.lr_scheduler
-    args.num_validation_images = args.num_validation_images or toy.NUM_VALIDATION_IMAGES
-    args.guidance_scale = args.guidance_scale or toy.GUIDANCE
-    args.num_inference_steps = args.num_inference_steps or toy.INFERENCE_STEPS
-    args.resolution = args.resolution or toy.RESOLUTION
-    if args.train_text_encoder is None:
-        args.train_text_encoder = toy.TRAIN_TEXT_ENCODER
-    if args.caption_probability is None:
-        args.caption_probability = defaults.caption_probability
-    if args.prior_loss_weight is None:
-        args.prior_loss_weight = defaults.prior_loss_weight
+    # `is None`, not `or`: a 0 the user gives is theirs (guidance 0 is unconditional sampling; a count of 0 is
+    # refused by `validate`), never silently replaced by the world's default
+    _fill(args, learning_rate=defaults.learning_rate, max_train_steps=defaults.steps,
+          lr_scheduler=defaults.lr_scheduler, num_validation_images=toy.NUM_VALIDATION_IMAGES,
+          guidance_scale=toy.GUIDANCE, num_inference_steps=toy.INFERENCE_STEPS, resolution=toy.RESOLUTION,
+          train_text_encoder=toy.TRAIN_TEXT_ENCODER, caption_probability=defaults.caption_probability,
+          prior_loss_weight=defaults.prior_loss_weight)
     if not subject_preset:
         return
     args.instance_data_dir = str(EXAMPLE_DATA)
-    args.instance_prompt = args.instance_prompt or toy.SUBJECT.instance_prompt
     args.with_prior_preservation = True
+    args.instance_prompt = args.instance_prompt or toy.SUBJECT.instance_prompt
     args.class_prompt = args.class_prompt or toy.SUBJECT.class_prompt
-    args.class_data_dir = args.class_data_dir or str(toy.class_data_dir(args.num_inference_steps, args.guidance_scale,
-                                                                        args.resolution))
-    args.num_class_images = args.num_class_images or toy.NUM_CLASS_IMAGES
+    _fill(args, num_class_images=toy.NUM_CLASS_IMAGES)
+    if not args.class_data_dir:
+        args.class_data_dir = str(toy.class_data_dir(args.num_inference_steps, args.guidance_scale, args.resolution))
     if args.validation_prompt is None and args.validation_prompts is None:
         args.validation_prompts = toy.validation_prompts()
         args.validation_prompt = args.validation_prompts[0]
@@ -366,6 +367,10 @@ def validate(args: argparse.Namespace) -> None:
             fail(f"--{name} must be at least 1.")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         fail("--max_train_steps must be at least 1.")
+    for name in ("learning_rate", "text_encoder_lr"):
+        rate = getattr(args, name)
+        if rate is not None and not rate > 0:  # also NaN
+            fail(f"--{name} {rate} must be a positive number, e.g. 1e-3.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         fail("--checkpoints_total_limit must be at least 1.")
     rank = args.export_lora_rank
