@@ -88,16 +88,16 @@ def _version_tag(*files: Path) -> str:
     return digest.hexdigest()
 
 
-def _unet_weights() -> Path:
-    return pipeline_folder() / "unet" / "diffusion_pytorch_model.safetensors"
+def _weights(component: str) -> Path:
+    """The shipped pipeline's weight file of ``component`` ("unet", "text_encoder" or "vae")."""
+    name = "model.safetensors" if component == "text_encoder" else "diffusion_pytorch_model.safetensors"
+    return pipeline_folder() / component / name
 
 
 def class_data_dir(steps: int = INFERENCE_STEPS, guidance: float = GUIDANCE, resolution: int = RESOLUTION) -> Path:
     """Class images of the shipped pipeline, cached per version of what makes them: the UNet, text encoder and VAE
     weights and the sampling settings (a quick run at 2 steps must not leave its images to every later run)."""
-    folder = pipeline_folder()
-    tag = _version_tag(_unet_weights(), folder / "text_encoder" / "model.safetensors",
-                       folder / "vae" / "diffusion_pytorch_model.safetensors")
+    tag = _version_tag(_weights("unet"), _weights("text_encoder"), _weights("vae"))
     return _cache_root() / f"class-images-{tag}-{steps}steps-cfg{guidance:g}-{resolution}px" / SUBJECT.class_word
 
 
@@ -106,8 +106,7 @@ def base_report_cache() -> Path:
     cached per version of what they depend on: the UNet, the text encoder and the metric network."""
     from .metric import DEFAULT_PATH
 
-    tag = _version_tag(_unet_weights(), pipeline_folder() / "text_encoder" / "model.safetensors",
-                       Path(DEFAULT_PATH) / "model.safetensors")
+    tag = _version_tag(_weights("unet"), _weights("text_encoder"), Path(DEFAULT_PATH) / "model.safetensors")
     return _cache_root() / f"base-report-{tag}.json"
 
 

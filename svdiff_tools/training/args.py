@@ -199,24 +199,13 @@ def fill_defaults(args: argparse.Namespace) -> None:
         args.instance_data_dir, args.instance_prompt = str(first.folder), first.prompt
     if args.embedded_kind == "toyworld":
         _toyworld_defaults(args, subject_preset=args.instance_data_dir is None)
-    if args.train_text_encoder is None:
-        args.train_text_encoder = False
-    if args.caption_probability is None:
-        args.caption_probability = 1.0
-    if args.prior_loss_weight is None:
-        args.prior_loss_weight = 1.0
-    args.lr_scheduler = args.lr_scheduler or "constant"
+    tiny = args.embedded_kind == "tiny"
+    _fill(args, train_text_encoder=False, caption_probability=1.0, prior_loss_weight=1.0, lr_scheduler="constant",
+          resolution=32 if tiny else 64 if embedded else 512, max_train_steps=12 if tiny else None,
+          num_class_images=100, num_validation_images=2, num_inference_steps=4 if tiny else 25, guidance_scale=7.5)
     if args.instance_data_dir is None:
         args.instance_data_dir = str(EXAMPLE_DATA)
         args.instance_prompt = args.instance_prompt or "a photo of sks toy"
-    if args.resolution is None:
-        args.resolution = 32 if args.embedded_kind == "tiny" else 64 if embedded else 512
-    if args.max_train_steps is None and args.embedded_kind == "tiny":
-        args.max_train_steps = 12
-    if args.num_class_images is None:
-        args.num_class_images = 100
-    if args.num_validation_images is None:
-        args.num_validation_images = 2
     if args.target_modules is None:
         args.target_modules = "unet-attention" if args.method in PEFT_METHODS else "unet"
     elif "," in args.target_modules:
@@ -239,10 +228,6 @@ def fill_defaults(args: argparse.Namespace) -> None:
                 mixed_prompt(args.subjects[0], args.subjects[1])]
     else:
         args.validation_prompt = args.validation_prompts[0]
-    if args.num_inference_steps is None:
-        args.num_inference_steps = 4 if args.embedded_kind == "tiny" else 25
-    if args.guidance_scale is None:
-        args.guidance_scale = 7.5
 
 
 @dataclass
