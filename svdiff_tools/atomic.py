@@ -4,12 +4,18 @@ The temporary file is ``.<name>.<random>.tmp`` in the target's folder (so the re
 systems); it is removed on any failure, and a kill leaves at most such an orphan, which
 `remove_orphans` cleans. The final file gets the mode the process's umask gives new files (``mkstemp``
 alone would leave 0600, unreadable to a serving process running as another user).
+
+Safetensors files are written with a canonical header (keys sorted, compact JSON, space padding to 8 bytes):
+safetensors itself writes ``__metadata__`` in a per-process hash order, so the same tensors and metadata gave
+different bytes in another process, and users hash and diff adapter files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import struct
 import tempfile
 import time
 from pathlib import Path
@@ -44,10 +50,38 @@ def atomic_path(path: os.PathLike) -> Iterator[Path]:
             os.remove(tmp)
 
 
+def canonical_header(header: bytes) -> bytes:
+    """A safetensors JSON header rewritten canonically: sorted keys, no spaces, padded with spaces to 8 bytes.
+
+    Offsets in the header are relative to the data section, so the payload after it is unchanged."""
+    text = json.dumps(json.loads(header), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    return text + b" " * (-len(text) % 8)
+
+
+def canonicalize_safetensors(path: os.PathLike) -> None:
+    """Rewrite the header of the safetensors file at ``path`` canonically, in place (same length: overwritten;
+    otherwise the file is rewritten)."""
+    with open(path, "r+b") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = fh.read(n)
+        new = canonical_header(header)
+        if len(new) == n:
+            fh.seek(8)
+            fh.write(new)
+            return
+        payload = fh.read()
+        fh.seek(0)
+        fh.write(struct.pack("<Q", len(new)) + new + payload)
+        fh.truncate()
+
+
 def save_safetensors(tensors: Dict[str, torch.Tensor], path: os.PathLike,
                      metadata: Optional[Dict[str, str]] = None) -> Path:
+    """``safetensors.torch.save_file`` with a canonical header (identical content gives identical bytes), appearing
+    only when complete."""
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
+        canonicalize_safetensors(tmp)
     return Path(path)
 
 

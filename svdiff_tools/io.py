@@ -5,7 +5,9 @@ One file holds one adapter for one model or for several components of a pipeline
 Tensors: ``[<component>.]<module name>.<tensor>`` (``delta``, ``values``/``rows``/``cols`` for SVFT,
 ``bias_delta``, ``weight_delta`` for norms); a bare model is the component ``""`` (no prefix).
 Metadata (all strings): ``format``, ``format_version``, ``adapter_name``, ``library_version``,
-``conv_reshape``, ``checksums`` (JSON ``{tensor: blake2b of its dtype, shape and bytes}``, version 2) and
+``conv_reshape``, ``checksums`` (JSON ``{tensor: blake2b of its dtype, shape and bytes}``, version 2),
+``checksum`` (blake2b of every other metadata entry as canonical JSON, version 3: it covers the config, the
+module records and, through ``checksums``, the payload, so any edit is refused) and
 ``components``: JSON ``{component: {"config": the full SVDAdapterConfig, "modules": {name: kind, weight
 shape, rank, decomposition driver and rank, decomposed weight dtype, base-weight fingerprint},
 "norm_modules": {...}}}``, plus any ``extra`` the caller adds. Loading checks everything before touching a
@@ -14,6 +16,7 @@ model (checksums, metadata types, tensor names, shapes, dtypes and values) and n
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -39,7 +42,7 @@ from .module_kinds import is_norm, kind_of
 from .targets import base_of
 
 FORMAT = "svdiff-tools.adapter"
-FORMAT_VERSION = 2  # 2: per-tensor checksums (version 1 files, without them, still load)
+FORMAT_VERSION = 3  # 2: per-tensor checksums; 3: one checksum over all metadata (1 and 2 load with a warning)
 DEFAULT_WEIGHT_NAME = "svd_adapter.safetensors"
 CONV_RESHAPE = "weight.reshape(out_channels, -1): out x (in/groups*prod(kernel)), PyTorch's row-major order"
 RUNTIME_OPTIONS = ("svd_dtype", "forward_mode", "basis_storage", "scale")
@@ -49,6 +52,12 @@ logger = logging.getLogger(__name__)
 def checksums(tensors: Dict[str, torch.Tensor]) -> str:
     """JSON ``{name: digest}`` of every tensor (dtype, shape and exact bytes)."""
     return json.dumps({k: weight_digest(v) for k, v in sorted(tensors.items())}, sort_keys=True)
+
+
+def metadata_checksum(metadata: Dict[str, str]) -> str:
+    """blake2b of every metadata entry but ``checksum`` itself, as canonical JSON (sorted keys, no spaces)."""
+    body = json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True, separators=(",", ":"))
+    return hashlib.blake2b(body.encode(), digest_size=20).hexdigest()
 
 
 def component_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -106,6 +115,7 @@ def write_adapter_file(path: Union[str, os.PathLike], components: Dict[str, Tupl
     }
     if extra_metadata:
         metadata["extra"] = json.dumps(extra_metadata, sort_keys=True)
+    metadata["checksum"] = metadata_checksum(metadata)
     save_safetensors(tensors, path, metadata)
     return path
 
@@ -175,6 +185,12 @@ def parse_components(path, tensors: Dict[str, torch.Tensor], metadata: Dict[str,
     if version < 1 or version > FORMAT_VERSION:
         raise SVDAdapterFileError(f"{path} has adapter format version {metadata.get('format_version')!r}, but this "
                                   f"svdiff-tools reads versions 1-{FORMAT_VERSION}; upgrade svdiff-tools.")
+    if version >= 3 and metadata.get("checksum") != metadata_checksum(metadata):
+        raise SVDAdapterFileError(f"{path}: its metadata fails its checksum (a field such as the scale, rank or "
+                                  "decomposition was edited, or the file is damaged); re-save the adapter from its "
+                                  "model or re-download it.")
+    if version < 3:
+        _warn_unchecked_metadata(path, version)
     if version >= 2:
         _verify_checksums(path, tensors, metadata.get("checksums"))
     try:
@@ -208,6 +224,18 @@ def parse_components(path, tensors: Dict[str, torch.Tensor], metadata: Dict[str,
                                       "or foreign: re-save it.")
         entries[comp].tensors[key[len(comp) + 1:] if comp else key] = value
     return entries, metadata.get("adapter_name", "default")
+
+
+_warned_unchecked: set = set()
+
+
+def _warn_unchecked_metadata(path, version: int) -> None:
+    """Once per file: a version 1/2 file's config and module records carry no checksum."""
+    if str(path) not in _warned_unchecked:
+        _warned_unchecked.add(str(path))
+        logger.warning("%s is an adapter file of format version %d, whose config and module records no checksum "
+                       "covers (an edit to them would go unnoticed); re-save it with this svdiff-tools to protect it.",
+                       path, version)
 
 
 def _verify_checksums(path, tensors: Dict[str, torch.Tensor], recorded: Optional[str]) -> None:
@@ -324,33 +352,37 @@ def _check_tensors(path, plans: List[PlannedAdapter], tensors: Dict[str, torch.T
     if stray:
         raise SVDAdapterFileError(f"{path} holds tensor {stray[0]} that belongs to no adapted module; the file is "
                                   "damaged or foreign: re-save it.")
-    for key in sorted(expected):
-        if key in tensors and tensors[key].is_floating_point() and tensors[key].dtype not in _DTYPES.values():
-            raise SVDAdapterFileError(f"{path}: tensor {key} has dtype {tensors[key].dtype}; the file is damaged.")
     for n in norms:
         got = tensors[f"{n}.weight_delta"]
-        if not got.is_floating_point() or not torch.isfinite(got).all():
+        if not got.is_floating_point() or got.dtype not in _DTYPES.values() or not torch.isfinite(got).all():
             raise SVDAdapterFileError(f"{path}: tensor {n}.weight_delta is not a finite floating tensor; the file "
                                       "is damaged or the run diverged: use an earlier checkpoint.")
     for plan in plans:
-        method = plan.method
-        for tname, t in method.state_dict().items():
-            key = f"{plan.name}.{tname}"
-            got = tensors.get(key)
-            if got is None or got.shape != t.shape:
-                have = None if got is None else list(got.shape)
-                raise SVDAdapterFileError(f"{path}: tensor {key} has shape {have}, expected {list(t.shape)}; "
-                                          "the file is damaged or for another base model.")
-            if got.is_floating_point() != t.is_floating_point():
-                raise SVDAdapterFileError(f"{path}: tensor {key} has dtype {got.dtype}, expected a "
-                                          f"{'floating' if t.is_floating_point() else 'integer'} tensor; the file is "
-                                          "damaged or foreign.")
-            if torch.is_floating_point(got) and not torch.isfinite(got).all():
-                raise SVDAdapterFileError(f"{path}: tensor {key} holds NaN or inf; the training run diverged, "
-                                          "use an earlier checkpoint.")
-        problem = method.state_problem({t: tensors[f"{plan.name}.{t}"] for t in method.state_dict()})
-        if problem:
-            raise SVDAdapterFileError(f"{path}: module {plan.name}: {problem}; the file is damaged.")
+        check_method_state(path, plan.name, plan.method,
+                           {t: tensors.get(f"{plan.name}.{t}") for t in plan.method.state_dict()})
+
+
+def check_method_state(path, name: str, method: nn.Module, state: Dict[str, Optional[torch.Tensor]]) -> None:
+    """One module's tensors read from ``path`` against its freshly built ``method``: present, the same shape, the
+    same kind of dtype (a supported floating dtype for deltas, integer for indices), finite, in range
+    (`SpectralMethod.state_problem`); else `SVDAdapterFileError` naming ``path`` and the tensor."""
+    for tname, t in method.state_dict().items():
+        key, got = f"{name}.{tname}", state.get(tname)
+        if got is None or got.shape != t.shape:
+            have = None if got is None else list(got.shape)
+            raise SVDAdapterFileError(f"{path}: tensor {key} has shape {have}, expected {list(t.shape)}; "
+                                      "the file is damaged or for another base model.")
+        if got.is_floating_point() != t.is_floating_point() or (got.is_floating_point()
+                                                                and got.dtype not in _DTYPES.values()):
+            want = f"a {', '.join(_DTYPES)} tensor" if t.is_floating_point() else "an integer tensor"
+            raise SVDAdapterFileError(f"{path}: tensor {key} has dtype {got.dtype}, expected {want}; the file is "
+                                      "damaged or foreign.")
+        if torch.is_floating_point(got) and not torch.isfinite(got).all():
+            raise SVDAdapterFileError(f"{path}: tensor {key} holds NaN or inf; the training run diverged, "
+                                      "use an earlier checkpoint.")
+    problem = method.state_problem(state)
+    if problem:
+        raise SVDAdapterFileError(f"{path}: module {name}: {problem}; the file is damaged.")
 
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}

@@ -41,8 +41,8 @@ def _same(model, snap):
 
 
 def _rewrite(path, out, tensors=None, **metadata_changes):
-    """A crafted file: changed tensors get matching checksums, so the deeper checks are what refuses it."""
-    from svdiff_tools.io import checksums
+    """A crafted file: changed tensors and metadata get matching checksums, so the deeper checks are what refuses it."""
+    from svdiff_tools.io import checksums, metadata_checksum
 
     with safe_open(str(path), "pt") as f:
         meta = dict(f.metadata())
@@ -50,6 +50,7 @@ def _rewrite(path, out, tensors=None, **metadata_changes):
     meta.update(metadata_changes)
     if tensors is not None:
         meta["checksums"] = checksums(tensors)
+    meta["checksum"] = metadata_checksum(meta)
     save_file(tensors if tensors is not None else data, str(out), metadata=meta)
     return out
 
@@ -203,7 +204,7 @@ def test_metadata_is_complete(saved):
     _, model, path = saved
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
-    assert meta["format"] == "svdiff-tools.adapter" and meta["format_version"] == "2"
+    assert meta["format"] == "svdiff-tools.adapter" and meta["format_version"] == "3"
     entry = json.loads(meta["components"])[""]
     assert entry["config"]["method"] == "svft" and entry["config"]["svft_pattern"] == "banded"
     info = entry["modules"]["down_blocks.0.resnets.0.conv1"]

@@ -256,7 +256,7 @@ def test_a_changed_byte_in_the_payload_is_refused(tmp_path, flip):
 
 @pytest.mark.parametrize("case", ["int32", "stray", "empty", "no_checksums"])
 def test_crafted_payloads_are_refused(tmp_path, case):
-    from svdiff_tools.io import checksums
+    from svdiff_tools.io import checksums, metadata_checksum
 
     model, path = _saved(tmp_path)
     with safe_open(str(path), "pt") as f:
@@ -264,7 +264,7 @@ def test_crafted_payloads_are_refused(tmp_path, case):
     key = next(k for k in tensors if k.endswith(".values"))
     if case == "int32":
         tensors[key] = tensors[key].to(torch.int32)
-        match = "expected a floating tensor"
+        match = "has dtype torch.int32, expected a float32, float16, bfloat16, float64 tensor"
     elif case == "stray":
         tensors["0.extra"] = torch.zeros(3)
         match = "holds tensor 0.extra that belongs to no adapted module"
@@ -279,6 +279,7 @@ def test_crafted_payloads_are_refused(tmp_path, case):
         match = "lacks its tensor checksums"
     if case != "no_checksums":
         meta["checksums"] = checksums(tensors)
+    meta["checksum"] = metadata_checksum(meta)  # re-signed: the deeper checks are what refuses it
     save_file(tensors, str(path), metadata=meta)
     target = _linear()
     with pytest.raises(st.SVDAdapterFileError, match=match):
@@ -294,6 +295,8 @@ def test_crafted_payloads_are_refused(tmp_path, case):
     ("scale", "x", "config"),
 ])
 def test_damaged_metadata_values_raise_the_file_error(tmp_path, field, value, match):
+    from svdiff_tools.io import metadata_checksum
+
     model = _linear()
     st.inject_adapter(model, st.SVDAdapterConfig(method="svfit", rank=3, target_modules=["0"],
                                                  svd_driver="randomized"))
@@ -309,6 +312,7 @@ def test_damaged_metadata_values_raise_the_file_error(tmp_path, field, value, ma
     else:
         record[field] = value
     meta["components"] = json.dumps(comps)
+    meta["checksum"] = metadata_checksum(meta)  # re-signed: the value checks are what refuses it
     save_file(tensors, str(path), metadata=meta)
     with pytest.raises(st.SVDAdapterFileError, match=match) as info:
         st.load_adapter(_linear(), path)
