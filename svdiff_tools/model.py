@@ -221,7 +221,11 @@ def build_adapter(plan: PlannedAdapter, config: SVDAdapterConfig, fixed_rank: bo
         raise SVDTargetError(f"module {plan.name} needs {r} components but its decomposition has {S.shape[0]}.")
     out_features = plan.kind.out_features if plan.kind.has_channels_last_bias else None
     method = cls(S[:r].float(), config, out_features, U[:, :r], V[:, :r])
-    method.to(base.weight.device)
+    if any(p.is_meta for p in method.parameters()):  # made under PEFT's low_cpu_mem_usage: loading assigns them
+        for name, buf in list(method.named_buffers(recurse=False)):
+            setattr(method, name, buf.to(base.weight.device))
+    else:
+        method.to(base.weight.device)
     plan.basis_key, plan.basis, plan.method = key, basis, method
 
 

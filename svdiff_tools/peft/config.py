@@ -1,14 +1,42 @@
-"""PEFT configs of the four spectral methods: the fields of `SVDAdapterConfig` as a `PeftConfig`."""
+"""PEFT configs of the four spectral methods: the fields of `SVDAdapterConfig` as a `PeftConfig`.
+
+A saved ``adapter_config.json`` is sealed: ``checksum`` is a blake2b of every field that changes the adapter's effect
+(`SEALED_FIELDS`: this class's fields, ``peft_type`` and ``task_type``), and those fields include
+``base_fingerprints`` and ``tensor_checksums`` (a digest of each tensor of the weights file, recorded when the
+adapter is saved). A config read back with a checksum that does not match is refused; one read from a folder
+without a checksum is refused too (`from_pretrained`). Fields PEFT rewrites on its own (``inference_mode``,
+``base_model_name_or_path``, ``revision``, ``peft_version``) are not sealed: they do not change the effect.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
 
 from ..config import SVDAdapterConfig
+from ..errors import SVDAdapterFileError, SVDConfigError
+
+CONFIG_NAME = "adapter_config.json"
+
+
+def _plain(value):
+    """``value`` as canonical JSON data: enums as their values, sets and tuples as (sorted) lists."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, (set, frozenset)):
+        return sorted(_plain(v) for v in value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -34,12 +62,53 @@ class SVDPeftConfig(PeftConfig):
     svd_dtype: str = field(default="float32")
     forward_mode: str = field(default="auto")
     basis_storage: str = field(default="auto")
+    init_weights: bool = field(default=True)
     base_fingerprints: dict = field(default_factory=dict)
+    tensor_checksums: dict = field(default_factory=dict)
+    checksum: Optional[str] = field(default=None)
     method = ""  # set by the subclasses (not a field: PEFT's config JSON carries peft_type)
 
     def __post_init__(self):
         super().__post_init__()
+        if not isinstance(self.init_weights, bool):
+            raise SVDConfigError(f"init_weights={self.init_weights!r} must be True (the adapter starts as the "
+                                      "base model) or False (a small seeded random delta, for tests).")
         self.core()  # the core validates every field, with its one-sentence errors
+        # A checksum came with the fields: they were read from a file, so they must be exactly what was saved.
+        self._sealed = self.checksum is not None
+        if self._sealed and self.checksum != self.seal():
+            raise SVDAdapterFileError(f"{CONFIG_NAME} fails its checksum (a field such as scale, rank, "
+                                      "target_modules or base_fingerprints was edited, or the file is damaged); "
+                                      "re-save the adapter with save_pretrained or re-download it.")
+
+    def seal(self) -> str:
+        """blake2b of the sealed fields as canonical JSON."""
+        body = {name: _plain(getattr(self, name)) for name in SEALED_FIELDS}
+        return hashlib.blake2b(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(),
+                               digest_size=20).hexdigest()
+
+    def to_dict(self) -> dict:
+        """PEFT's dict of the fields, with ``checksum`` computed now (it is what `save_pretrained` writes)."""
+        out = super().to_dict()
+        out["checksum"] = self.seal()
+        return out
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's loader, plus: the file must carry a checksum that matches, and errors name the file."""
+        where = os.path.join(str(pretrained_model_name_or_path), subfolder or "", CONFIG_NAME)
+        try:
+            config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        except SVDAdapterFileError as exc:
+            message = str(exc)
+            raise SVDAdapterFileError(message.replace(CONFIG_NAME, where, 1) if message.startswith(CONFIG_NAME)
+                                      else f"{where}: {message}") from None
+        if not config._sealed:
+            raise SVDAdapterFileError(f"{where} has no checksum (it was edited, or saved by svdiff-tools 0.1.0, "
+                                      "before PEFT-route adapters were sealed); re-save the adapter with "
+                                      "save_pretrained.")
+        config._source = os.path.dirname(where)
+        return config
 
     def core(self) -> SVDAdapterConfig:
         """The equivalent `SVDAdapterConfig`."""
@@ -98,3 +167,5 @@ class VectorFitConfig(SVDPeftConfig):
 
 
 CONFIGS = {c.method: c for c in (SVDiffConfig, SVFitConfig, SVFTConfig, VectorFitConfig)}
+SEALED_FIELDS = ("peft_type", "task_type") + tuple(f.name for f in fields(SVDPeftConfig)
+                                                  if f.name in SVDPeftConfig.__annotations__ and f.name != "checksum")

@@ -1,4 +1,9 @@
-"""The PEFT tuner models: `BaseTuner`s that replace targeted modules with `SVDTunerLayer`s."""
+"""The PEFT tuner models: `BaseTuner`s that replace targeted modules with `SVDTunerLayer`s.
+
+Besides PEFT's hooks for targets and layers, the tuner seals what it saves and checks what it loads
+(`checks.record_checksums` / `checks.verify_state`, through PEFT's state-dict hooks), and an injection or a load that
+fails takes its adapter out again (`checks.rollback`), so the model is left as it was.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ from typing import Dict
 from peft.tuners.tuners_utils import BaseTuner
 
 from ..targets import PRESETS, resolve_targets
+from .checks import record_checksums, rollback, verify_state
 from .layer import SVDTunerLayer
 
 
@@ -22,6 +28,28 @@ class SVDPeftModel(BaseTuner):
     @staticmethod
     def _prepare_adapter_config(peft_config, model_config):
         return peft_config
+
+    def inject_adapter(self, model, adapter_name, *args, **kwargs):
+        try:
+            return super().inject_adapter(model, adapter_name, *args, **kwargs)
+        except BaseException:
+            rollback(model, adapter_name)
+            raise
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        selected = super()._get_adapter_state_dict(model, config, adapter_name, state_dict, unwanted_adapter_names)
+        record_checksums(config, {cls._remove_adapter_name_from_key(k, adapter_name): v for k, v in selected.items()})
+        return selected
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        try:
+            verify_state(model, config, adapter_name, state_dict)
+        except BaseException:
+            rollback(model, adapter_name)
+            raise
+        return super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
 
     def _check_target_module_exists(self, peft_config, key: str) -> bool:
         targets = peft_config.target_modules
