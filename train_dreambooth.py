@@ -25,6 +25,7 @@ from typing import List
 import torch
 
 from svdiff_tools.training.args import TrainingInputError, parse_args
+from svdiff_tools.training.checkpoints import CheckpointWriteError
 
 logger = logging.getLogger("train_dreambooth")
 
@@ -61,12 +62,15 @@ def prepare_run(args) -> Run:
     from svdiff_tools.training import checkpoints
     from svdiff_tools.training.backends import check_targets, make_backend
     from svdiff_tools.training.base_model import pipeline_class_name, resolve_base, weightless_models
-    from svdiff_tools.training.data import SubjectData, load_captions, load_folder
+    from svdiff_tools.training.data import (SubjectData, load_captions, load_folder, prompt_identifier,
+                                            warn_captions_without)
+    from svdiff_tools.training.validation import check_class_images, class_images_made_by
 
     specs = args.subjects or [None]  # corrupt files fail here, before any model
     ext = args.caption_extension or None
 
     def subject(folder: Path, identifier: str, class_word: str, prompt: str) -> SubjectData:
+        warn_captions_without(folder, ext, identifier or prompt_identifier(prompt, args.class_prompt))
         return SubjectData(load_folder(folder, ext), identifier, class_word, prompt, load_captions(folder, ext, prompt))
 
     subjects = [subject(Path(args.instance_data_dir), "", "", args.instance_prompt) if spec is None
@@ -82,7 +86,10 @@ def prepare_run(args) -> Run:
     except checkpoints.RunConflict as exc:
         raise TrainingInputError(str(exc)) from None
     seed = args.seed if args.seed is not None else 0
-    return Run(args, base, pipeline_cls, sdxl, backend, plan, subjects, seed)
+    run = Run(args, base, pipeline_cls, sdxl, backend, plan, subjects, seed)
+    for folder, prompt in class_image_sets(args, run):  # class images made for another base or prompt: refused
+        check_class_images(folder, class_images_made_by(args, base, prompt))
+    return run
 
 
 def make_accelerator(args):
@@ -158,6 +165,16 @@ def batches(loader, sampler, consumed: int):
 
 # ----------------------------------------------------------------------------------- training
 def train(args) -> int:
+    from svdiff_tools.training.checkpoints import RunConflict, output_lock
+
+    try:  # one run per --output_dir: rank 0 of a launch holds its lock for the whole run
+        with output_lock(Path(args.output_dir), enabled=int(os.environ.get("RANK", "0")) == 0):
+            return _train(args)
+    except RunConflict as exc:
+        raise TrainingInputError(str(exc)) from None
+
+
+def _train(args) -> int:
     run = prepare_run(args)  # bad input fails here, before any model is loaded
     accelerator = make_accelerator(args)
     session = build_session(run, accelerator)
@@ -211,7 +228,7 @@ def build_session(run: Run, accelerator) -> Session:
     from svdiff_tools.training.base_model import PromptEncoder, load_base_models, weight_dtype_of
     from svdiff_tools.training.data import load_folder
     from svdiff_tools.training.loss import DreamBoothLoss
-    from svdiff_tools.training.validation import generate_class_images
+    from svdiff_tools.training.validation import class_images_made_by, generate_class_images
 
     args, backend = run.args, run.backend
     logger.info("%s on %d process(es), device %s, mixed precision %s, base %s", args.method,
@@ -222,7 +239,8 @@ def build_session(run: Run, accelerator) -> Session:
     if accelerator.is_main_process:
         checkpoints.start(run.output_dir, run.plan)
         for folder, prompt in class_sets:
-            generate_class_images(args, run.load_pipeline, accelerator, weight_dtype, folder, prompt)
+            generate_class_images(args, run.load_pipeline, accelerator, weight_dtype, folder, prompt,
+                                  class_images_made_by(args, run.base, prompt))
     accelerator.wait_for_everyone()
     class_items = [(img, prompt) for folder, prompt in class_sets
                    for img in load_folder(folder)[: args.num_class_images]]
@@ -399,7 +417,7 @@ def push_to_hub(args, output_dir: Path) -> None:
 
         repo = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
         upload_folder(repo_id=repo, folder_path=str(output_dir), token=args.hub_token,
-                      ignore_patterns=["checkpoint-*", ".checkpoint-*"])
+                      ignore_patterns=["checkpoint-*", ".checkpoint-*", ".svdiff-tools.lock"])
 
 
 def main(argv=None) -> int:
@@ -412,6 +430,9 @@ def main(argv=None) -> int:
     except TrainingDiverged as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
+    except CheckpointWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":

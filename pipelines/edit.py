@@ -17,6 +17,7 @@ reconstruction, edit). ``--base`` defaults to the embedded toy-world pipeline.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -41,7 +42,18 @@ def parse_args(argv=None):
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="edits")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("steps", "inference_steps"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)} must be at least 1.")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr {args.lr} must be a positive number, e.g. 1e-3.")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        p.error(f"--guidance {args.guidance} must be a finite number of at least 0 (1 = no guidance).")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file; pass a folder for the edited images.")
+    return args
 
 
 def load_pipeline(base):
@@ -53,7 +65,11 @@ def load_pipeline(base):
         if not available():
             raise SystemExit("no --base given and the toy-world pipeline is not shipped; pass --base MODEL.")
         base = pipeline_folder()
-    pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32)
+    except Exception as exc:  # a missing folder, an unreachable hub id, a folder of another kind
+        raise SystemExit(f"error: --base {base} cannot be loaded as a diffusers pipeline ({type(exc).__name__}); "
+                         "pass a local pipeline folder or a reachable hub id.") from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -121,10 +137,13 @@ def edit(pipe, image: Image.Image, prompt: str, edited: str, steps: int = 150, l
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        image = Image.open(args.image).convert("RGB")
-    except OSError as exc:
-        print(f"error: {args.image} cannot be read ({type(exc).__name__}); pass an image file.", file=sys.stderr)
+    from svdiff_tools.training.args import TrainingInputError
+    from svdiff_tools.training.data import open_rgb
+
+    try:  # EXIF rotation, every colour mode, decompression bombs: as the trainer reads images
+        image = open_rgb(Path(args.image))
+    except TrainingInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
     pipe = load_pipeline(args.base)
     result, reconstruction = edit(pipe, image, args.prompt, args.edit, args.steps, args.lr, args.inference_steps,

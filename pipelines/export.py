@@ -23,6 +23,7 @@ import torch
 
 import svdiff_tools as st
 from svdiff_tools.errors import SVDAdapterError
+from svdiff_tools.export import rank_argument
 from svdiff_tools.diffusers.loaders import resolve_adapter_source
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapter", required=True, help="an SVD adapter file or folder")
     p.add_argument("--base", help="base model: hub id or local folder (default: the adapter's recorded base)")
     p.add_argument("--lora", help="write a LoRA file here")
-    p.add_argument("--rank", default=None, help="--lora: exact (default), an int, or an energy fraction in (0, 1]")
+    p.add_argument("--rank", type=rank_argument, default=None,
+                   help="--lora: exact (default, or 0), an int, or an energy fraction in (0, 1]")
     p.add_argument("--key_format", choices=["diffusers", "kohya"], default="diffusers")
     p.add_argument("--fused", help="write the pipeline with the adapter merged into its weights to this folder")
     p.add_argument("--unet_file", help="write the merged denoiser alone as one .safetensors file")
@@ -43,8 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not (args.lora or args.fused or args.unet_file):
         p.error("give at least one of --lora, --fused, --unet_file")
-    if args.rank is not None:
-        args.rank = float(args.rank) if "." in args.rank else int(args.rank)
+    args.rank = args.rank or None  # 0 = exact
     return args
 
 

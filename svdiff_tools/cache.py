@@ -74,8 +74,9 @@ def store(key: str, tensors: Dict[str, torch.Tensor]) -> None:
     try:
         save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
         remove_orphans(path.parent, ORPHAN_AGE_S)
-    except OSError as exc:  # a read-only or full disk only costs speed: say so once per folder
+    except Exception as exc:  # a read-only or full disk (OSError, or safetensors' own error) only costs speed
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         if str(path.parent) not in _warned_unwritable:
             _warned_unwritable.add(str(path.parent))
             logger.warning("could not write SVD cache entries in %s (%s); decompositions will not be reused. "
-                           "Set %s to a writable folder, or to off to silence this.", path.parent, exc, ENV_VAR)
+                           "Set %s to a writable folder, or to off to silence this.", path.parent, reason, ENV_VAR)

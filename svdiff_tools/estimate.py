@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional, Sequence, Union
@@ -27,6 +28,8 @@ from torch import nn
 from . import decomposition as dec
 from .basis import SVDBasis
 from .config import SVDAdapterConfig
+from .errors import SVDAdapterError
+from .model import check_rank_fits
 from .module_kinds import kind_of
 from .targets import norm_modules, resolve_targets
 
@@ -132,7 +135,8 @@ def estimate(model_or_config, config: SVDAdapterConfig, weight_bytes: int = 4) -
         shape = tuple(kind.matrix_shape)
         k = min(shape)
         requested = cls.requested_rank(config)
-        rank = k if requested is None or isinstance(requested, float) else min(int(requested), k)
+        check_rank_fits(requested, shape, name)  # as injection refuses it
+        rank = k if requested is None or isinstance(requested, float) else int(requested)
         bias = kind.out_features if kind.has_channels_last_bias else None
         trainable = cls.trainable_count(rank, bias, config)
         driver = dec.resolve_driver(config.svd_driver, rank if isinstance(requested, int) else None, k)
@@ -163,7 +167,35 @@ def estimate(model_or_config, config: SVDAdapterConfig, weight_bytes: int = 4) -
     return out
 
 
-def main(argv=None) -> None:
+def load_config_source(path) -> dict:
+    """The JSON of a ``config.json`` (or a folder with one), or an `SVDAdapterError` in one sentence."""
+    path = Path(path)
+    path = path / "config.json" if path.is_dir() else path
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SVDAdapterError(f"--config {path} does not exist; pass a model's config.json or its folder.") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SVDAdapterError(f"--config {path} is not readable JSON ({type(exc).__name__}); pass a model's "
+                              "config.json.") from None
+    if not isinstance(data, dict):
+        raise SVDAdapterError(f"--config {path} holds no JSON object; pass a model's config.json.")
+    return data
+
+
+def model_from_config_file(path) -> nn.Module:
+    """`build_model` of a config file, with a one-sentence error for a config no library knows."""
+    data = load_config_source(path)
+    try:
+        return build_model(data)
+    except (ValueError, KeyError, AttributeError, TypeError) as exc:
+        what = data.get("_class_name") or data.get("model_type")
+        raise SVDAdapterError(f"--config {path} describes a model ({what!r}) that neither transformers nor diffusers "
+                              f"can build ({type(exc).__name__}); pass the config.json of a transformers or diffusers "
+                              "model.") from None
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True, help="a config.json (transformers or diffusers) or a folder with one")
     p.add_argument("--method", default="svdiff")
@@ -177,15 +209,20 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     targets = args.target_modules
     if targets and "," in targets:
-        targets = [t.strip() for t in targets.split(",")]
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
     rank: Optional[Union[int, float]] = args.rank
     if rank is not None and float(rank).is_integer() and rank >= 1:
         rank = int(rank)
-    config = SVDAdapterConfig(method=args.method, rank=rank, target_modules=targets, svft_pattern=args.svft_pattern,
-                              svft_offset=args.svft_offset, basis_storage=args.basis_storage,
-                              train_norms=args.train_norms)
-    print(estimate(args.config, config, weight_bytes=2 if args.half else 4))
+    try:
+        config = SVDAdapterConfig(method=args.method, rank=rank, target_modules=targets,
+                                  svft_pattern=args.svft_pattern, svft_offset=args.svft_offset,
+                                  basis_storage=args.basis_storage, train_norms=args.train_norms)
+        print(estimate(model_from_config_file(args.config), config, weight_bytes=2 if args.half else 4))
+    except SVDAdapterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -261,6 +261,28 @@ def as_host(obj) -> Optional[AdapterHost]:
     return None
 
 
+def rank_argument(text: str) -> Union[int, float]:
+    """A command line's LoRA rank: ``"8"`` -> 8, ``"0.99"`` -> 0.99, ``"0"`` -> 0 (exact); anything else (a word,
+    NaN, inf, a negative number, a fraction above 1 such as ``1e9``) raises `argparse.ArgumentTypeError` in one
+    sentence. The argparse ``type=`` of ``--rank`` (pipelines/export.py) and ``--export_lora_rank`` (trainer)."""
+    import argparse
+    import math
+
+    try:
+        value = int(text)
+        if value >= 0:
+            return value
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a LoRA rank: give 0 (exact), a positive int such as 8, "
+                                         "or an energy fraction in (0, 1] such as 0.99.")
+    return value
+
+
 def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, base=None, rank: Optional[int] = None,
                 key_format: str = "diffusers", adapter_name: Optional[str] = None, prefix: Optional[str] = None,
                 dtype: torch.dtype = torch.float32) -> LoRAExportReport:

@@ -114,6 +114,13 @@ def plan_adapters(model: nn.Module, config: SVDAdapterConfig, adapter_name: str,
             for name, module in targets]
 
 
+def check_rank_fits(rank, shape: Tuple[int, int], name: str) -> None:
+    """An int rank above min(out, in) of an out x in matrix is an `SVDTargetError` naming the module."""
+    if isinstance(rank, int) and rank > min(shape):
+        raise SVDTargetError(f"rank {rank} exceeds min(out, in) = {min(shape)} of module {name} (matrix {shape[0]}x"
+                             f"{shape[1]}); lower --rank or exclude that module.")
+
+
 def plan_module(name: str, module: nn.Module, config: SVDAdapterConfig,
                 record: Optional[ModuleRecord] = None) -> PlannedAdapter:
     """One module's plan: its kind, matrix shape, rank and decomposition route (``record``: as a file fixes them)."""
@@ -123,9 +130,7 @@ def plan_module(name: str, module: nn.Module, config: SVDAdapterConfig,
     shape = tuple(kind.matrix(base.weight).shape)
     k = min(shape)
     rank = record.rank if record is not None else cls.requested_rank(config)
-    if isinstance(rank, int) and rank > k:
-        raise SVDTargetError(f"rank {rank} exceeds min(out, in) = {k} of module {name} (matrix {shape[0]}x"
-                             f"{shape[1]}); lower --rank or exclude that module.")
+    check_rank_fits(rank, shape, name)
     if record is not None:
         driver, svd_rank = record.driver, record.svd_rank
     else:

@@ -20,33 +20,7 @@ import svdiff_tools as st
 import svdiff_tools.peft as sp
 from svdiff_tools.peft.layer import SVDTunerLayer
 
-CASES = {
-    "svdiff": dict(),
-    "svfit": dict(rank=3),
-    "svft": dict(svft_pattern="banded", svft_offset=1),
-    "vectorfit": dict(),
-}
-X = torch.randn(5, 12, generator=torch.Generator().manual_seed(3))
-
-
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.query = nn.Linear(12, 12)
-        self.value = nn.Linear(12, 12)
-        self.head = nn.Linear(12, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.query(x)) + self.value(x))
-
-
-def _base(seed=0):
-    torch.manual_seed(seed)
-    return Tiny().eval()
-
-
-def _config(method="svft", **extra):
-    return sp.CONFIGS[method](target_modules=["query", "value"], **{**CASES[method], **extra})
+from test_peft import CASES, X, _base, _config  # the same tiny model and method cases as the route's own tests
 
 
 def _no_tuner_layers(model):
@@ -56,7 +30,7 @@ def _no_tuner_layers(model):
 @pytest.fixture
 def saved(tmp_path):
     """(base, outputs of the adapted model, folder) for a non-identity svft adapter saved through PEFT."""
-    model = get_peft_model(_base(), _config(init_weights=False))
+    model = get_peft_model(_base(), _config("svft", init_weights=False))
     with torch.no_grad():
         out = model(X)
     model.save_pretrained(tmp_path / "good")
@@ -139,7 +113,7 @@ def test_an_edited_adapter_config_is_refused(saved, tmp_path, edit):
 def test_weights_and_config_of_two_saves_do_not_mix(saved, tmp_path):
     """Item 2: the config seals the digests of its own weights file; another save's weights are refused."""
     _, good = saved
-    other = get_peft_model(_base(), _config(init_weights=False, svft_seed=0))
+    other = get_peft_model(_base(), _config("svft", init_weights=False, svft_seed=0))
     with torch.no_grad():
         for p in other.parameters():
             if p.requires_grad:

@@ -152,11 +152,13 @@ def test_class_images_appear_only_when_complete(tmp_path, monkeypatch):
         return save(self, fp, *a, **k)
 
     monkeypatch.setattr(Image.Image, "save", dies_while_writing_the_second)
+    made_by = {"base": "tiny", "prompt": "a toy", "resolution": 8}
     with pytest.raises(KeyboardInterrupt):
-        generate_class_images(args, lambda **_: Pipe(), accelerator, torch.float32, tmp_path, "a toy")
-    assert [p.name for p in tmp_path.iterdir()] == ["class_00000.png"]  # the whole one; nothing else
+        generate_class_images(args, lambda **_: Pipe(), accelerator, torch.float32, tmp_path, "a toy", made_by)
+    # the whole one and the record of what made it; nothing else
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".class_images.json", "class_00000.png"]
     monkeypatch.setattr(Image.Image, "save", save)
-    generate_class_images(args, lambda **_: Pipe(), accelerator, torch.float32, tmp_path, "a toy")
+    generate_class_images(args, lambda **_: Pipe(), accelerator, torch.float32, tmp_path, "a toy", made_by)
     images = list_images(tmp_path)
     assert [p.name for p in images] == [f"class_{i:05d}.png" for i in range(3)]
     assert all(Image.open(p).convert("RGB").size == (8, 8) for p in images)

@@ -38,7 +38,14 @@ def register() -> None:
     """Extend `PeftType` and fill PEFT's mappings for the four methods (idempotent)."""
     from aenum import extend_enum
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.tuners.tuners_utils import BaseTuner
     from peft.utils import PeftType
+
+    if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):  # the hook that checks every loaded file
+        import peft
+
+        raise ImportError(f"svdiff_tools.peft needs peft >= 0.21 (this is {peft.__version__}), whose loading hooks "
+                          "check adapter files: pip install -U peft.")
 
     for method in METHODS:
         name = method.upper()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..config import BASIS_STORAGE, SVFT_PATTERNS
+from ..export import rank_argument
 from ..methods import METHODS, REGISTRY
 from ..targets import PRESETS
 
@@ -32,17 +33,6 @@ def _lr_help() -> str:
 
 class TrainingInputError(ValueError):
     """Bad flags or data, found before any model is loaded."""
-
-
-def _int_or_fraction(text: str):
-    """'8' -> 8, '0.99' -> 0.99 (argparse type)."""
-    try:
-        return int(text)
-    except ValueError:
-        try:
-            return float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is neither a rank nor a fraction") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "the weight has >= 2**18 elements and is not a convolution wider than 1x1 with out > in")
     m.add_argument("--learning_rate_1d", type=float, default=1e-6,
                    help="learning rate of 1-D (norm) deltas; SVDiff paper: 1e-6")
-    m.add_argument("--export_lora_rank", type=_int_or_fraction, default=None,
+    m.add_argument("--export_lora_rank", type=rank_argument, default=None,
                    help="also write pytorch_lora_weights.safetensors: 0 = exact, an int = at most that rank per layer, "
                         "a fraction in (0, 1] = per layer the fewest components holding that share of the delta's "
                         "energy (e.g. 0.99)")
@@ -178,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def list_images(folder: Path) -> List[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files of ``folder`` by name; hidden files (``.DS_Store``, macOS's ``._photo.jpg``, this tool's
+    records) are not images."""
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                  and not p.name.startswith("."))
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -336,6 +329,10 @@ def validate(args: argparse.Namespace) -> None:
             fail("--with_prior_preservation needs --num_class_images of at least 1 (100-200 is usual).")
     out = Path(args.output_dir)
     for parent in [out, *out.parents]:
+        if parent.is_symlink() and not parent.exists():
+            what = "is" if parent == out else f"lies under {parent}, which is"
+            fail(f"--output_dir {out} {what} a symbolic link to a missing folder or a loop of links; point it at a "
+                 "real folder or remove the link.")
         if parent.exists() and not parent.is_dir():
             what = "is a file" if parent == out else f"lies under the file {parent}"
             fail(f"--output_dir {out} {what}; pass a folder path.")
@@ -358,9 +355,6 @@ def validate(args: argparse.Namespace) -> None:
             fail(f"--{name} {rate} must be a positive number, e.g. 1e-3.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         fail("--checkpoints_total_limit must be at least 1.")
-    rank = args.export_lora_rank
-    if rank is not None and (rank < 0 or (isinstance(rank, float) and rank > 1)):
-        fail("--export_lora_rank must be 0 (exact), a positive rank, or an energy fraction in (0, 1].")
     if args.method in METHODS:
         from ..errors import SVDConfigError
 

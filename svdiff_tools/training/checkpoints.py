@@ -13,7 +13,9 @@ is loaded.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
+LOCK_FILE = ".svdiff-tools.lock"
 STATE_FILE = "trainer_state.json"
 RUN_FILE = "run.json"
 ADAPTER_STATE = "adapter_state.safetensors"
@@ -40,6 +44,65 @@ OPERATIONAL_FLAGS = frozenset({
 
 class RunConflict(ValueError):
     """The output folder or checkpoint does not fit this command line (one sentence says what to do)."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (a full disk, most often); the previous checkpoints are intact."""
+
+
+def no_space(exc: BaseException, folder: Path) -> bool:
+    """Whether ``exc`` (or its cause) is a full disk: ENOSPC, the message of a C++ stream that ran out of room
+    (torch's ``basic_ios::clear: iostream error``, safetensors' write error), with under 1 MiB left in ``folder``."""
+    import errno
+
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(folder).free < 2**20
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path, enabled: bool = True):
+    """Hold ``<output_dir>/.svdiff-tools.lock`` exclusively (``fcntl.flock``) for the block: a second run on the same
+    folder is refused with `RunConflict` naming the holder's PID. The kernel drops the lock of a process that dies
+    (kill -9 included), so a stale lock is simply taken over (logged). A folder the lock had to create is removed
+    again if the block leaves nothing else in it (a refused run leaves no output). ``enabled=False``: a no-op (the
+    other ranks of a multi-process run; rank 0 holds the lock for all)."""
+    import fcntl
+
+    if not enabled:
+        yield
+        return
+    output_dir = Path(output_dir)
+    created = not output_dir.exists()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / LOCK_FILE, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            raise RunConflict(f"{output_dir} is in use by another training run (PID {holder}); wait for it to finish "
+                              "or choose another --output_dir.") from None
+        handle.seek(0)
+        previous = handle.read().strip()
+        if previous and previous != str(os.getpid()):
+            logger.warning("took over %s from PID %s, which no longer runs", output_dir / LOCK_FILE, previous)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()  # releases the lock; the file stays (removing it would race with a waiting opener)
+        if created and output_dir.is_dir() and {p.name for p in output_dir.iterdir()} <= {LOCK_FILE}:
+            shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def run_config(args) -> dict:
@@ -112,11 +175,14 @@ def _has_results(output_dir: Path) -> bool:
 
 
 def _read_run(output_dir: Path) -> Optional[dict]:
+    """run.json, or None when it is absent or not what this trainer writes (an id and a config object)."""
     try:
-        run = json.loads((output_dir / RUN_FILE).read_text())
+        run = json.loads((output_dir / RUN_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return run if isinstance(run, dict) and isinstance(run.get("run_id"), str) else None
+    if not (isinstance(run, dict) and isinstance(run.get("run_id"), str) and isinstance(run.get("config"), dict)):
+        return None
+    return run
 
 
 @dataclass
@@ -134,6 +200,9 @@ def plan_run(output_dir: Path, config: dict, resume: Optional[str], overwrite: b
     `RunConflict` when the folder holds another run's results or the checkpoint another configuration."""
     output_dir = Path(output_dir)
     current = _read_run(output_dir)
+    if current is None and (output_dir / RUN_FILE).exists() and not overwrite:
+        raise RunConflict(f"{output_dir / RUN_FILE} (which run owns this folder) is unreadable, damaged or edited; "
+                          "pass --overwrite_output_dir to start a new run there, or choose another --output_dir.")
     if resume and resume != "latest":
         path = Path(resume)
         path = path if path.is_dir() else output_dir / path
@@ -201,15 +270,27 @@ def save(output_dir: Path, step: int, accelerator, state: dict,
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".checkpoint-{step}.tmp"
     main = accelerator.is_main_process
-    if main:
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        if main:
+            for name, tensors in (tensor_files or {}).items():
+                save_file(tensors, str(tmp / name))
+            (tmp / STATE_FILE).write_text(json.dumps(dict(state, global_step=step, run_id=run_id), indent=2))
+    except Exception as exc:  # OSError, torch's RuntimeError, SafetensorError: the kept checkpoints are intact
+        full = no_space(exc, output_dir)
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+        kept = checkpoints(output_dir, run_id)
+        last = f"{kept[-1][1].name}" if kept else "none (no checkpoint was written yet)"
+        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        what = "no space left on the device" if full else f"could not write ({reason})"
+        raise CheckpointWriteError(f"{what} writing checkpoint-{step} in {output_dir}; the last good checkpoint is "
+                                   f"{last}: free space (or fix the folder) and rerun with --resume_from_checkpoint "
+                                   "latest.") from None
     if main:
-        for name, tensors in (tensor_files or {}).items():
-            save_file(tensors, str(tmp / name))
-        (tmp / STATE_FILE).write_text(json.dumps(dict(state, global_step=step, run_id=run_id), indent=2))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -9,6 +9,7 @@ flipped, then scaled to [-1, 1]. Random crops and flips and the sample order dep
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -44,7 +45,7 @@ def open_rgb(path: Path) -> Image.Image:
 def load_folder(folder: Path, caption_extension: Optional[str] = None) -> List[Image.Image]:
     """Every image of a folder; other files (but ``caption_extension`` ones) are skipped with a warning."""
     others = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() not in IMAGE_SUFFIXES
-                    and not (caption_extension and p.name.endswith(caption_extension)))
+                    and not p.name.startswith(".") and not (caption_extension and p.name.endswith(caption_extension)))
     if others:
         logger.warning("skipping %d non-image files in %s: %s", len(others), folder, ", ".join(others[:5]))
     return [open_rgb(p) for p in list_images(folder)]
@@ -69,6 +70,41 @@ def load_captions(folder: Path, caption_extension: Optional[str], default: str) 
                                      f"'{default}') or delete it.")
         prompts.append(text)
     return prompts
+
+
+_ARTICLES = ("a", "an", "the")
+
+
+def prompt_identifier(instance_prompt: str, class_prompt: Optional[str] = None) -> Optional[str]:
+    """The rare identifier of a DreamBooth prompt: the one word of ``instance_prompt`` that ``class_prompt`` lacks
+    ("a photo of sks dog" against "a photo of a dog": "sks"), else the word after "of" in DreamBooth's form "... of
+    <identifier> <class>"; None when neither applies."""
+    words = re.findall(r"[\w-]+", instance_prompt.lower())
+    if class_prompt:
+        known = set(re.findall(r"[\w-]+", class_prompt.lower()))
+        extra = [w for w in words if w not in known and w not in _ARTICLES]
+        if len(extra) == 1:
+            return extra[0]
+    match = re.search(r"\bof\s+([\w-]+)\s+[\w-]+\s*$", instance_prompt.lower())
+    return match.group(1) if match and match.group(1) not in _ARTICLES else None
+
+
+def warn_captions_without(folder: Path, caption_extension: Optional[str], identifier: Optional[str]) -> None:
+    """One warning naming the caption files whose text lacks ``identifier`` (e.g. a ``zwx`` caption in a ``sks``
+    run): their images would teach the subject under other words."""
+    if not identifier or not caption_extension:
+        return
+    odd = []
+    for image in list_images(folder):
+        path = image.with_name(image.stem + caption_extension)
+        if path.is_file():
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if identifier not in re.findall(r"[\w-]+", text.lower()):
+                odd.append((path.name, " ".join(text.split())[:60]))
+    if odd:
+        logger.warning("%d caption file(s) in %s do not name the identifier %r (%s): their images train the subject "
+                       "under other words; add %r to them or delete them.", len(odd), folder, identifier,
+                       "; ".join(f"{n}: {t!r}" for n, t in odd[:3]) + (" ..." if len(odd) > 3 else ""), identifier)
 
 
 def to_tensor(img: Image.Image, resolution: int, center_crop: bool, random_flip: bool,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import shlex
 import sys
 from pathlib import Path
@@ -10,13 +12,54 @@ from typing import Optional
 import torch
 
 from ..atomic import remove_orphans, save_image, write_text
-from .args import list_images
+from .args import TrainingInputError, list_images
+
+logger = logging.getLogger(__name__)
 
 
-def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder: Path, prompt: str) -> None:
-    """Top up ``folder`` to --num_class_images images of ``prompt`` with the base model (never regenerates). Each
-    image appears only when complete (an interrupted run leaves no truncated PNG for the next to count and read;
-    runs sharing the folder write whole files)."""
+CLASS_RECORD = ".class_images.json"
+
+
+def class_images_made_by(args, base: str, prompt: str) -> dict:
+    """What makes class images, as recorded beside them: the base model (a local folder as its absolute path),
+    its revision and variant, the class prompt and the resolution."""
+    local = Path(base).expanduser()
+    return {"base": str(local.resolve()) if local.exists() else base, "revision": args.revision,
+            "variant": args.variant, "prompt": prompt, "resolution": args.resolution}
+
+
+def check_class_images(folder: Path, made_by: dict) -> None:
+    """Refuse a class-image folder whose record (``.class_images.json``) names another base model, revision,
+    variant, prompt or resolution than this run's; warn once when images are there without a record (the user's
+    own photos, or made by an older svdiff-tools): prior preservation then trusts them as they are."""
+    folder = Path(folder)
+    record = folder / CLASS_RECORD
+    if record.is_file():
+        try:
+            recorded = json.loads(record.read_text(encoding="utf-8"))["made_by"]
+            assert isinstance(recorded, dict)
+        except Exception:
+            raise TrainingInputError(f"{record} (what made the class images in {folder}) is unreadable; delete that "
+                                     "folder to have the class images regenerated, or pass another "
+                                     "--class_data_dir.") from None
+        for key, value in made_by.items():
+            if recorded.get(key) != value:
+                raise TrainingInputError(f"--class_data_dir {folder} holds class images made with another {key} "
+                                         f"({recorded.get(key)!r}; this run: {value!r}), which would train the prior "
+                                         "on the wrong images; pass another --class_data_dir, or empty that folder "
+                                         "to have them regenerated.")
+    elif folder.is_dir() and list_images(folder):
+        logger.warning("%d class images in %s carry no record of what made them (your own photos, or made by an "
+                       "older svdiff-tools); prior preservation uses them as images of %r. Empty the folder to have "
+                       "them regenerated with a record.", len(list_images(folder)), folder, made_by["prompt"])
+
+
+def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder: Path, prompt: str,
+                          made_by: dict) -> None:
+    """Top up ``folder`` to --num_class_images images of ``prompt`` with the base model (never regenerates) and
+    record ``made_by`` beside them (`check_class_images` reads it). Each image appears only when complete (an
+    interrupted run leaves no truncated PNG for the next to count and read; runs sharing the folder write whole
+    files)."""
     from tqdm.auto import tqdm
 
     folder = Path(folder)
@@ -25,6 +68,9 @@ def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder
     missing = args.num_class_images - len(list_images(folder))
     if missing <= 0:
         return
+    if not (folder / CLASS_RECORD).is_file():
+        write_text(folder / CLASS_RECORD, json.dumps({"made_by": made_by, "unrecorded_images": len(
+            list_images(folder))}, indent=2, sort_keys=True))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
         args.prior_generation_precision, weight_dtype)
     pipe = load_pipeline(torch_dtype=dtype)
