@@ -54,10 +54,14 @@ def checksums(tensors: Dict[str, torch.Tensor]) -> str:
     return json.dumps({k: weight_digest(v) for k, v in sorted(tensors.items())}, sort_keys=True)
 
 
+def json_digest(data) -> str:
+    """blake2b of ``data`` (JSON-serialisable) as canonical JSON: sorted keys, no spaces."""
+    return hashlib.blake2b(json.dumps(data, sort_keys=True, separators=(",", ":")).encode(), digest_size=20).hexdigest()
+
+
 def metadata_checksum(metadata: Dict[str, str]) -> str:
-    """blake2b of every metadata entry but ``checksum`` itself, as canonical JSON (sorted keys, no spaces)."""
-    body = json.dumps({k: v for k, v in metadata.items() if k != "checksum"}, sort_keys=True, separators=(",", ":"))
-    return hashlib.blake2b(body.encode(), digest_size=20).hexdigest()
+    """`json_digest` of every metadata entry but ``checksum`` itself."""
+    return json_digest({k: v for k, v in metadata.items() if k != "checksum"})
 
 
 def component_state(model: nn.Module, adapter_name: str = "default") -> Tuple[Dict[str, torch.Tensor], dict]:

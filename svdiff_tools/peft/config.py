@@ -10,8 +10,6 @@ without a checksum is refused too (`from_pretrained`). Fields PEFT rewrites on i
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -22,6 +20,7 @@ from peft.utils import PeftType
 
 from ..config import SVDAdapterConfig
 from ..errors import SVDAdapterFileError, SVDConfigError
+from ..io import json_digest
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -82,10 +81,8 @@ class SVDPeftConfig(PeftConfig):
                                       "re-save the adapter with save_pretrained or re-download it.")
 
     def seal(self) -> str:
-        """blake2b of the sealed fields as canonical JSON."""
-        body = {name: _plain(getattr(self, name)) for name in SEALED_FIELDS}
-        return hashlib.blake2b(json.dumps(body, sort_keys=True, separators=(",", ":")).encode(),
-                               digest_size=20).hexdigest()
+        """`io.json_digest` of the sealed fields."""
+        return json_digest({name: _plain(getattr(self, name)) for name in SEALED_FIELDS})
 
     def to_dict(self) -> dict:
         """PEFT's dict of the fields, with ``checksum`` computed now (it is what `save_pretrained` writes)."""
