@@ -81,6 +81,7 @@ def rank_table(adapter: str, base: str, prompt: str, seeds: int):
     from diffusers import DiffusionPipeline
 
     import svdiff_tools as st
+    import svdiff_tools.diffusers  # noqa: F401  (pipe.load_svd_adapter)
 
     pipe = DiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

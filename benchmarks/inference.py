@@ -16,6 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import svdiff_tools as st  # noqa: E402
+import svdiff_tools.diffusers  # noqa: E402,F401  (pipe.fuse_svd_adapter)
 from common import measure, table  # noqa: E402
 
 

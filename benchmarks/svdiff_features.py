@@ -133,6 +133,7 @@ def two_subject_prompt(subjects) -> str:
 
 # ----------------------------------------------------------------------------------- measurements
 def measure_two_subjects(pipe, reader, subjects, files, args) -> tuple:
+    import svdiff_tools.diffusers  # noqa: F401  (pipe.load_svd_adapter, set_svd_adapters)
     from svdiff_tools.toyworld.gate import generate
 
     prompt = two_subject_prompt(subjects)

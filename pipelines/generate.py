@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-import svdiff_tools  # noqa: F401  (adds pipe.load_svd_adapter and friends)
+import svdiff_tools.diffusers  # noqa: F401  (adds pipe.load_svd_adapter and friends)
 from svdiff_tools.atomic import save_image
 from svdiff_tools.errors import SVDAdapterError
 from svdiff_tools.training.images import labelled_grid

@@ -2,6 +2,10 @@
 
 Every method is ``W' = W + scale * U_S M V_S^T`` over the thin SVD ``W = U diag(sigma) V^T`` of each
 adapted weight, with a structured middle matrix ``M`` (see the README for the per-method table).
+
+Importing this package patches nothing and imports neither diffusers nor PEFT. The integrations are explicit
+opt-ins: ``import svdiff_tools.diffusers`` adds ``pipe.load_svd_adapter(...)`` and its companions to diffusers'
+pipelines; ``import svdiff_tools.peft`` registers the methods with PEFT.
 """
 
 from .version import __version__  # noqa: F401  (public)
@@ -27,7 +31,3 @@ __all__ = [
     "print_trainable_parameters", "remove_adapter", "save_adapter", "set_active_adapters", "set_adapter_scale",
     "unmerge_adapter",
 ]
-
-from .diffusers import install_when_imported as _install_when_imported
-
-_install_when_imported()  # pipe.load_svd_adapter(...) and friends once diffusers' pipelines are imported

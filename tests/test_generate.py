@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 import svdiff_tools as st
+import svdiff_tools.diffusers  # noqa: F401  (the pipeline verbs)
 from svdiff_tools.training.tiny import tiny_pipeline_path
 
 from reference import randomize_adapter

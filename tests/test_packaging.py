@@ -1,5 +1,6 @@
-"""The layout the architecture promises: the core never imports diffusers or the integration packages, and
-`import svdiff_tools` works without diffusers while pipelines still get the loader methods when it is there."""
+"""The layout the architecture promises: the core never imports diffusers or the integration packages,
+`import svdiff_tools` works without diffusers and patches nothing, and `import svdiff_tools.diffusers` (the explicit
+opt-in) gives pipelines the loader methods."""
 
 import ast
 import subprocess
@@ -61,18 +62,32 @@ def test_import_works_without_diffusers(tmp_path):
     assert out.strip() == "ok ['diffusers']"  # only the None placeholder
 
 
+def test_import_svdiff_tools_patches_nothing():
+    """Issue 32, item 4: importing the core leaves `sys.meta_path` and diffusers' pipelines as they were."""
+    out = _run("""
+        import sys
+        import svdiff_tools
+        ours = [f for f in sys.meta_path if type(f).__module__.startswith("svdiff_tools")]
+        from diffusers import DiffusionPipeline, StableDiffusionPipeline
+        print(not ours, hasattr(DiffusionPipeline, "load_svd_adapter"),
+              hasattr(StableDiffusionPipeline, "fuse_svd_adapter"))
+    """)
+    assert out.strip() == "True False False"
+
+
 @pytest.mark.parametrize("order", ["svdiff_tools_first", "diffusers_first"])
-def test_pipelines_get_the_loader_methods_in_either_import_order(order):
-    first, second = ("svdiff_tools", "diffusers") if order == "svdiff_tools_first" else ("diffusers", "svdiff_tools")
+def test_import_svdiff_tools_diffusers_adds_the_loader_methods_in_either_order(order):
+    first, second = ("svdiff_tools.diffusers", "diffusers") if order == "svdiff_tools_first" else (
+        "diffusers", "svdiff_tools.diffusers")
     out = _run(f"""
         import sys
         import {first}
-        assert "diffusers.pipelines.pipeline_utils" not in sys.modules or "{first}" == "diffusers"
         import {second}
         from diffusers import StableDiffusionPipeline, DiffusionPipeline
-        print(hasattr(StableDiffusionPipeline, "load_svd_adapter"), hasattr(DiffusionPipeline, "fuse_svd_adapter"))
+        print(hasattr(StableDiffusionPipeline, "load_svd_adapter"), hasattr(DiffusionPipeline, "fuse_svd_adapter"),
+              not [f for f in sys.meta_path if type(f).__module__.startswith("svdiff_tools")])
     """)
-    assert out.strip() == "True True"
+    assert out.strip() == "True True True"
 
 
 def test_import_svdiff_tools_does_not_import_diffusers():

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import svdiff_tools as st
+import svdiff_tools.diffusers  # noqa: F401  (the pipeline verbs)
 from svdiff_tools.training.data import CUTMIX_OBJECT_SIZE, DreamBoothDataset, SubjectData, cutmix, mixed_prompt
 from svdiff_tools.training.tiny import tiny_pipeline, tiny_pipeline_path
 from svdiff_tools.training.unmix import UnmixRecorder, identifier_positions, install

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-import svdiff_tools  # noqa: F401
+import svdiff_tools.diffusers  # noqa: F401  (pipe.load_svd_adapter)
 from svdiff_tools.training.tiny import tiny_pipeline_path
 from svdiff_tools.training.args import EXAMPLE_DATA
 from svdiff_tools.training.data import open_rgb

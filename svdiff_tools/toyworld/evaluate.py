@@ -139,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     from diffusers import StableDiffusionPipeline
 
-    import svdiff_tools  # noqa: F401  (load_svd_adapter)
+    import svdiff_tools.diffusers  # noqa: F401  (load_svd_adapter)
 
     from . import dreambooth
     from .assets import pipeline_path

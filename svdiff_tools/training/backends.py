@@ -15,6 +15,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from .. import diffusers as _pipeline_verbs  # noqa: F401  (pipe.load_svd_adapter; export_lora of a pipeline)
 from .args import PEFT_METHODS, TrainingInputError, spectral_config
 
 LORA_FILE = "pytorch_lora_weights.safetensors"

@@ -55,7 +55,7 @@ def write_model_card(output_dir: Path, *, base_model: str, method: str, trainabl
                   "metric network (nearest neighbour among renders of the subject and of other toys).", ""]
         lines += report_lines(report)
     load = EMBEDDED_LOAD.get(embedded, [f'pipe = DiffusionPipeline.from_pretrained("{base_model}")'])
-    lines += ["", "## Use", "", "```python", "import svdiff_tools  # adds load_svd_adapter to diffusers pipelines",
+    lines += ["", "## Use", "", "```python", "import svdiff_tools.diffusers  # adds load_svd_adapter to diffusers pipelines",
               "from diffusers import DiffusionPipeline", *load,
               *([f'pipe.unet = type(pipe.unet).from_pretrained("{adapter_file}")'] if method == "full" else
                 [f'pipe.load_svd_adapter("{adapter_file}")']),

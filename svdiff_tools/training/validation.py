@@ -162,7 +162,7 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
     import json
     import logging
 
-    import svdiff_tools  # noqa: F401  (the loader methods)
+    import svdiff_tools.diffusers  # noqa: F401  (the loader methods)
 
     from .card import write_model_card
     from .images import labelled_grid
