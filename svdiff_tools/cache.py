@@ -18,6 +18,7 @@ from typing import Dict, Optional
 import torch
 
 from .atomic import remove_orphans, save_safetensors
+from .errors import first_line
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def load(key: str) -> Optional[Dict[str, torch.Tensor]]:
     try:
         return load_bytes(path.read_bytes())
     except Exception as exc:  # a corrupt entry is never fatal: recompute it
-        logger.warning("ignoring unreadable SVD cache entry %s (%s)", path, str(exc).splitlines()[0][:120])
+        logger.warning("ignoring unreadable SVD cache entry %s (%s)", path, first_line(exc, 120))
         return None
 
 
@@ -75,7 +76,7 @@ def store(key: str, tensors: Dict[str, torch.Tensor]) -> None:
         save_safetensors({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, path)
         remove_orphans(path.parent, ORPHAN_AGE_S)
     except Exception as exc:  # a read-only or full disk (OSError, or safetensors' own error) only costs speed
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         if str(path.parent) not in _warned_unwritable:
             _warned_unwritable.add(str(path.parent))
             logger.warning("could not write SVD cache entries in %s (%s); decompositions will not be reused. "

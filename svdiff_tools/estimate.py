@@ -107,9 +107,7 @@ def build_model(source) -> nn.Module:
     if isinstance(source, nn.Module):
         return source
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        path = path / "config.json" if path.is_dir() else path
-        source = json.loads(path.read_text())
+        source = load_config_source(source)
     if isinstance(source, dict) and "_class_name" in source:
         # a diffusers model config names its class; the core imports the library the file names (as diffusers'
         # own model_index.json loading does), so it never depends on diffusers itself

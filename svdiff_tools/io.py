@@ -33,7 +33,7 @@ from . import decomposition as dec
 from .atomic import save_safetensors
 from .cache import weight_digest
 from .config import SVDAdapterConfig
-from .errors import SVDAdapterError, SVDAdapterFileError
+from .errors import SVDAdapterError, SVDAdapterFileError, first_line
 from .fingerprint import fingerprint, mismatch
 from .layer import NormDeltaLayer, SVDLayer
 from .model import (ModuleRecord, PlannedAdapter, adapter_configs, adapter_layers, adapter_parameters,
@@ -155,7 +155,7 @@ def read_adapter_file(path: Union[str, os.PathLike]) -> Tuple[Dict[str, torch.Te
             metadata = dict(f.metadata() or {})
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:
-        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        reason = first_line(exc)
         raise SVDAdapterFileError(
             f"{path} is not a readable safetensors file ({reason}); it may be truncated, corrupt or in another "
             "format: re-save or re-download it."

@@ -26,7 +26,7 @@ from typing import Dict, Iterable, List, Optional, Union
 
 
 from ..config import check_scale
-from ..errors import SVDAdapterError, SVDAdapterFileError
+from ..errors import SVDAdapterError, SVDAdapterFileError, first_line
 from ..io import (DEFAULT_WEIGHT_NAME, component_state, parse_components, prepare_load, read_adapter_file,
                  resolve_path, write_adapter_file)
 from . import call_scale
@@ -49,7 +49,7 @@ def resolve_adapter_source(source: Union[str, os.PathLike], weight_name: Optiona
 
         return Path(hf_hub_download(text, name, **hub_kwargs))
     except Exception as exc:
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        reason = first_line(exc, 120)
         raise SVDAdapterFileError(f"{source} is neither a local file or folder nor a reachable Hub repo with {name} "
                                   f"({reason}); check the path or repo id.") from None
 

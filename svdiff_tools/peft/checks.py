@@ -47,7 +47,7 @@ def verify_state(model: nn.Module, config, adapter_name: str, state_dict: Dict[s
     """Refuse ``state_dict`` (as read from the weights file) for ``adapter_name`` unless it is intact and fits."""
     where = getattr(config, "_source", None) or "the PEFT adapter being loaded"
     tensors = {file_key(k): v for k, v in state_dict.items()}
-    expected = set()
+    expected, prefix_marks = set(), set()
     for name, layer in _tuner_layers(model, adapter_name):
         name = file_key(name)
         method = layer.core.svd_adapters[adapter_name]
@@ -58,7 +58,7 @@ def verify_state(model: nn.Module, config, adapter_name: str, state_dict: Dict[s
                                       "is damaged or belongs to another config: re-save the adapter.")
         check_method_state(where, f"{name}.{layer.prefix}adapters", method, {t: tensors[k] for t, k in keys.items()})
         expected |= set(keys.values())
-    prefix_marks = {f".{layer.prefix}adapters." for _, layer in _tuner_layers(model, adapter_name)}
+        prefix_marks.add(f".{layer.prefix}adapters.")
     stray = sorted(k for k in tensors if k not in expected and any(m in k for m in prefix_marks))
     if stray:
         raise SVDAdapterFileError(f"{where} holds tensor {stray[0]} that belongs to no adapted module; the file is "

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from ..errors import first_line
+
 logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LOCK_FILE = ".svdiff-tools.lock"
@@ -51,8 +53,8 @@ class CheckpointWriteError(RuntimeError):
 
 
 def no_space(exc: BaseException, folder: Path) -> bool:
-    """Whether ``exc`` (or its cause) is a full disk: ENOSPC, the message of a C++ stream that ran out of room
-    (torch's ``basic_ios::clear: iostream error``, safetensors' write error), with under 1 MiB left in ``folder``."""
+    """Whether ``exc`` is a full disk: ENOSPC or EDQUOT on it or its causes, or, for the errors that carry no errno
+    (torch's ``basic_ios::clear: iostream error``, safetensors' write error), under 1 MiB left in ``folder``."""
     import errno
 
     seen = exc
@@ -285,7 +287,7 @@ def save(output_dir: Path, step: int, accelerator, state: dict,
         shutil.rmtree(tmp, ignore_errors=True)
         kept = checkpoints(output_dir, run_id)
         last = f"{kept[-1][1].name}" if kept else "none (no checkpoint was written yet)"
-        reason = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        reason = first_line(exc, 120)
         what = "no space left on the device" if full else f"could not write ({reason})"
         raise CheckpointWriteError(f"{what} writing checkpoint-{step} in {output_dir}; the last good checkpoint is "
                                    f"{last}: free space (or fix the folder) and rerun with --resume_from_checkpoint "

@@ -37,8 +37,9 @@ def check_class_images(folder: Path, made_by: dict) -> None:
     if record.is_file():
         try:
             recorded = json.loads(record.read_text(encoding="utf-8"))["made_by"]
-            assert isinstance(recorded, dict)
         except Exception:
+            recorded = None
+        if not isinstance(recorded, dict):
             raise TrainingInputError(f"{record} (what made the class images in {folder}) is unreadable; delete that "
                                      "folder to have the class images regenerated, or pass another "
                                      "--class_data_dir.") from None
@@ -48,10 +49,10 @@ def check_class_images(folder: Path, made_by: dict) -> None:
                                          f"({recorded.get(key)!r}; this run: {value!r}), which would train the prior "
                                          "on the wrong images; pass another --class_data_dir, or empty that folder "
                                          "to have them regenerated.")
-    elif folder.is_dir() and list_images(folder):
+    elif folder.is_dir() and (images := list_images(folder)):
         logger.warning("%d class images in %s carry no record of what made them (your own photos, or made by an "
                        "older svdiff-tools); prior preservation uses them as images of %r. Empty the folder to have "
-                       "them regenerated with a record.", len(list_images(folder)), folder, made_by["prompt"])
+                       "them regenerated with a record.", len(images), folder, made_by["prompt"])
 
 
 def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder: Path, prompt: str,
@@ -159,9 +160,6 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
                          load_pipeline, captioned: Optional[int] = None) -> Path:
     """Reload the saved adapter into a fresh base pipeline, render the final images, measure the subject on the
     toy world (embedded default), write the model card."""
-    import json
-    import logging
-
     import svdiff_tools.diffusers  # noqa: F401  (the loader methods)
 
     from .card import write_model_card
