@@ -27,7 +27,7 @@ def build_unet(config: str, device: str, dtype: torch.dtype, seed: int = 0):
 
     torch.manual_seed(seed)
     if config == "tiny":
-        from svdiff_tools.training.tiny import tiny_pipeline
+        from svdiff_trainer.tiny import tiny_pipeline
 
         unet = tiny_pipeline("sd15").unet
     else:

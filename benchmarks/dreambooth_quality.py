@@ -98,8 +98,8 @@ class Subject:
 
 
 def shipped_subjects(names: List[str]) -> List[Subject]:
-    from svdiff_tools.toyworld.assets import DATA
-    from svdiff_tools.toyworld.world import SUBJECTS
+    from svdiff_toyworld.assets import DATA
+    from svdiff_toyworld.world import SUBJECTS
 
     return [Subject(n, DATA / "subjects" / n, SUBJECTS[n].identifier, SUBJECTS[n].class_word, None, SUBJECTS[n])
             for n in names]
@@ -107,7 +107,7 @@ def shipped_subjects(names: List[str]) -> List[Subject]:
 
 # ----------------------------------------------------------------------------------- training runs
 def list_class_images(folder: Path) -> list:
-    from svdiff_tools.training.args import list_images
+    from svdiff_trainer.args import list_images
 
     return list_images(folder) if folder.is_dir() else []
 
@@ -133,7 +133,7 @@ def train(subject: Subject, row: str, seed: int, steps: int, out: Path, class_di
            "--validation_prompts", *prompts, "--seed", str(seed), "--validation_seed", str(args.seed0),
            "--output_dir", str(folder),
            "--overwrite_output_dir"]
-    from svdiff_tools.toyworld.dreambooth import GUIDANCE
+    from svdiff_toyworld.preset import GUIDANCE
 
     cmd += ["--guidance_scale", str(GUIDANCE), "--num_inference_steps", str(args.inference_steps)]
     if args.base:
@@ -169,8 +169,8 @@ def trainable_count(folder: Path) -> int:
 def load_images(folder: Path, step: int, k: int, n: int) -> torch.Tensor:
     from PIL import Image
 
-    from svdiff_tools.toyworld.metric import pil_to_tensor
-    from svdiff_tools.training.validation import validation_image_name
+    from svdiff_toyworld.metric import pil_to_tensor
+    from svdiff_trainer.validation import validation_image_name
 
     names = [folder / "validation" / validation_image_name(step, k, i) for i in range(n)]
     return pil_to_tensor([Image.open(p) for p in names])
@@ -226,7 +226,7 @@ def final_strip(folder: Path, step: int, n_prompts: int):
     """The first validation image of every prompt at ``step``, side by side (64 px each)."""
     from PIL import Image
 
-    from svdiff_tools.training.validation import validation_image_name
+    from svdiff_trainer.validation import validation_image_name
 
     images = [Image.open(folder / "validation" / validation_image_name(step, k, 0)).convert("RGB").resize((64, 64))
               for k in range(n_prompts)]
@@ -251,10 +251,10 @@ def base_scores(net, identifier, subject: Subject, args, out: Path) -> dict:
     if cache.is_file():
         images = torch.load(cache, weights_only=True)
     else:
-        from svdiff_tools.toyworld.gate import generate
+        from svdiff_toyworld.gate import generate
 
         pipe = load_base(args)
-        from svdiff_tools.toyworld.dreambooth import GUIDANCE
+        from svdiff_toyworld.preset import GUIDANCE
 
         images = {k: generate(pipe, [p], range(args.seed0, args.seed0 + args.images), args.inference_steps, GUIDANCE)
                   for k, p in subject.prompts().items()}
@@ -271,7 +271,7 @@ def base_scores(net, identifier, subject: Subject, args, out: Path) -> dict:
 def load_base(args):
     from diffusers import DiffusionPipeline
 
-    from svdiff_tools.toyworld.dreambooth import pipeline_folder
+    from svdiff_toyworld.preset import pipeline_folder
 
     pipe = DiffusionPipeline.from_pretrained(args.base or pipeline_folder(), torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -285,8 +285,8 @@ def cost_rows(rows: List[str], args) -> dict:
     import train_step
     from common import cpu_peak_gib, measure
 
-    from svdiff_tools.training.args import parse_args
-    from svdiff_tools.training.backends import make_backend
+    from svdiff_trainer.args import parse_args
+    from svdiff_trainer.backends import make_backend
 
     base = load_base(args).unet.eval().requires_grad_(False)
     cfg = base.config
@@ -305,7 +305,7 @@ def cost_rows(rows: List[str], args) -> dict:
     run("frozen floor", base, [], floor=True)
     for row in rows:
         flags = ROWS[row] + ["--pretrained_model_name_or_path", "unused", "--instance_data_dir",
-                             str(ROOT / "svdiff_tools" / "data" / "example_subject"), "--instance_prompt", "x"]
+                             str(ROOT / "trainer" / "svdiff_trainer" / "data" / "example_subject"), "--instance_prompt", "x"]
         targs = parse_args(flags)
         unet = copy.deepcopy(base)
         backend = make_backend(targs)
@@ -464,7 +464,7 @@ def curves_png(results: dict, rows: List[str], path: Path) -> None:
 def grid_png(subject: Subject, rows: List[str], out: Path, args, seed: int) -> None:
     from PIL import Image
 
-    from svdiff_tools.training.images import labelled_grid
+    from svdiff_trainer.images import labelled_grid
 
     prompts = list(subject.prompts())
     grid_rows, labels = [], []
@@ -481,8 +481,8 @@ def grid_png(subject: Subject, rows: List[str], out: Path, args, seed: int) -> N
 
 def check_flags(args, rows: List[str]) -> None:
     """A bad flag stops the run before anything loads, with one line that says what to give."""
-    from svdiff_tools.toyworld.world import SUBJECTS
-    from svdiff_tools.training.args import list_images
+    from svdiff_toyworld.world import SUBJECTS
+    from svdiff_trainer.args import list_images
 
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -505,7 +505,7 @@ def check_flags(args, rows: List[str]) -> None:
                              "(or --subject DIR --class_word WORD for your own)")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--quick", action="store_true",
@@ -532,7 +532,11 @@ def main(argv=None):
                         "2 cores; on a 2-core CPU, measured: --quick 1.3x faster, the full run's rows about 1.5-1.8x)")
     p.add_argument("--report_only", action="store_true",
                    help="train nothing: the table, curves and grids of the runs scored so far (an interim report)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.jobs is None:
         args.jobs = 2 if (os.cpu_count() or 1) >= 2 else 1
     for flag, full, quick in (("curve_points", 4, 2), ("images", 8, 4)):
@@ -542,10 +546,10 @@ def main(argv=None):
     check_flags(args, rows)
     from tqdm.auto import tqdm
 
-    from svdiff_tools.toyworld import dreambooth, metric
+    from svdiff_toyworld import metric, preset
 
     seeds = [args.seed0] if args.quick else list(range(args.seed0, args.seed0 + args.seeds))
-    steps = args.steps or dreambooth.METHOD_DEFAULTS["svfit"].steps
+    steps = args.steps or preset.METHOD_DEFAULTS["svfit"].steps
     if args.subject:
         subjects = [Subject(Path(args.subject).name, Path(args.subject), args.identifier, args.class_word,
                             args.instance_prompt)]

@@ -28,7 +28,7 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    from svdiff_tools.training.tiny import tiny_pipeline
+    from svdiff_trainer.tiny import tiny_pipeline
 
     base = tiny_pipeline("sd15").to(args.device)
     base.set_progress_bar_config(disable=True)

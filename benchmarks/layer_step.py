@@ -24,7 +24,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import svdiff_tools as st  # noqa: E402
 from common import table  # noqa: E402
-from svdiff_tools.layer import SVDLayer  # noqa: E402
+from svdiff_tools.forward_paths import Recomposed  # noqa: E402
 
 
 def per_call_us(fn, repeats: int) -> float:
@@ -79,13 +79,13 @@ def main(argv=None) -> None:
                 suffix = "" if rebuild is None else (", W' rebuilt in backward" if rebuild else ", W' kept")
                 variants.append((f"{name}, {mode}{suffix}", model, rebuild))
         for name, model, rebuild in variants:
-            original = SVDLayer._rebuild_in_backward
+            original = Recomposed.rebuild_in_backward
             if rebuild is not None:
-                SVDLayer._rebuild_in_backward = lambda self, w, live, on=rebuild: on
+                Recomposed.rebuild_in_backward = lambda self, layer, w, live, on=rebuild: on
             try:
                 us = per_call_us(fwd_bwd(model, x), args.repeats)
             finally:
-                SVDLayer._rebuild_in_backward = original
+                Recomposed.rebuild_in_backward = original
             rows.append([label, name, f"{us:.0f}", f"{us / ref:.2f}x"])
     print(f"torch threads {torch.get_num_threads()}, best of 5 x {args.repeats} calls")
     print(table(rows, ["layer", "configuration", "fwd+bwd us", "ratio to base"]))

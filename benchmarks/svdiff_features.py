@@ -61,7 +61,7 @@ class HalfReader:
     label k for subject k, len(subjects) for other."""
 
     def __init__(self, net, subjects: Sequence):
-        from svdiff_tools.toyworld import metric
+        from svdiff_toyworld import metric
 
         self.net = net
         ids = [metric.Identifier(net, s) for s in subjects]
@@ -126,7 +126,7 @@ def train_conditions(subjects, out: Path, args) -> Dict[str, List[Path]]:
 
 
 def two_subject_prompt(subjects) -> str:
-    from svdiff_tools.training.data import mixed_prompt
+    from svdiff_trainer.data import mixed_prompt
 
     return mixed_prompt(subjects[0], subjects[1])
 
@@ -134,7 +134,7 @@ def two_subject_prompt(subjects) -> str:
 # ----------------------------------------------------------------------------------- measurements
 def measure_two_subjects(pipe, reader, subjects, files, args) -> tuple:
     import svdiff_tools.diffusers  # noqa: F401  (pipe.load_svd_adapter, set_svd_adapters)
-    from svdiff_tools.toyworld.gate import generate
+    from svdiff_toyworld.gate import generate
 
     prompt = two_subject_prompt(subjects)
     seeds = list(range(args.seeds))
@@ -157,8 +157,8 @@ def two_object_references(subjects) -> torch.Tensor:
     (pretraining's two-object layout), on every background; in [-1, 1]."""
     from dataclasses import replace
 
-    from svdiff_tools.toyworld.render import render_tensor
-    from svdiff_tools.toyworld.world import BACKGROUNDS, Scene
+    from svdiff_toyworld.render import render_tensor
+    from svdiff_toyworld.world import BACKGROUNDS, Scene
 
     a, b = (replace(s.obj, size="small", position=p) for s, p in zip(subjects, ("left", "right")))
     return render_tensor([Scene((a, b), bg) for bg in BACKGROUNDS])
@@ -168,9 +168,9 @@ def measure_edits(pipe_loader, net, subjects, args) -> tuple:
     from PIL import Image
 
     import edit as cosine
-    from svdiff_tools.toyworld import metric
-    from svdiff_tools.toyworld.metric import pil_to_tensor
-    from svdiff_tools.training.args import list_images
+    from svdiff_toyworld import metric
+    from svdiff_toyworld.metric import pil_to_tensor
+    from svdiff_trainer.args import list_images
 
     rows, grid = [], []
     for s in subjects:
@@ -236,26 +236,26 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="defaults for a quick look: a quarter of the training steps, "
                    "4 seeds, one edit background, 40 edit steps")
     args = p.parse_args(argv)
-    from svdiff_tools.toyworld import dreambooth
+    from svdiff_toyworld import preset
 
-    if args.base is None and not dreambooth.available():
+    if args.base is None and not preset.available():
         p.error("the toy-world pipeline is not shipped yet; pass --base PIPELINE_FOLDER")
     quick = args.quick
-    steps = dreambooth.METHOD_DEFAULTS["svdiff"].steps
+    steps = preset.METHOD_DEFAULTS["svdiff"].steps
     args.steps = args.steps or (max(1, steps // 4) if quick else steps)
     args.seeds = args.seeds or (4 if quick else 16)
     args.edit_steps = args.edit_steps or (40 if quick else 150)
     args.edit_backgrounds = args.edit_backgrounds or (["green"] if quick else ["green", "black"])
-    args.guidance = args.guidance or dreambooth.GUIDANCE
+    args.guidance = args.guidance or preset.GUIDANCE
     return args
 
 
 def main(argv=None) -> dict:
     from dreambooth_quality import load_base, shipped_subjects
 
-    from svdiff_tools.toyworld import metric
-    from svdiff_tools.toyworld.assets import to_pil
-    from svdiff_tools.training.images import labelled_grid
+    from svdiff_toyworld import metric
+    from svdiff_toyworld.assets import to_pil
+    from svdiff_trainer.images import labelled_grid
 
     args = parse_args(argv)
     out = Path(args.out)

@@ -12,7 +12,7 @@ Score = mean of the instance prompt's identification and the recontextualisation
 background read back" over the seeds; the chosen rate is the best score (ties: the smaller rate). The grid is
 the method's current default times ``--factors``. Runs are kept in ``--out`` and reused.
 
-Prints a table and the `METHOD_DEFAULTS` lines for `svdiff_tools/toyworld/dreambooth.py`; writes `sweep.json`.
+Prints a table and the `METHOD_DEFAULTS` lines for `svdiff_toyworld/preset.py`; writes `sweep.json`.
 """
 
 from __future__ import annotations
@@ -63,17 +63,17 @@ def parse_args(argv=None):
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--out", default="runs/lr_sweep")
     args = p.parse_args(argv)
-    from svdiff_tools.toyworld import dreambooth
+    from svdiff_toyworld import preset
 
-    if not dreambooth.available():
-        p.error(f"no toy-world pipeline at {dreambooth.pipeline_folder()}; the sweep tunes the main job on it, so "
+    if not preset.available():
+        p.error(f"no toy-world pipeline at {preset.pipeline_folder()}; the sweep tunes the main job on it, so "
                 "pretrain and export it first (docs/toyworld.md)")
     return args
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    from svdiff_tools.toyworld.dreambooth import METHOD_DEFAULTS
+    from svdiff_toyworld.preset import METHOD_DEFAULTS
 
     out = Path(args.out)
     results, lines = {}, ["| method | learning rate | score (mean over seeds) | instance identified | "

@@ -60,7 +60,7 @@ def load_pipeline(base):
     from diffusers import DDIMScheduler, DiffusionPipeline
 
     if base is None:
-        from svdiff_tools.toyworld.dreambooth import available, pipeline_folder
+        from svdiff_toyworld.preset import available, pipeline_folder
 
         if not available():
             raise SystemExit("no --base given and the toy-world pipeline is not shipped; pass --base MODEL.")
@@ -137,8 +137,8 @@ def edit(pipe, image: Image.Image, prompt: str, edited: str, steps: int = 150, l
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from svdiff_tools.training.args import TrainingInputError
-    from svdiff_tools.training.data import open_rgb
+    from svdiff_trainer.args import TrainingInputError
+    from svdiff_trainer.data import open_rgb
 
     try:  # EXIF rotation, every colour mode, decompression bombs: as the trainer reads images
         image = open_rgb(Path(args.image))
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     save_image(result, out / "edited.png")
     save_image(reconstruction, out / "reconstruction.png")
-    from svdiff_tools.training.images import labelled_grid
+    from svdiff_trainer.images import labelled_grid
 
     size = result.size
     save_image(labelled_grid([[image.resize(size), reconstruction, result]], ["source | reconstruction | edit"],

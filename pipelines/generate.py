@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 import svdiff_tools.diffusers  # noqa: F401  (adds pipe.load_svd_adapter and friends)
 from svdiff_tools.atomic import save_image
 from svdiff_tools.errors import SVDAdapterError
-from svdiff_tools.training.images import labelled_grid
+from svdiff_trainer.images import labelled_grid
 from svdiff_tools.diffusers.loaders import resolve_adapter_source
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -299,51 +299,19 @@ def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, b
     VectorFit bias deltas are written as ``lora_B.bias`` (diffusers/peft, PEFT's ``lora_bias``) and reported
     as dropped for kohya; norm deltas (SVDiff's 1-D recipe) have no LoRA form and are reported as dropped.
     """
-    if key_format not in KEY_FORMATS:
-        raise SVDAdapterError(f"key_format={key_format!r} is not supported; choose one of {', '.join(KEY_FORMATS)}.")
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))
-                             or (isinstance(rank, int) and rank < 1)
-                             or (isinstance(rank, float) and not 0.0 < rank <= 1.0)):
-        raise SVDAdapterError(f"rank={rank!r} must be None (exact), a positive int, or an energy fraction in (0, 1].")
+    _check_export_arguments(key_format, rank)
     host = as_host(source)
     if not isinstance(source, nn.Module) and host is None:
-        if base is None:
-            raise SVDAdapterError("exporting an adapter file needs base=<the model or pipeline it was trained on>.")
-        tmp_name = "svdiff_tools_export"
-        base_host = as_host(base)
-        if base_host is not None:
-            base_host.load(source, tmp_name)
-        else:
-            load_adapter(base, source, adapter_name=tmp_name)
-        try:
-            return export_lora(base, out_path, rank=rank, key_format=key_format, adapter_name=tmp_name,
-                               prefix=prefix, dtype=dtype)
-        finally:
-            if base_host is not None:
-                base_host.unload(tmp_name)
-            else:
-                remove_adapter(base, tmp_name)
-    report = LoRAExportReport(path=None)
-    out = _Collected()
+        return _export_adapter_file(source, base, out_path, rank=rank, key_format=key_format, prefix=prefix,
+                                    dtype=dtype)
+    report, out = LoRAExportReport(path=None), _Collected()
     if host is not None:
-        if key_format == "peft":
-            raise SVDAdapterError("a pipeline exports as key_format='diffusers' or 'kohya'; 'peft' is per model.")
-        parts = host.components()
-        names = {n for m in parts.values() for n in adapter_configs(m)}
-        name = adapter_name or (next(iter(names)) if len(names) == 1 else None)
-        if name is None or name not in names:
-            raise SVDAdapterError(f"the pipeline has SVD adapters {sorted(names)}; pass adapter_name= to choose one.")
-        for comp, model in parts.items():
-            if name in adapter_configs(model):
-                _collect(model, name, rank, key_format, host.prefix(comp, model, key_format), dtype,
-                         report, out, label=f"{comp}.")
-        method = next(adapter_configs(m)[name].method for m in parts.values() if name in adapter_configs(m))
+        method = _collect_pipeline(host, adapter_name, rank, key_format, dtype, report, out)
     else:
-        model = source
-        name = _pick_adapter(model, adapter_name)
-        prefix = _default_prefix(model, key_format) if prefix is None else prefix
-        _collect(model, name, rank, key_format, prefix, dtype, report, out)
-        method = adapter_configs(model)[name].method
+        name = _pick_adapter(source, adapter_name)
+        prefix = _default_prefix(source, key_format) if prefix is None else prefix
+        _collect(source, name, rank, key_format, prefix, dtype, report, out)
+        method = adapter_configs(source)[name].method
     if key_format == "peft" and out.bias_keys and out.has_embedding:  # PEFT's lora_bias rejects Embedding targets
         for key in out.bias_keys:
             del out.tensors[key]
@@ -352,24 +320,9 @@ def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, b
         out.bias_keys = []
     report.overall_error = math.sqrt(out.dropped_sq / out.total_sq) if out.total_sq > 0 else 0.0
     if out_path is not None:
-        path = Path(out_path)
-        if key_format == "peft" and not path.suffix:
-            path.mkdir(parents=True, exist_ok=True)
-            ranks = out.peft_ranks
-            config = {
-                "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
-                "r": max(ranks.values(), default=1), "lora_alpha": max(ranks.values(), default=1),
-                "target_modules": sorted(ranks), "rank_pattern": ranks, "alpha_pattern": ranks,
-                "lora_dropout": 0.0, "bias": "none", "lora_bias": bool(out.bias_keys),
-                "fan_in_fan_out": out.has_hf_conv1d, "init_lora_weights": True, "use_dora": False,
-                "modules_to_save": None,
-            }
-            write_text(path / "adapter_config.json", json.dumps(config, indent=2))
-            path = path / "adapter_model.safetensors"
         metadata = {"format": "pt", "svdiff_tools_export": json.dumps(
             {"source_method": method, "rank": rank, "overall_relative_error": report.overall_error})}
-        save_safetensors(out.tensors, path, metadata)
-        report.path = path
+        report.path = save_safetensors(out.tensors, _lora_file(Path(out_path), key_format, out), metadata)
     report.weight_bytes = out.weight_bytes
     report.file_bytes = report.path.stat().st_size if report.path is not None else sum(
         t.numel() * t.element_size() for t in out.tensors.values())
@@ -379,3 +332,67 @@ def export_lora(source, out_path: Optional[Union[str, os.PathLike]] = None, *, b
                        "%.1f MiB.", report.file_bytes / 2**20, report.weight_bytes / 2**20, out.bytes_at(0.99) / 2**20,
                        out.bytes_at(0.9) / 2**20)
     return report
+
+
+def _check_export_arguments(key_format: str, rank) -> None:
+    if key_format not in KEY_FORMATS:
+        raise SVDAdapterError(f"key_format={key_format!r} is not supported; choose one of {', '.join(KEY_FORMATS)}.")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, (int, float))
+                             or (isinstance(rank, int) and rank < 1)
+                             or (isinstance(rank, float) and not 0.0 < rank <= 1.0)):
+        raise SVDAdapterError(f"rank={rank!r} must be None (exact), a positive int, or an energy fraction in (0, 1].")
+
+
+def _export_adapter_file(source, base, out_path, **options) -> LoRAExportReport:
+    """An adapter file exported through ``base``: loaded under a temporary name, exported, taken out again."""
+    if base is None:
+        raise SVDAdapterError("exporting an adapter file needs base=<the model or pipeline it was trained on>.")
+    tmp_name = "svdiff_tools_export"
+    base_host = as_host(base)
+    if base_host is not None:
+        base_host.load(source, tmp_name)
+    else:
+        load_adapter(base, source, adapter_name=tmp_name)
+    try:
+        return export_lora(base, out_path, adapter_name=tmp_name, **options)
+    finally:
+        if base_host is not None:
+            base_host.unload(tmp_name)
+        else:
+            remove_adapter(base, tmp_name)
+
+
+def _collect_pipeline(host: "AdapterHost", adapter_name: Optional[str], rank, key_format: str, dtype: torch.dtype,
+                      report: LoRAExportReport, out: "_Collected") -> str:
+    """Every component's layers of one adapter into ``out``, under the component's prefix; the adapter's method."""
+    if key_format == "peft":
+        raise SVDAdapterError("a pipeline exports as key_format='diffusers' or 'kohya'; 'peft' is per model.")
+    parts = host.components()
+    names = {n for m in parts.values() for n in adapter_configs(m)}
+    name = adapter_name or (next(iter(names)) if len(names) == 1 else None)
+    if name is None or name not in names:
+        raise SVDAdapterError(f"the pipeline has SVD adapters {sorted(names)}; pass adapter_name= to choose one.")
+    for comp, model in parts.items():
+        if name in adapter_configs(model):
+            _collect(model, name, rank, key_format, host.prefix(comp, model, key_format), dtype,
+                     report, out, label=f"{comp}.")
+    return next(adapter_configs(m)[name].method for m in parts.values() if name in adapter_configs(m))
+
+
+def _lora_file(path: Path, key_format: str, out: "_Collected") -> Path:
+    """Where the tensors go: ``path``, or for key_format "peft" and a path without suffix a PEFT folder (its
+    ``adapter_config.json`` written here) holding ``adapter_model.safetensors``."""
+    if key_format != "peft" or path.suffix:
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    ranks = out.peft_ranks
+    config = {
+        "peft_type": "LORA", "task_type": None, "base_model_name_or_path": None,
+        "r": max(ranks.values(), default=1), "lora_alpha": max(ranks.values(), default=1),
+        "target_modules": sorted(ranks), "rank_pattern": ranks, "alpha_pattern": ranks,
+        "lora_dropout": 0.0, "bias": "none", "lora_bias": bool(out.bias_keys),
+        "fan_in_fan_out": out.has_hf_conv1d, "init_lora_weights": True, "use_dora": False,
+        "modules_to_save": None,
+    }
+    write_text(path / "adapter_config.json", json.dumps(config, indent=2))
+    return path / "adapter_model.safetensors"

@@ -5,10 +5,9 @@ unmerged, enabled) adapters ``a`` it computes
 
     W' = W + sum_a scale_a * U_a M_a V_a^T        b' = b + sum_a scale_a * bias_delta_a
 
-either by *recomposing* the weight (``~ out*in*r`` flops, independent of the token count) or on the
-*factored* path ``y = base(x) + sum_a scale_a * ((x V_a) M_a^T) U_a^T`` (``~ tokens*(out+in)*r``),
-chosen per call by flop count unless the config forces one. ``W`` itself is never rebuilt from the
-factors, so an adapter with ``M = 0`` reproduces the base model bit for bit.
+on the path `forward_paths.choose` picks per call (recomposed, factored, or stacked over a LoRA layer). ``W``
+itself is never rebuilt from the factors, so an adapter with ``M = 0`` reproduces the base model bit for bit.
+The layer holds the adapters, their bases and the bookkeeping; merge and unmerge shift ``W`` in place.
 
 `NormDeltaLayer` wraps LayerNorm / GroupNorm for SVDiff's 1-D recipe: ``gamma' = gamma + sum_a scale_a *
 weight_delta_a``.
@@ -16,15 +15,16 @@ weight_delta_a``.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import path_cost
-from .basis import Parts, SVDBasis, TwoSidedBasis, as_dtype
+from . import forward_paths
+from .basis import SVDBasis, TwoSidedBasis, as_dtype
 from .config import check_scale
+from .forward_paths import LiveAdapter, summed_bias
 from .methods import SpectralMethod
 from .module_kinds import ModuleKind
 
@@ -33,20 +33,6 @@ from .module_kinds import ModuleKind
 # LoRA layers. Delegating them to a LoRA layer inside our wrapper would make them treat ours as theirs.
 NOT_DELEGATED = frozenset({"base_module", "base_layer", "get_base_layer", "lora_A", "lora_B", "scaling",
                            "merged_adapters", "active_adapter", "disable_adapters"})
-
-
-def _summed_bias(terms, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
-    """``sum scale * bias_delta`` over ``(method, scale)`` terms, in ``dtype`` if given (None when no method
-    trains a bias)."""
-    total = None
-    for method, scale in terms:
-        b = method.bias()
-        if b is not None:
-            if dtype is not None:
-                b = b.to(dtype)
-            term = b if scale == 1.0 else b * scale
-            total = term if total is None else total + term
-    return total
 
 
 def _shift_problem(weight: torch.Tensor, delta: torch.Tensor, what: str) -> Optional[str]:
@@ -61,22 +47,6 @@ def _shift_problem(weight: torch.Tensor, delta: torch.Tensor, what: str) -> Opti
     if float((new.float() - delta - W).norm()) > tol * float(W.norm()) + 1e-30:
         return f"would bury {what} under rounding (unmerging could not restore it)"
     return None
-
-
-class LiveAdapter(NamedTuple):
-    """What one adapter needs per call, computed once per state change: its method, its basis and the views
-    of it that the adapter reads (`basis.Parts`), its own scale and forward mode."""
-    method: SpectralMethod
-    basis: SVDBasis
-    parts: Parts
-    scale: float
-    mode: str
-
-    def factored(self, kind, x: torch.Tensor, y_nb: Optional[torch.Tensor]):
-        return self.basis.factored(self.parts, self.method, kind, x, y_nb)
-
-    def add_to(self, Wm: torch.Tensor, W0: torch.Tensor, alpha: float, transposed: bool = False) -> torch.Tensor:
-        return self.basis.add_to(self.parts, self.method, Wm, W0, alpha, transposed)
 
 
 class AdapterLayerMixin:
@@ -197,9 +167,6 @@ class AdapterLayerMixin:
 class SVDLayer(AdapterLayerMixin, nn.Module):
     """A frozen Linear/Conv/Embedding plus named spectral adapters (see module docstring)."""
 
-    PATH_CACHE_SIZE = 64  # input shapes whose forward-path choice is remembered
-    RECOMPUTE_MIN_NUMEL = 1 << 18  # rebuild W' in backward instead of keeping it, from 256Ki elements (1 MiB fp32)
-
     def __init__(self, base_module: nn.Module, kind: ModuleKind):
         nn.Module.__init__(self)
         self._init_bookkeeping(base_module)
@@ -300,140 +267,19 @@ class SVDLayer(AdapterLayerMixin, nn.Module):
 
     def delta_bias(self, names: Iterable[str], scales: Optional[Dict[str, float]] = None) -> Optional[torch.Tensor]:
         scales = self.scales if scales is None else scales
-        return _summed_bias((self.svd_adapters[n], scales[n]) for n in names)
+        return summed_bias((self.svd_adapters[n], scales[n]) for n in names)
 
     # --- forward ------------------------------------------------------------------------------
-    def use_factored(self, x: torch.Tensor, live: Tuple[LiveAdapter, ...]) -> bool:
-        """Factored or recomposed path for this input: forced by a forward mode, impossible for some kinds and
-        bases, else by `path_cost` (remembered per input shape and grad mode)."""
-        key = (x.shape, torch.is_grad_enabled())
-        choice = self._paths.get(key)
-        if choice is not None:
-            return choice
-        modes = {e.mode for e in live}
-        if (not self.kind.supports_factored() or "recompose" in modes
-                or not all(e.basis.factored_on(self.kind) for e in live)):
-            choice = False
-        elif "factored" in modes:
-            choice = True
-        else:
-            shape = self.kind.matrix_shape
-            training = key[1] and any(p.requires_grad for e in live for p in e.method.parameters())
-            choice = path_cost.factored_is_cheaper((e.basis.flops(e.method.rank, shape) for e in live), shape,
-                                                   self.kind.tokens(x), training)
-        if len(self._paths) >= self.PATH_CACHE_SIZE:
-            self._paths.clear()
-        self._paths[key] = choice
-        return choice
-
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The base module's output with the live adapters' ``U_a M_a V_a^T`` added, on the path that
+        `forward_paths.choose` picks for this input (factored, recomposed, or stacked over a LoRA layer)."""
         live = self._live
         if live is None:
             live = self.live()
         if not live:
             return self._no_live_adapters(x, *args, **kwargs)
-        if self.use_factored(x, live):
-            return self._forward_factored(x, live, args, kwargs)
-        if self.kind.stacked:  # a LoRA layer underneath: add our term to its output, f(x; D) is linear in D
-            return self._forward_stacked(x, args, kwargs)
-        return self._forward_recomposed(x, live)
+        return forward_paths.choose(self, x, live)(self, x, live, args, kwargs)
 
-    def _forward_factored(self, x, live, args, kwargs):
-        """``y = base(x) + sum_a s_a * project_out(project_in(x, V_a), U_a M_a)`` (see `LiveAdapter.factored`:
-        one-sided entries read ``x V_h`` from the base output without bias, and diagonal methods with few tokens
-        scale ``z`` instead of building ``U_a M_a``)."""
-        kind, call = self.kind, self.call_scale
-        if any(e.basis.reads_base_output for e in live):  # one-sided left entries read the base output w/o bias
-            y = y_nb = self.base_module(x, *args, **kwargs)  # the base op as it is (bias fused): exact at M = 0
-            base_bias = getattr(kind.module, "bias", None)
-            if base_bias is not None:
-                y_nb = kind.add_bias(y, -base_bias)
-            terms = [(e.factored(kind, x, y_nb)[1], e.scale * call) for e in live]
-        else:  # one-sided right entries add their head's term to the base op's input (left and right never mix:
-            x_in, terms = x, []  # the orientation follows the layer's shape)
-            for e in live:
-                dx, dy = e.factored(kind, x, None)
-                if dx is not None:
-                    x_in = torch.add(x_in, dx, alpha=e.scale * call)
-                if dy is not None:
-                    terms.append((dy, e.scale * call))
-            y = self.base_module(x_in, *args, **kwargs)
-        for dy, alpha in terms:
-            y = torch.add(y, dy, alpha=alpha)
-        bias = self._bias_delta(live, y.dtype)
-        return y if bias is None else kind.add_bias(y, bias)
-
-    def _forward_recomposed(self, x, live):
-        """``W' = addmm(W, U_a M_a, V_a^T, alpha=s_a)`` for each adapter, then the base op with ``W'``.
-
-        Training keeps ``W'`` alive until backward (the base op needs it for the input gradient), one weight-
-        sized tensor per layer. For large weights and low ranks (`_rebuild_in_backward`) a saved-tensor hook
-        stores a recipe instead and rebuilds ``W'`` in backward (one more ``addmm``), like activation
-        checkpointing but for the weight."""
-        matrix = self._recomposed_matrix(live, self.call_scale)
-        kind = self.kind
-        weight = kind.weight_from_matrix(matrix)
-        bias = getattr(kind.module, "bias", None)
-        delta = self._bias_delta(live, weight.dtype)
-        if delta is not None:
-            bias = delta if bias is None else bias + delta
-        if weight.requires_grad and torch.is_grad_enabled() and self._rebuild_in_backward(weight, live):
-            with torch.autograd.graph.saved_tensors_hooks(*self._weight_recipe_hooks(matrix, live)):
-                return kind.forward(x, weight, bias)
-        return kind.forward(x, weight, bias)
-
-    def _rebuild_in_backward(self, weight: torch.Tensor, live) -> bool:
-        """Keep a recipe instead of ``W'`` when the weight is large or the rebuild is cheap (low rank: one
-        ``out x in x r`` product with ``4 r <= min(out, in)``); never inside torch.compile."""
-        if torch.compiler.is_compiling():  # AOTAutograd picks what to save and recompute itself
-            return False
-        r = sum(e.method.rank for e in live)
-        return weight.numel() >= self.RECOMPUTE_MIN_NUMEL or 4 * r <= min(self.kind.matrix_shape)
-
-    def _recomposed_matrix(self, live, call: float) -> torch.Tensor:
-        """``W + sum_a s_a * U_a M_a V_a^T`` as a fresh (out x in) matrix (``live`` is never empty here)."""
-        W0 = Wm = self.kind.matrix(self.kind.module.weight)
-        for e in live:
-            Wm = e.add_to(Wm, W0, e.scale * call, self.kind.stores_transposed)
-        return Wm
-
-    def _weight_recipe_hooks(self, matrix: torch.Tensor, live):
-        """(pack, unpack) for `torch.autograd.graph.saved_tensors_hooks`: a saved tensor that lives in
-        ``matrix``'s storage (the weight, or a view such as its transpose) is packed as its view geometry
-        and rebuilt in backward from the adapter tensors, which do not change between forward and backward."""
-        # capture plain values only: a closure holding ``matrix`` would keep W' alive, defeating the point
-        storage, dtype = matrix.untyped_storage().data_ptr(), matrix.dtype
-        size, stride, call = matrix.shape, matrix.stride(), self.call_scale  # call_scale resets after the call
-
-        def pack(t):
-            if t.untyped_storage().data_ptr() != storage or t.dtype != dtype:
-                return t
-            return (t.shape, t.stride(), t.storage_offset())
-
-        def unpack(packed):
-            if isinstance(packed, torch.Tensor):
-                return packed
-            with torch.no_grad():
-                rebuilt = self._recomposed_matrix(live, call)
-                if rebuilt.stride() != stride:
-                    rebuilt = torch.empty_strided(size, stride, dtype=rebuilt.dtype,
-                                                  device=rebuilt.device).copy_(rebuilt)
-            return rebuilt.as_strided(*packed)
-
-        return pack, unpack
-
-    def _forward_stacked(self, x, args, kwargs):
-        """A PEFT LoRA layer underneath: ``y = lora_layer(x) + op(x; sum_a s_a U_a M_a V_a^T)``."""
-        W = self.kind.module.weight
-        scales = self.live_scales()
-        delta = self.delta_matrix(list(scales), scales, dtype=W.dtype)
-        bias = self.delta_bias(list(scales), scales)
-        bias = None if bias is None else bias.to(W.dtype)
-        return self.base_module(x, *args, **kwargs) + self.kind.forward(x, self.kind.weight_from_matrix(delta), bias)
-
-    def _bias_delta(self, live, dtype: torch.dtype) -> Optional[torch.Tensor]:
-        """``sum_a s_a * bias_delta_a`` of the live adapters, in ``dtype``."""
-        return _summed_bias(((e.method, e.scale * self.call_scale) for e in live), dtype)
 
     # --- merge --------------------------------------------------------------------------------
     @torch.no_grad()

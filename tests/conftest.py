@@ -146,8 +146,23 @@ def fresh_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+# Files only the full suite runs (`scripts/test.sh --fast` leaves them out: `-m "not full"`): whole trainer and
+# pipeline runs, the toy world's pretraining chain and main job, the benchmarks' smoke runs, wheels built from the
+# tree. What stays is the edit loop: every method through the shared suite, the core, the file format, PEFT.
+FULL_ONLY = {
+    "test_trainer.py", "test_trainer_runs.py", "test_trainer_reliability.py", "test_toyworld_pretrain.py",
+    "test_quality_benchmark.py", "test_features_benchmark.py", "test_svdiff_features.py",
+    "test_text_classification.py", "test_pipelines.py", "test_generate.py", "test_pipeline_runtime.py",
+    "test_architecture.py", "test_benchmarks.py",
+}
+
+
 def pytest_collection_modifyitems(config, items):
-    """GPU-only tests (marked ``gpu``) are skipped where no CUDA device exists, e.g. in CI."""
+    """Files in `FULL_ONLY` are marked ``full``; GPU-only tests (marked ``gpu``) are skipped where no CUDA device
+    exists, e.g. in CI."""
+    for item in items:
+        if item.path.name in FULL_ONLY:
+            item.add_marker(pytest.mark.full)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA device")

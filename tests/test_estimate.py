@@ -44,7 +44,7 @@ def test_estimate_reads_a_config_file_and_matches_the_svft_tables(tmp_path):
 
 def test_estimate_cli_on_a_diffusers_config(tmp_path, capsys):
     from svdiff_tools.estimate import main
-    from svdiff_tools.training.tiny import tiny_pipeline
+    from svdiff_trainer.tiny import tiny_pipeline
 
     tiny_pipeline("sd15").unet.save_config(tmp_path)
     main(["--config", str(tmp_path), "--method", "svdiff", "--target_modules", "unet"])

@@ -16,7 +16,7 @@ import svdiff_tools as st
 from svdiff_tools.diffusers.components import pipeline_components
 from svdiff_tools.layer import SVDLayer
 from svdiff_tools.model import adapter_layers
-from svdiff_tools.training.tiny import tiny_pipeline, tiny_pipeline_path
+from svdiff_trainer.tiny import tiny_pipeline, tiny_pipeline_path
 
 from reference import delta64, randomize_adapter
 

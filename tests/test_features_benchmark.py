@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from svdiff_tools.toyworld import metric
-from svdiff_tools.toyworld.world import SUBJECTS
-from svdiff_tools.training.tiny import tiny_pipeline_path
+from svdiff_toyworld import metric
+from svdiff_toyworld.world import SUBJECTS
+from svdiff_trainer.tiny import tiny_pipeline_path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))

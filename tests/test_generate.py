@@ -10,7 +10,7 @@ from PIL import Image
 
 import svdiff_tools as st
 import svdiff_tools.diffusers  # noqa: F401  (the pipeline verbs)
-from svdiff_tools.training.tiny import tiny_pipeline_path
+from svdiff_trainer.tiny import tiny_pipeline_path
 
 from reference import randomize_adapter
 

@@ -11,6 +11,7 @@ import torch
 
 import svdiff_tools as st
 from svdiff_tools import decomposition as dec
+from svdiff_tools.forward_paths import Recomposed
 from svdiff_tools.layer import SVDLayer
 
 from conftest import MODEL_CASES
@@ -53,7 +54,7 @@ def test_bf16_step_identity_and_recipe_gradients(kwargs, monkeypatch):
     randomize_adapter(model, seed=3, magnitude=0.05)
     grads = []
     for recipe in (False, True):
-        monkeypatch.setattr(SVDLayer, "_rebuild_in_backward", lambda self, w, live, on=recipe: on)
+        monkeypatch.setattr(Recomposed, "rebuild_in_backward", lambda self, layer, w, live, on=recipe: on)
         model.zero_grad(set_to_none=True)
         UNET.forward(model, _inputs()).float().square().mean().backward()
         grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.requires_grad]))

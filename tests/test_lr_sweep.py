@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from svdiff_tools.toyworld import dreambooth
+from svdiff_toyworld import preset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -19,10 +19,10 @@ def _report(instance, recontext_both):
 
 
 def test_every_trainer_method_has_a_toy_world_default_and_a_place_in_the_sweep():
-    from svdiff_tools.training.args import ALL_METHODS
+    from svdiff_trainer.args import ALL_METHODS
 
-    assert set(dreambooth.METHOD_DEFAULTS) == set(ALL_METHODS) == set(sweep.METHODS)
-    for d in dreambooth.METHOD_DEFAULTS.values():
+    assert set(preset.METHOD_DEFAULTS) == set(ALL_METHODS) == set(sweep.METHODS)
+    for d in preset.METHOD_DEFAULTS.values():
         assert 0 < d.learning_rate < 1 and d.steps >= 1 and d.source and (d.rank is None or d.rank > 0)
 
 
@@ -37,7 +37,7 @@ def test_choice_is_the_best_mean_over_seeds_and_ties_go_to_the_smaller_rate():
 
 
 def test_refuses_in_one_sentence_without_the_pipeline(capsys, monkeypatch, tmp_path):
-    from svdiff_tools.toyworld.assets import PIPELINE_ENV
+    from svdiff_toyworld.assets import PIPELINE_ENV
 
     monkeypatch.setenv(PIPELINE_ENV, str(tmp_path / "no-pipeline-here"))
     with pytest.raises(SystemExit) as exc:

@@ -15,6 +15,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 import svdiff_tools as st
+from svdiff_tools.forward_paths import Recomposed
 from svdiff_tools.layer import AdapterLayerMixin, NormDeltaLayer, SVDLayer
 from svdiff_tools.model import adapter_layers
 
@@ -214,12 +215,12 @@ def _loss_and_grads(case, model):
 def test_weight_recipe_rebuilds_the_same_weight_in_backward(model_case, method_kwargs, monkeypatch):
     """Recomposed layers may store a recipe instead of W' for backward; the gradients must not change."""
     _, model = _adapt(model_case, dict(method_kwargs, forward_mode="recompose"))
-    monkeypatch.setattr(SVDLayer, "RECOMPUTE_MIN_NUMEL", 1 << 62)
+    monkeypatch.setattr(Recomposed, "RECOMPUTE_MIN_NUMEL", 1 << 62)
     out_kept, grads_kept = _loss_and_grads(model_case, model)
     builds = []
-    real = SVDLayer._recomposed_matrix
-    monkeypatch.setattr(SVDLayer, "_recomposed_matrix", lambda self, *a: builds.append(1) or real(self, *a))
-    monkeypatch.setattr(SVDLayer, "RECOMPUTE_MIN_NUMEL", 0)
+    real = Recomposed.matrix
+    monkeypatch.setattr(Recomposed, "matrix", lambda self, *a: builds.append(1) or real(self, *a))
+    monkeypatch.setattr(Recomposed, "RECOMPUTE_MIN_NUMEL", 0)
     out_recipe, grads_recipe = _loss_and_grads(model_case, model)
     layers = [m for _, m in adapter_layers(model) if isinstance(m, SVDLayer)]
     rebuilt = len(builds) - len(layers)  # builds in backward (a layer whose input needs no gradient keeps no W')
@@ -235,18 +236,19 @@ def test_weight_recipe_frees_the_recomposed_weight_until_backward(recipe, monkey
 
     from torch import nn
 
-    monkeypatch.setattr(SVDLayer, "_rebuild_in_backward", lambda self, weight, live: recipe)
+    monkeypatch.setattr(Recomposed, "rebuild_in_backward", lambda self, layer, weight, live: recipe)
     model = nn.Sequential(nn.Linear(32, 32), nn.Conv1d(32, 16, 3))
     st.inject_adapter(model, st.SVDAdapterConfig(method="svfit", rank=4, target_modules=["0"],
                                                  forward_mode="recompose"))
     built = []
-    real = SVDLayer._recomposed_matrix
+    real = Recomposed.matrix
+
     def spy(self, *args):
         matrix = real(self, *args)
         built.append(weakref.ref(matrix))
         return matrix
 
-    monkeypatch.setattr(SVDLayer, "_recomposed_matrix", spy)
+    monkeypatch.setattr(Recomposed, "matrix", spy)
     x = torch.randn(2, 32, 32, requires_grad=True)
     out = model[1](model[0](x).transpose(1, 2))
     assert built[0]() is None if recipe else built[0]() is not None

@@ -157,9 +157,9 @@ def test_cached_live_state_follows_every_change():
 def test_gradient_checkpointing_gives_the_same_gradients(recipe, monkeypatch):
     """diffusers' gradient checkpointing (non-reentrant) reruns adapter layers in backward, with and without
     the rebuilt-weight recipe: the gradients equal those of a plain backward."""
-    from svdiff_tools.layer import SVDLayer
+    from svdiff_tools.forward_paths import Recomposed
 
-    monkeypatch.setattr(SVDLayer, "RECOMPUTE_MIN_NUMEL", 0 if recipe else 1 << 62)
+    monkeypatch.setattr(Recomposed, "RECOMPUTE_MIN_NUMEL", 0 if recipe else 1 << 62)
     grads = []
     for checkpointing in (False, True):
         model = UNET.build(0)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import svdiff_tools as st
+from svdiff_tools import forward_paths
 from svdiff_tools.diffusers.call_scale import set_call_scale
 from svdiff_tools.basis import SVDBasis
 
@@ -83,7 +84,7 @@ def test_one_sided_delta_output_and_gradients_match_float64_and_two_sided(name, 
         for m in (one, both):
             m[0].forward_modes["default"] = "factored"
             m[0].invalidate()
-        assert one[0].use_factored(x, one[0].live()) and next(iter(layer.bases.values())).head > 0
+        assert forward_paths.choose(one[0], x, one[0].live()) is forward_paths.FACTORED and next(iter(layer.bases.values())).head > 0
         assert_same_outputs_and_gradients(one, both, x)
         many = x.repeat(8, *([1] * (x.dim() - 1))) if x.dim() > 2 else x.repeat(30, 1)
         assert layer.kind.tokens(many) > max(layer.kind.matrix_shape)
@@ -202,7 +203,7 @@ def test_bfloat16_one_sided_error_stays_near_the_two_sided_one(name, method):
         randomize_adapter(model, seed=0, magnitude=0.05)
         layer = model[0]
         W0 = layer.kind.matrix(layer.base_module.weight)
-        recomposed = layer._recomposed_matrix(layer.live(), 1.0)
+        recomposed = forward_paths.RECOMPOSED.matrix(layer, layer.live(), 1.0)
         errors[storage] = rel_err(recomposed.double() - W0.double(), delta64(layer, "default"))
     assert errors["one_sided"] < 2 * errors["both"] and errors["one_sided"] < 0.03
 
@@ -266,7 +267,7 @@ def test_factored_conv_on_one_image_matches_float64(make, storage):
     randomize_adapter(model, seed=0, magnitude=0.2)
     layer = model[0]
     x = torch.randn(2, base[0].in_channels, 6, 6)
-    assert layer.use_factored(x[:1], layer.live())
+    assert forward_paths.choose(layer, x[:1], layer.live()) is forward_paths.FACTORED
     ref = reference_model(base, model)
     grads = []
     for xs in (x[:1], x):  # one image (GEMM), two images (conv)

@@ -12,7 +12,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "svdiff_tools"
 CORE = sorted(p for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
-FORBIDDEN = ("diffusers", "svdiff_tools.diffusers", "svdiff_tools.training", "svdiff_tools.toyworld",
+FORBIDDEN = ("diffusers", "svdiff_tools.diffusers", "svdiff_trainer", "svdiff_toyworld",
              "train_dreambooth", "pipelines")
 
 

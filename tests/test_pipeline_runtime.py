@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import svdiff_tools.diffusers  # noqa: F401  (the pipeline verbs)
-from svdiff_tools.training.tiny import tiny_pipeline
+from svdiff_trainer.tiny import tiny_pipeline
 
 from test_pipelines import adapt, run
 

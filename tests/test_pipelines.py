@@ -10,7 +10,7 @@ from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
 import svdiff_tools as st
 from svdiff_tools.diffusers.components import pipeline_components
-from svdiff_tools.training.tiny import tiny_pipeline
+from svdiff_trainer.tiny import tiny_pipeline
 
 from reference import randomize_adapter
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from svdiff_tools.training.tiny import tiny_pipeline_path
+from svdiff_trainer.tiny import tiny_pipeline_path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -94,7 +94,7 @@ def test_the_results_folder_commits_only_scores_and_strips():
 def test_a_bad_flag_stops_the_run_with_one_line_before_anything_loads(flags, message, tmp_path, monkeypatch):
     import dreambooth_quality
 
-    from svdiff_tools.toyworld import metric
+    from svdiff_toyworld import metric
 
     monkeypatch.setattr(metric, "load", lambda *a, **k: pytest.fail("loaded the metric network for a bad flag"))
     with pytest.raises(SystemExit) as stop:

@@ -13,9 +13,9 @@ from PIL import Image
 
 import svdiff_tools as st
 import svdiff_tools.diffusers  # noqa: F401  (the pipeline verbs)
-from svdiff_tools.training.data import CUTMIX_OBJECT_SIZE, DreamBoothDataset, SubjectData, cutmix, mixed_prompt
-from svdiff_tools.training.tiny import tiny_pipeline, tiny_pipeline_path
-from svdiff_tools.training.unmix import UnmixRecorder, identifier_positions, install
+from svdiff_trainer.data import CUTMIX_OBJECT_SIZE, DreamBoothDataset, SubjectData, cutmix, mixed_prompt
+from svdiff_trainer.tiny import tiny_pipeline, tiny_pipeline_path
+from svdiff_trainer.unmix import UnmixRecorder, identifier_positions, install
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,7 +64,7 @@ def test_cutmix_scales_each_whole_view_into_its_half():
 
 
 def test_mixed_items_carry_prompts_and_sides_and_are_never_flipped(monkeypatch):
-    from svdiff_tools.training import data as data_module
+    from svdiff_trainer import data as data_module
 
     seen = []
     real = data_module.subject_cut_out
@@ -133,7 +133,7 @@ def test_unmix_processor_matches_the_default_attention_and_gives_a_gradient():
 @pytest.mark.parametrize("method", ["svdiff", "lora"])  # the spectral and the PEFT backend
 def test_cutmix_unmix_training_run(tmp_path, method):
     """The trainer trains two subjects with Cut-Mix-Unmix and renders each subject, then both together."""
-    data = ROOT / "svdiff_tools" / "data" / "toyworld" / "subjects"
+    data = ROOT / "toyworld" / "svdiff_toyworld" / "data" / "subjects"
     cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), "--method", method, "--subject",
            f"{data / 'example_toy'}:sks:toy", "--subject", f"{data / 'example_robot'}:zwx:robot", "--cutmix_unmix",
            "--cutmix_probability", "1.0", "--max_train_steps", "3", "--num_validation_images", "1",
@@ -164,7 +164,7 @@ def test_adapters_trained_apart_compose(tmp_path):
 
 
 def test_edit_script_writes_the_edit(tmp_path):
-    image = ROOT / "svdiff_tools" / "data" / "example_subject" / "example_toy_0.png"
+    image = ROOT / "trainer" / "svdiff_trainer" / "data" / "example_subject" / "example_toy_0.png"
     result = subprocess.run([sys.executable, str(ROOT / "pipelines" / "edit.py"), str(image), "--prompt",
                              "a purple star toy", "--edit", "a purple star toy on a green background", "--base",
                              str(tiny_pipeline_path("sd15")), "--steps", "3", "--inference_steps", "3", "--out",

@@ -6,8 +6,8 @@ import random
 import numpy as np
 import torch
 
-from svdiff_tools.toyworld import metric, render, world
-from svdiff_tools.toyworld.tokenizer import load_tokenizer, write_tokenizer_files
+from svdiff_toyworld import metric, render, world
+from svdiff_toyworld.tokenizer import load_tokenizer, write_tokenizer_files
 
 
 def test_scenes_and_captions_are_deterministic():
@@ -134,7 +134,7 @@ def test_the_shipped_metric_network_reads_fresh_scenes():
 
 
 def test_the_shipped_metric_network_identifies_the_subject_and_nothing_else():
-    from svdiff_tools.toyworld.render import render_tensor
+    from svdiff_toyworld.render import render_tensor
 
     net = metric.load()
     subject = world.SUBJECTS["example_toy"]
@@ -152,7 +152,7 @@ def test_the_shipped_metric_network_identifies_the_subject_and_nothing_else():
 def test_the_pretraining_loss_weighs_x0_errors_by_the_clamped_snr():
     """epsilon-MSE times the weight equals x0-MSE times clamp(SNR, floor, gamma), x0 recovered from the noisy
     latent in float64; floor 0 is Min-SNR-gamma."""
-    from svdiff_tools.toyworld.pretrain import epsilon_loss_weight
+    from svdiff_toyworld.pretrain import epsilon_loss_weight
 
     g = torch.Generator().manual_seed(0)
     alpha_bar = torch.tensor([0.0047, 0.0142, 0.16, 0.42, 0.89, 0.999], dtype=torch.float64)
@@ -170,7 +170,7 @@ def test_the_pretraining_loss_weighs_x0_errors_by_the_clamped_snr():
 
 
 def test_the_token_identity_loss_reads_words_back_up_to_the_first_end_of_text():
-    from svdiff_tools.toyworld.pretrain import token_identity_loss
+    from svdiff_toyworld.pretrain import token_identity_loss
 
     g = torch.Generator().manual_seed(0)
     embeddings = torch.nn.functional.normalize(torch.randn(50, 16, generator=g), dim=1)
@@ -193,7 +193,7 @@ def test_identification_rates_are_reported_with_their_count_and_wilson_interval(
     (k/n - p)^2 = z^2 p (1 - p) / n, the definition of the Wilson score interval."""
     import pytest
 
-    from svdiff_tools.toyworld.evaluate import report_lines, wilson_interval
+    from svdiff_toyworld.evaluate import report_lines, wilson_interval
 
     z = 1.96
     for hits, n in ((11, 16), (0, 16), (16, 16), (1, 8), (25, 32), (3, 7)):

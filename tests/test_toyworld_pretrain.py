@@ -11,15 +11,16 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from svdiff_tools.toyworld import assets, dreambooth, gate
-from svdiff_tools.toyworld.world import SUBJECTS
+from svdiff_toyworld import assets, gate
+from svdiff_toyworld import preset
+from svdiff_toyworld.world import SUBJECTS
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--batch_size", "2", "--log_every", "1", "--checkpoint_every", "1", "--warmup", "1"]
 
 
 def _pretrain(out, *args):
-    cmd = [sys.executable, "-m", "svdiff_tools.toyworld.pretrain", *args, "--output_dir", str(out)]
+    cmd = [sys.executable, "-m", "svdiff_toyworld.pretrain", *args, "--output_dir", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
@@ -92,7 +93,7 @@ def _the_gate_refuses_untrained_weights(pretrained):
 def _the_main_job_runs_on_a_candidate_toy_world(pretrained, tmp_path, method):
     """The no-flag main job on a toy-world pipeline (here the few-step candidate, through the override variable):
     toy-world defaults, the shipped subject with prior preservation, and the measured report in the card."""
-    from svdiff_tools.toyworld.assets import PIPELINE_ENV
+    from svdiff_toyworld.assets import PIPELINE_ENV
 
     _, pipeline, *_ = pretrained
     out = tmp_path / "out"
@@ -117,7 +118,7 @@ def _the_main_job_runs_on_a_candidate_toy_world(pretrained, tmp_path, method):
     assert len(list((tmp_path / "cache").rglob("*.png"))) == 2  # class images made by the candidate, cached
 
 
-@pytest.mark.skipif(not dreambooth.available(), reason="the pretrained toy-world pipeline is not shipped yet")
+@pytest.mark.skipif(not preset.available(), reason="the pretrained toy-world pipeline is not shipped yet")
 def test_the_shipped_pipeline_loads_offline_and_holds_its_gate_on_a_sample():
     from diffusers import DiffusionPipeline
 
@@ -127,7 +128,7 @@ def test_the_shipped_pipeline_loads_offline_and_holds_its_gate_on_a_sample():
     assert all(accuracy[a] >= 0.75 for a in ("class", "shape", "colour", "background")), accuracy
 
 
-@pytest.mark.skipif(not dreambooth.available(), reason="the pretrained toy-world pipeline is not shipped yet")
+@pytest.mark.skipif(not preset.available(), reason="the pretrained toy-world pipeline is not shipped yet")
 def test_the_main_job_on_the_shipped_pipeline_learns_the_subject(tmp_path):
     """The README's main job (no model or data flags) on the shipped pipeline, with fewer class and validation
     images: its own report must identify the subject far more often than the base pipeline on the same seeds,
@@ -144,13 +145,13 @@ def test_the_main_job_on_the_shipped_pipeline_learns_the_subject(tmp_path):
     assert adapted >= 0.75 and base <= 0.25, report
 
 
-@pytest.mark.skipif(not dreambooth.available(), reason="the pretrained toy-world pipeline is not shipped yet")
+@pytest.mark.skipif(not preset.available(), reason="the pretrained toy-world pipeline is not shipped yet")
 def test_the_base_scores_are_measured_once_per_pipeline_version(tmp_path):
     """The main job's report reads the base pipeline's scores from a cache after the first run: the same numbers
     as measuring again, and the base pipeline is not even loaded."""
     from diffusers import StableDiffusionPipeline
 
-    from svdiff_tools.toyworld import evaluate, metric
+    from svdiff_toyworld import evaluate, metric
 
     net, loads = metric.load(), []
 
@@ -162,31 +163,31 @@ def test_the_base_scores_are_measured_once_per_pipeline_version(tmp_path):
     adapted = load_base()  # no adapter: "adapted" and "base" must then read the same
     cache = tmp_path / "base.json"
     kwargs = dict(seeds=range(2), steps=3, guidance=5.0, net=net, base_cache=cache)
-    first = evaluate.dreambooth_report(adapted, load_base, dreambooth.SUBJECT, **kwargs)
+    first = evaluate.dreambooth_report(adapted, load_base, preset.SUBJECT, **kwargs)
     assert len(loads) == 2 and cache.is_file() and first["adapted"] == first["base"]
     written = cache.stat().st_mtime_ns
-    again = evaluate.dreambooth_report(adapted, load_base, dreambooth.SUBJECT, **kwargs)
+    again = evaluate.dreambooth_report(adapted, load_base, preset.SUBJECT, **kwargs)
     assert len(loads) == 2 and again == first and cache.stat().st_mtime_ns == written  # all hits: not rewritten
-    other_seeds = evaluate.dreambooth_report(adapted, load_base, dreambooth.SUBJECT, **dict(kwargs, seeds=[5]))
+    other_seeds = evaluate.dreambooth_report(adapted, load_base, preset.SUBJECT, **dict(kwargs, seeds=[5]))
     assert len(loads) == 3 and len(json.loads(cache.read_text())) == 4  # 2 prompts x 2 seed sets
     cache.write_text("{not json")  # a damaged cache is measured again, not trusted
-    assert evaluate.dreambooth_report(adapted, load_base, dreambooth.SUBJECT, **kwargs) == first and len(loads) == 4
-    assert other_seeds["base"]["instance"]["prompt"] == dreambooth.SUBJECT.instance_prompt
+    assert evaluate.dreambooth_report(adapted, load_base, preset.SUBJECT, **kwargs) == first and len(loads) == 4
+    assert other_seeds["base"]["instance"]["prompt"] == preset.SUBJECT.instance_prompt
 
 
-@pytest.mark.skipif(not dreambooth.available(), reason="the pretrained toy-world pipeline is not shipped yet")
+@pytest.mark.skipif(not preset.available(), reason="the pretrained toy-world pipeline is not shipped yet")
 def test_the_evaluate_command_reads_an_adapter_on_other_seeds(tmp_path, monkeypatch, capsys):
     """An adapter at its identity (svdiff at init) must read exactly as the base on every prompt."""
     from diffusers import UNet2DConditionModel
 
     import svdiff_tools as st
-    from svdiff_tools.toyworld import evaluate
+    from svdiff_toyworld import evaluate, measure
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     unet = UNet2DConditionModel.from_pretrained(assets.pipeline_path(), subfolder="unet")
     st.inject_adapter(unet, st.SVDAdapterConfig(method="svdiff", target_modules="unet-attention"))
     st.save_adapter(unet, tmp_path / "svd_adapter.safetensors")
-    evaluate.main([str(tmp_path), "--first_seed", "7", "--num_images", "2", "--num_inference_steps", "3",
+    measure.main([str(tmp_path), "--first_seed", "7", "--num_images", "2", "--num_inference_steps", "3",
                    "--subject", "example_robot"])  # any shipped subject: its prompts and its renders
     out = capsys.readouterr().out
     assert out.startswith(f"## {tmp_path}: seeds 7-8\n")

@@ -12,12 +12,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import svdiff_tools.diffusers  # noqa: F401  (pipe.load_svd_adapter)
-from svdiff_tools.training.tiny import tiny_pipeline_path
-from svdiff_tools.training.args import EXAMPLE_DATA
-from svdiff_tools.training.data import open_rgb
+from svdiff_trainer.tiny import tiny_pipeline_path
+from svdiff_trainer.args import EXAMPLE_DATA
+from svdiff_trainer.data import open_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = str(ROOT / "train_dreambooth.py")
+TOY_SUBJECTS = ROOT / "toyworld" / "svdiff_toyworld" / "data" / "subjects"
 sys.path.insert(0, str(ROOT))
 import train_dreambooth  # noqa: E402
 
@@ -156,7 +157,7 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_half_written_checkpoint_is_never_picked(tmp_path):
-    from svdiff_tools.training import checkpoints
+    from svdiff_trainer import checkpoints
 
     config = {"method": "svfit"}
     (tmp_path / checkpoints.RUN_FILE).write_text('{"run_id": "r1", "config": {"method": "svfit"}}')
@@ -343,7 +344,7 @@ def test_pissa_export_is_the_trained_model_on_the_original_weights(tmp_path):
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from svdiff_tools.training.tiny import tiny_pipeline
+    from svdiff_trainer.tiny import tiny_pipeline
 
     pipe = tiny_pipeline("sd15")
     unet = copy.deepcopy(pipe.unet)
@@ -357,7 +358,7 @@ def test_pissa_export_is_the_trained_model_on_the_original_weights(tmp_path):
     x, t, e = torch.randn(1, 4, 16, 16, generator=g), torch.tensor([10]), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
         trained, base = unet(x, t, e).sample, pipe.unet(x, t, e).sample
-    from svdiff_tools.training.backends import PeftLoraBackend
+    from svdiff_trainer.backends import PeftLoraBackend
 
     backend = PeftLoraBackend(argparse.Namespace(method="pissa", train_text_encoder=False))
     backend.pissa_init = init
@@ -374,7 +375,7 @@ def test_validation_images_do_not_depend_on_the_batch_size(tmp_path):
     the same picture however many are rendered with it (the toy-world report measures these images)."""
     import argparse
 
-    from svdiff_tools.training.validation import render_validation
+    from svdiff_trainer.validation import render_validation
 
     pipe = base_pipe()
     rows = {}
@@ -394,20 +395,20 @@ def test_validation_images_do_not_depend_on_the_batch_size(tmp_path):
 
 
 def test_text_encoder_training_is_off_by_default_and_can_be_turned_off(monkeypatch):
-    from svdiff_tools.training.args import parse_args
+    from svdiff_trainer.args import parse_args
 
     assert parse_args(["--method", "svfit"]).train_text_encoder is False  # the tiny model: diffusers' default
     assert parse_args(["--method", "svfit", "--train_text_encoder"]).train_text_encoder is True
-    from svdiff_tools.toyworld import dreambooth
+    from svdiff_toyworld import preset
 
-    if dreambooth.available():  # the toy world turns it on (`TRAIN_TEXT_ENCODER`); the user's flag still wins
+    if preset.available():  # the toy world turns it on (`TRAIN_TEXT_ENCODER`); the user's flag still wins
         monkeypatch.delenv("SVDIFF_TOOLS_EMBEDDED", raising=False)
-        assert parse_args(["--method", "svfit"]).train_text_encoder is dreambooth.TRAIN_TEXT_ENCODER
+        assert parse_args(["--method", "svfit"]).train_text_encoder is preset.TRAIN_TEXT_ENCODER
         assert parse_args(["--method", "svfit", "--no-train_text_encoder"]).train_text_encoder is False
 
 
 def test_caption_files_give_each_image_its_own_prompt(tmp_path, caplog):
-    from svdiff_tools.training.data import DreamBoothDataset, SubjectData, load_captions, load_folder
+    from svdiff_trainer.data import DreamBoothDataset, SubjectData, load_captions, load_folder
 
     for i, name in enumerate(("a", "b", "c")):
         Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(tmp_path / f"{name}.png")
@@ -432,11 +433,11 @@ def test_caption_files_give_each_image_its_own_prompt(tmp_path, caplog):
 
 @pytest.mark.parametrize("name", ["example_toy", "example_robot", "example_car", "example_subject"])
 def test_the_shipped_subjects_are_captioned_with_what_their_views_change(name):
-    from svdiff_tools.toyworld.world import SUBJECTS
-    from svdiff_tools.training.data import load_captions
+    from svdiff_toyworld.world import SUBJECTS
+    from svdiff_trainer.data import load_captions
 
     subject = SUBJECTS["example_toy" if name == "example_subject" else name]
-    folder = EXAMPLE_DATA if name == "example_subject" else EXAMPLE_DATA.parent / "toyworld" / "subjects" / name
+    folder = EXAMPLE_DATA if name == "example_subject" else TOY_SUBJECTS / name
     captions = load_captions(folder, ".txt", "unused")
     views = subject.views(len(captions))
     assert len(captions) == 5 and captions == [subject.caption(view) for view in views]
@@ -446,7 +447,7 @@ def test_the_shipped_subjects_are_captioned_with_what_their_views_change(name):
 
 
 def test_caption_probability_mixes_captions_with_the_instance_prompt(tmp_path):
-    from svdiff_tools.training.data import DreamBoothDataset, SubjectData
+    from svdiff_trainer.data import DreamBoothDataset, SubjectData
 
     images = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(2)]
     subject = SubjectData(images, "", "", "P", ["caption 0", "caption 1"])
@@ -466,9 +467,9 @@ def test_the_toy_world_report_measures_only_a_shipped_subject_under_its_own_prom
     where its figures would describe the wrong subject."""
     import shutil
 
-    from svdiff_tools.toyworld.assets import DATA
-    from svdiff_tools.toyworld.dreambooth import shipped_subject
-    from svdiff_tools.training.args import EXAMPLE_DATA
+    from svdiff_toyworld.assets import DATA
+    from svdiff_toyworld.preset import shipped_subject
+    from svdiff_trainer.args import EXAMPLE_DATA
 
     assert shipped_subject(EXAMPLE_DATA, "a photo of sks toy").name == "example_toy"
     robot = shutil.copytree(DATA / "subjects" / "example_robot", tmp_path / "my_robot")
@@ -482,8 +483,8 @@ def test_the_toy_world_report_measures_only_a_shipped_subject_under_its_own_prom
 
 def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     """Flags the user gives win over the toy world's per-method defaults; the card states what was in effect."""
-    from svdiff_tools.training.args import TrainingInputError, parse_args, validate
-    from svdiff_tools.training.validation import training_settings
+    from svdiff_trainer.args import TrainingInputError, parse_args, validate
+    from svdiff_trainer.validation import training_settings
 
     tiny = parse_args(["--method", "svfit"])
     assert (tiny.lr_scheduler, tiny.caption_probability, tiny.prior_loss_weight) == ("constant", 1.0, 1.0)
@@ -491,15 +492,15 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     assert "captions" not in training_settings(tiny) and training_settings(tiny)["text encoder"] == "frozen"
     assert training_settings(tiny, captioned=3)["captions"] == "3 caption files, used on every step"
     assert training_settings(tiny, captioned=0)["captions"].startswith("none (no caption files")
-    from svdiff_tools.toyworld import dreambooth
+    from svdiff_toyworld import preset
 
-    if not dreambooth.available():
+    if not preset.available():
         pytest.skip("the pretrained toy-world pipeline is not shipped")
     monkeypatch.delenv("SVDIFF_TOOLS_EMBEDDED", raising=False)
-    svfit, wanted = parse_args(["--method", "svfit"]), dreambooth.METHOD_DEFAULTS["svfit"]
+    svfit, wanted = parse_args(["--method", "svfit"]), preset.METHOD_DEFAULTS["svfit"]
     assert (svfit.learning_rate, svfit.lr_scheduler, svfit.rank) == (wanted.learning_rate, wanted.lr_scheduler,
                                                                      wanted.rank)
-    assert svfit.caption_probability == wanted.caption_probability == dreambooth.CAPTION_PROBABILITY
+    assert svfit.caption_probability == wanted.caption_probability == preset.CAPTION_PROBABILITY
     vectorfit = parse_args(["--method", "vectorfit"])
     assert vectorfit.caption_probability == 0.0  # captions measured worse there
     assert training_settings(vectorfit)["captions"] == "not used (the instance prompt on every step)"
@@ -521,10 +522,10 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     own_rate = parse_args(["--method", "svfit", "--learning_rate", "1e-2"])  # the text encoder follows it
     assert (own_rate.learning_rate, own_rate.text_encoder_lr) == (1e-2, None)
     assert training_settings(own_rate)["text encoder"] == "adapted"
-    assert parse_args(["--method", "svdiff"]).lr_scheduler == dreambooth.METHOD_DEFAULTS["svdiff"].lr_scheduler
+    assert parse_args(["--method", "svdiff"]).lr_scheduler == preset.METHOD_DEFAULTS["svdiff"].lr_scheduler
 
     # the cached class images are kept per sampling setting: a quick 2-step run must not leave its images to others
-    assert Path(svfit.class_data_dir) == dreambooth.class_data_dir(25, 5.0, 64)
+    assert Path(svfit.class_data_dir) == preset.class_data_dir(25, 5.0, 64)
     assert Path(svfit.class_data_dir).parent.name.endswith("-25steps-cfg5-64px")
     quick = parse_args(["--method", "svfit", "--num_inference_steps", "2"])
     assert (quick.num_inference_steps, quick.resolution) == (2, 64)
@@ -542,7 +543,7 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
 def test_validation_renders_each_step_once_and_the_last_from_the_saved_file(tmp_path, monkeypatch):
     """--validation_steps renders in the loop; the last step's images are the final check's (the adapter read back
     from its file), so the loop skips that step instead of rendering it twice."""
-    from svdiff_tools.training import validation
+    from svdiff_trainer import validation
 
     rendered = []
     real = validation.render_validation

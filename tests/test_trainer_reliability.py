@@ -18,7 +18,7 @@ from PIL import Image
 from torch import nn
 
 import svdiff_tools as st
-from svdiff_tools.training import checkpoints
+from svdiff_trainer import checkpoints
 
 from test_trainer import _tiny_model_dir, launch  # noqa: F401  (the session fixture builds the tiny model)
 
@@ -70,7 +70,7 @@ def _in_process(monkeypatch, tmp_path, capsys, argv):
 # ------------------------------------------------------------------------------------------ item 3
 def _class_folder(tmp_path, made_by=None, raw=None):
     folder = tmp_path / "class"
-    folder.mkdir()
+    folder.mkdir(parents=True)
     Image.new("RGB", (32, 32), (10, 200, 10)).save(folder / "class_00000.png")
     if made_by is not None or raw is not None:
         (folder / ".class_images.json").write_text(raw if raw is not None else json.dumps({"made_by": made_by}))
@@ -82,14 +82,14 @@ PRIOR = ["--with_prior_preservation", "--class_data_dir", "class", "--class_prom
 
 
 @pytest.mark.parametrize("field,value", [("prompt", "a photo of a car"), ("resolution", 64),
-                                         ("base", "/somewhere/another-model"), ("revision", "v2")])
+                                         ("weights", "0" * 24), ("revision", "v2")])
 def test_class_images_made_for_another_base_prompt_or_resolution_are_refused(tmp_path, monkeypatch, capsys,
                                                                               field, value):
     """Item 3: the record beside the class images must name this run's base, revision, variant, prompt and
     resolution; a mismatch is refused before any model loads."""
-    from svdiff_tools.training.args import parse_args
-    from svdiff_tools.training.base_model import resolve_base
-    from svdiff_tools.training.validation import class_images_made_by
+    from svdiff_trainer.args import parse_args
+    from svdiff_trainer.base_model import resolve_base
+    from svdiff_trainer.validation import class_images_made_by
 
     monkeypatch.chdir(tmp_path)
     args = parse_args(PRIOR)
@@ -97,8 +97,38 @@ def test_class_images_made_for_another_base_prompt_or_resolution_are_refused(tmp
     _class_folder(tmp_path, made_by)
     code, err, loaded = _in_process(monkeypatch, tmp_path, capsys, PRIOR)
     assert code == 2 and "\n" not in err and not loaded, err
-    assert f"holds class images made with another {field}" in err and "pass another --class_data_dir" in err
-    assert not (tmp_path / "out").exists()
+    assert f"holds class images made with another {field}" in err
+    assert "pass another --class_data_dir" in err and not (tmp_path / "out").exists()
+
+
+def test_class_images_follow_their_base_by_weights_not_by_path(tmp_path, caplog):
+    """The record identifies a local base by a digest of its files: a moved or copied folder (a package upgrade
+    moves the embedded one) is the same base, a folder whose files changed is not; a record from before the
+    digests whose folder is gone is used with one warning, one that names another existing folder is refused."""
+    import shutil
+
+    from svdiff_trainer.args import TrainingInputError, parse_args
+    from svdiff_trainer.base_model import resolve_base
+    from svdiff_trainer.validation import check_class_images, class_images_made_by
+
+    args = parse_args(PRIOR)
+    base = Path(resolve_base(args))
+    made_by = class_images_made_by(args, str(base), "a photo of a toy")
+    moved = tmp_path / "moved-base"
+    shutil.copytree(base, moved)
+    at_new_place = class_images_made_by(args, str(moved), "a photo of a toy")
+    assert at_new_place["base"] != made_by["base"] and at_new_place["weights"] == made_by["weights"]
+    check_class_images(_class_folder(tmp_path / "a", made_by), at_new_place)  # accepted, silently
+    (moved / "unet" / "config.json").write_text((moved / "unet" / "config.json").read_text() + " ")
+    changed = class_images_made_by(args, str(moved), "a photo of a toy")
+    with pytest.raises(TrainingInputError, match="made with another weights"):
+        check_class_images(_class_folder(tmp_path / "b", at_new_place), changed)
+    old_record = {k: v for k, v in made_by.items() if k != "weights"}
+    with caplog.at_level(logging.WARNING):
+        check_class_images(_class_folder(tmp_path / "c", dict(old_record, base="/gone/svdiff_tools/data/x")), made_by)
+    assert "names a base folder that no longer exists" in caplog.text
+    with pytest.raises(TrainingInputError, match="made with another base"):
+        check_class_images(_class_folder(tmp_path / "d", dict(old_record, base=str(tmp_path))), made_by)
 
 
 def test_an_unreadable_class_image_record_is_refused(tmp_path, monkeypatch, capsys):
@@ -108,7 +138,7 @@ def test_an_unreadable_class_image_record_is_refused(tmp_path, monkeypatch, caps
 
 
 def test_class_images_without_a_record_are_used_with_one_warning(tmp_path, caplog):
-    from svdiff_tools.training.validation import check_class_images
+    from svdiff_trainer.validation import check_class_images
 
     folder = _class_folder(tmp_path)
     with caplog.at_level(logging.WARNING):
@@ -139,14 +169,14 @@ def test_generated_class_images_are_recorded_and_reused(tmp_path):
     ("a photo of zwx car", "a photo of a car", "zwx"), ("a photo of a dog", None, None),
 ])
 def test_the_identifier_is_read_from_the_prompt(prompt, class_prompt, identifier):
-    from svdiff_tools.training.data import prompt_identifier
+    from svdiff_trainer.data import prompt_identifier
 
     assert prompt_identifier(prompt, class_prompt) == identifier
 
 
 def test_captions_that_name_another_identifier_are_warned_about_once(tmp_path, caplog):
     """Item 4: a ``zwx`` caption in a ``sks`` run trains the subject under another word: one warning names it."""
-    from svdiff_tools.training.data import warn_captions_without
+    from svdiff_trainer.data import warn_captions_without
 
     for name, caption in (("a", "a photo of sks dog on grass"), ("b", "a photo of zwx dog"), ("c", None),
                           ("d", "a photo of a dog")):
@@ -278,13 +308,26 @@ def test_a_tampered_run_json_is_one_sentence(tmp_path, monkeypatch, capsys, cont
 
 
 @pytest.mark.parametrize("rank", ["nan", "inf", "1e9", "abc", "-1", "1.5"])
-def test_export_rank_flags_are_one_sentence(tmp_path, rank):
+def test_export_rank_flags_are_one_sentence(rank, capsys):
+    """Both parsers (pipelines/export.py --rank, the trainer's --export_lora_rank) in this process."""
+    from pipelines import export
+
+    for parse, argv in ((export.parse_args, ["--adapter", "a", "--lora", "l.safetensors", f"--rank={rank}"]),
+                        (train_dreambooth.parse_args, [f"--export_lora_rank={rank}"])):
+        with pytest.raises(SystemExit) as exit_:
+            parse(argv)
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in err
+        assert f"'{rank}' is not a LoRA rank: give 0 (exact), a positive int" in err.strip().splitlines()[-1]
+
+
+def test_export_rank_flag_ends_both_commands_in_one_sentence(tmp_path):
     for cmd in ([sys.executable, str(ROOT / "pipelines" / "export.py"), "--adapter", "a", "--lora", "l.safetensors",
-                 f"--rank={rank}"],
-                [sys.executable, str(ROOT / "train_dreambooth.py"), f"--export_lora_rank={rank}"]):
+                 "--rank=nan"],
+                [sys.executable, str(ROOT / "train_dreambooth.py"), "--export_lora_rank=nan"]):
         done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == 2 and "Traceback" not in done.stderr
-        assert f"'{rank}' is not a LoRA rank: give 0 (exact), a positive int" in done.stderr.strip().splitlines()[-1]
+        assert "'nan' is not a LoRA rank: give 0 (exact), a positive int" in done.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.parametrize("flags,match", [

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from svdiff_tools.training import checkpoints
+from svdiff_trainer import checkpoints
 
 from test_trainer import _tiny_model_dir, launch  # noqa: F401  (the session fixture builds the tiny model)
 
@@ -123,8 +123,8 @@ def test_class_images_appear_only_when_complete(tmp_path, monkeypatch):
 
     from PIL import Image
 
-    from svdiff_tools.training.args import list_images
-    from svdiff_tools.training.validation import generate_class_images
+    from svdiff_trainer.args import list_images
+    from svdiff_trainer.validation import generate_class_images
 
     class Pipe:
         def __call__(self, prompts, generator=None, **_):

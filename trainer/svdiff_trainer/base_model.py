@@ -11,14 +11,11 @@ from .args import TrainingInputError
 
 
 def resolve_base(args) -> str:
-    if args.embedded_kind == "toyworld":
-        from ..toyworld import dreambooth
+    """The base's diffusers folder or hub id: the embedded preset's folder when no model was named."""
+    if args.embedded_kind is not None:
+        from .presets import choose
 
-        return str(dreambooth.pipeline_folder())
-    if args.embedded_kind == "tiny":
-        from .tiny import tiny_pipeline_path
-
-        return str(tiny_pipeline_path("sd15"))
+        return str(choose(args.embedded_kind).pipeline_folder())
     return args.pretrained_model_name_or_path
 
 

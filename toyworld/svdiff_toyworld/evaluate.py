@@ -18,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..atomic import write_text
+from svdiff_tools.atomic import write_text
 
 from . import metric
 from .gate import generate
@@ -128,47 +128,3 @@ def report_lines(report: dict) -> List[str]:
             attr = f"{r['attribute']:.0%}" if "attribute" in r else ""
             lines.append(f"| {label} | `{r['prompt']}` | {identified_text(r)} | {r['similarity']:.3f} | {attr} |")
     return lines
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    """Read a trained svd adapter again on other seeds (more images than the trainer's validation):
-
-        python -m svdiff_tools.toyworld.evaluate OUTPUT_DIR [OUTPUT_DIR ...] --first_seed 100 --num_images 32
-    """
-    import argparse
-
-    from diffusers import StableDiffusionPipeline
-
-    import svdiff_tools.diffusers  # noqa: F401  (load_svd_adapter)
-
-    from . import dreambooth
-    from .assets import pipeline_path
-
-    p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    p.add_argument("adapters", nargs="+", help="trainer output folders (or adapter files) of one shipped subject")
-    p.add_argument("--subject", default=dreambooth.SUBJECT.name, choices=sorted(SUBJECTS),
-                   help="the shipped subject they were trained on")
-    p.add_argument("--first_seed", type=int, default=100)
-    p.add_argument("--num_images", type=int, default=32, help="per prompt")
-    p.add_argument("--num_inference_steps", type=int, default=dreambooth.INFERENCE_STEPS)
-    p.add_argument("--guidance_scale", type=float, default=dreambooth.GUIDANCE)
-    args = p.parse_args(argv)
-
-    def load_base():
-        return StableDiffusionPipeline.from_pretrained(pipeline_path(), safety_checker=None,
-                                                       requires_safety_checker=False)
-
-    net = metric.load()
-    for adapter in args.adapters:
-        pipe = load_base()
-        pipe.load_svd_adapter(adapter)
-        report = dreambooth_report(pipe, load_base, SUBJECTS[args.subject], net=net,
-                                   seeds=range(args.first_seed, args.first_seed + args.num_images),
-                                   steps=args.num_inference_steps, guidance=args.guidance_scale,
-                                   base_cache=dreambooth.base_report_cache())
-        print(f"## {adapter}: seeds {args.first_seed}-{args.first_seed + args.num_images - 1}")
-        print("\n".join(report_lines(report)), flush=True)
-
-
-if __name__ == "__main__":
-    main()

@@ -11,12 +11,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from ..config import BASIS_STORAGE, SVFT_PATTERNS
-from ..export import rank_argument
-from ..methods import METHODS, REGISTRY
-from ..targets import PRESETS
+from svdiff_tools.config import BASIS_STORAGE, SVFT_PATTERNS
+from svdiff_tools.export import rank_argument
+from svdiff_tools.methods import METHODS, REGISTRY
+from svdiff_tools.targets import PRESETS
 
-EXAMPLE_DATA = Path(__file__).resolve().parent.parent / "data" / "example_subject"
+from . import presets
+from .presets import EXAMPLE_DATA
+
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 PEFT_METHODS = {"lora": "diffusers' train_dreambooth_lora.py default", "pissa": "as LoRA"}  # the PEFT backend's
 PEFT_LR = 1e-4
@@ -121,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr_scheduler", default=None,
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
                    help="default: constant (on the toy world svfit decays on a cosine: METHOD_DEFAULTS in "
-                        "svdiff_tools/toyworld/dreambooth.py)")
+                        "svdiff_toyworld/preset.py)")
     t.add_argument("--lr_warmup_steps", type=int, default=0)
     t.add_argument("--lr_num_cycles", type=int, default=1)
     t.add_argument("--use_8bit_adam", action="store_true", help="needs bitsandbytes (pip install svdiff-tools[bnb])")
@@ -184,18 +186,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 def fill_defaults(args: argparse.Namespace) -> None:
     embedded = args.pretrained_model_name_or_path is None
     args.embedded_model = embedded
-    args.embedded_kind = _embedded_kind() if embedded else None
+    args.embedded_kind = None
     args.validation_prompts = args.validation_prompts or None
     args.subjects = [parse_subject(spec) for spec in args.subject or []]
     if args.subjects:
         first = args.subjects[0]
         args.instance_data_dir, args.instance_prompt = str(first.folder), first.prompt
-    if args.embedded_kind == "toyworld":
-        _toyworld_defaults(args, subject_preset=args.instance_data_dir is None)
-    tiny = args.embedded_kind == "tiny"
+    if embedded:
+        _preset_defaults(args)
     _fill(args, train_text_encoder=False, caption_probability=1.0, prior_loss_weight=1.0, lr_scheduler="constant",
-          resolution=32 if tiny else 64 if embedded else 512, max_train_steps=12 if tiny else None,
-          num_class_images=100, num_validation_images=2, num_inference_steps=4 if tiny else 25, guidance_scale=7.5)
+          resolution=64 if embedded else 512, num_class_images=100, num_validation_images=2, num_inference_steps=25,
+          guidance_scale=7.5)
     if args.instance_data_dir is None:
         args.instance_data_dir = str(EXAMPLE_DATA)
         args.instance_prompt = args.instance_prompt or "a photo of sks toy"
@@ -215,8 +216,6 @@ def fill_defaults(args: argparse.Namespace) -> None:
     if args.validation_prompts is None:
         args.validation_prompts = [args.validation_prompt]
         if len(args.subjects) > 1:  # every subject, and the first two together
-            from .data import mixed_prompt
-
             args.validation_prompts = [sub.prompt for sub in args.subjects] + [
                 mixed_prompt(args.subjects[0], args.subjects[1])]
     else:
@@ -236,23 +235,17 @@ class SubjectSpec:
         return f"a photo of {self.identifier} {self.class_word}"
 
 
+def mixed_prompt(left, right) -> str:
+    """The prompt of a Cut-Mix image: ``left`` and ``right`` are subjects (an identifier and a class word each)."""
+    return f"a photo of {left.identifier} {left.class_word} on the left and {right.identifier} {right.class_word} " \
+           "on the right"
+
+
 def parse_subject(spec: str) -> SubjectSpec:
     parts = spec.rsplit(":", 2)
     if len(parts) != 3 or not all(p.strip() for p in parts):
         raise TrainingInputError(f"--subject {spec!r} must be DIR:IDENTIFIER:CLASS, e.g. ./dog:sks:dog.")
     return SubjectSpec(Path(parts[0]), parts[1].strip(), parts[2].strip())
-
-
-def _embedded_kind() -> str:
-    """"toyworld" where the pretrained toy-world pipeline is shipped, else "tiny" (random weights);
-    ``SVDIFF_TOOLS_EMBEDDED=tiny`` picks the tiny one (the test suite's fast runs)."""
-    import os
-
-    from ..toyworld import dreambooth
-
-    if os.environ.get("SVDIFF_TOOLS_EMBEDDED") == "tiny" or not dreambooth.available():
-        return "tiny"
-    return "toyworld"
 
 
 def _fill(args: argparse.Namespace, **defaults) -> None:
@@ -262,36 +255,29 @@ def _fill(args: argparse.Namespace, **defaults) -> None:
             setattr(args, name, value)
 
 
-def _toyworld_defaults(args: argparse.Namespace, subject_preset: bool) -> None:
-    """On the toy world (flags the user gave win): per-method learning rate and steps for this world, 64 px,
-    more validation images; with ``subject_preset`` (no data flags) also the shipped subject, prior
-    preservation with cached class images and the recontextualisation validation prompt."""
-    from ..toyworld import dreambooth as toy
-
-    defaults = toy.METHOD_DEFAULTS[args.method]
-    if args.text_encoder_lr is None and args.learning_rate is None:  # a rate the user gives covers both
-        args.text_encoder_lr = defaults.text_encoder_lr
-    if args.rank is None and defaults.rank is not None:
-        args.rank = defaults.rank
+def _preset_defaults(args: argparse.Namespace) -> None:
+    """The embedded base's flag defaults (flags the user gave win; a learning rate the user gives covers the text
+    encoder too); with no data flags also its shipped subject: folder, prompts, prior preservation, class images
+    and validation prompts (`presets.Preset`)."""
+    try:
+        preset = presets.choose()
+    except ValueError as exc:
+        raise TrainingInputError(str(exc)) from None
+    args.embedded_kind = preset.name
+    defaults = preset.defaults(args.method)
+    if args.learning_rate is not None:
+        defaults.pop("text_encoder_lr", None)
     # `is None`, not `or`: a 0 the user gives is theirs (guidance 0 is unconditional sampling; a count of 0 is
-    # refused by `validate`), never silently replaced by the world's default
-    _fill(args, learning_rate=defaults.learning_rate, max_train_steps=defaults.steps,
-          lr_scheduler=defaults.lr_scheduler, num_validation_images=toy.NUM_VALIDATION_IMAGES,
-          guidance_scale=toy.GUIDANCE, num_inference_steps=toy.INFERENCE_STEPS, resolution=toy.RESOLUTION,
-          train_text_encoder=toy.TRAIN_TEXT_ENCODER, caption_probability=defaults.caption_probability,
-          prior_loss_weight=defaults.prior_loss_weight)
-    if not subject_preset:
+    # refused by `validate`), never silently replaced by the preset's default
+    _fill(args, **defaults)
+    if args.instance_data_dir is not None:
         return
-    args.instance_data_dir = str(EXAMPLE_DATA)
-    args.with_prior_preservation = True
-    args.instance_prompt = args.instance_prompt or toy.SUBJECT.instance_prompt
-    args.class_prompt = args.class_prompt or toy.SUBJECT.class_prompt
-    _fill(args, num_class_images=toy.NUM_CLASS_IMAGES)
-    if not args.class_data_dir:
-        args.class_data_dir = str(toy.class_data_dir(args.num_inference_steps, args.guidance_scale, args.resolution))
-    if args.validation_prompt is None and args.validation_prompts is None:
-        args.validation_prompts = toy.validation_prompts()
-        args.validation_prompt = args.validation_prompts[0]
+    subject = preset.subject(args.num_inference_steps, args.guidance_scale, args.resolution)
+    args.with_prior_preservation = args.with_prior_preservation or subject.pop("with_prior_preservation", False)
+    if args.validation_prompt is not None or args.validation_prompts is not None:
+        subject.pop("validation_prompts", None)
+    args.instance_data_dir = subject.pop("instance_data_dir")
+    _fill(args, **subject)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -356,7 +342,7 @@ def validate(args: argparse.Namespace) -> None:
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         fail("--checkpoints_total_limit must be at least 1.")
     if args.method in METHODS:
-        from ..errors import SVDConfigError
+        from svdiff_tools.errors import SVDConfigError
 
         try:
             spectral_config(args)
@@ -376,7 +362,7 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def _spectral_lr(args: argparse.Namespace) -> float:
-    from ..errors import SVDConfigError
+    from svdiff_tools.errors import SVDConfigError
 
     try:
         return REGISTRY[args.method].learning_rate(spectral_config(args))
@@ -386,7 +372,7 @@ def _spectral_lr(args: argparse.Namespace) -> float:
 
 def spectral_config(args: argparse.Namespace, train_text_encoder: bool = False):
     """The `SVDAdapterConfig` for the UNet (or, with ``train_text_encoder``, the text encoders)."""
-    from ..config import SVDAdapterConfig
+    from svdiff_tools.config import SVDAdapterConfig
 
     rank = args.rank if REGISTRY[args.method].rank_forms else None
     return SVDAdapterConfig(

@@ -5,7 +5,7 @@ the metric network reads every generated image; an attribute counts as correct w
 what the prompt names. Reported per attribute over the prompts that name it, and the same on prompts
 whose (class, shape, colour) combination was held out of pretraining (compositional generalisation).
 
-    python -m svdiff_tools.toyworld.gate [--pipeline DIR] [--prompts 256] [--seeds 4] [--grid docs/x.png]
+    python -m svdiff_toyworld.gate [--pipeline DIR] [--prompts 256] [--seeds 4] [--grid docs/x.png]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 
-from ..atomic import save_image
+from svdiff_tools.atomic import save_image
 
 from . import metric
 from .render import render_tensor

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..atomic import remove_orphans, save_image, write_text
+from svdiff_tools.atomic import remove_orphans, save_image, write_text
 from .args import TrainingInputError, list_images
 
 logger = logging.getLogger(__name__)
@@ -21,11 +23,45 @@ CLASS_RECORD = ".class_images.json"
 
 
 def class_images_made_by(args, base: str, prompt: str) -> dict:
-    """What makes class images, as recorded beside them: the base model (a local folder as its absolute path),
-    its revision and variant, the class prompt and the resolution."""
+    """What makes class images, as recorded beside them: the base model (a local folder as its absolute path, and
+    its ``weights`` digest, so a moved or copied folder is still the same base), its revision and variant, the
+    class prompt and the resolution."""
     local = Path(base).expanduser()
-    return {"base": str(local.resolve()) if local.exists() else base, "revision": args.revision,
-            "variant": args.variant, "prompt": prompt, "resolution": args.resolution}
+    return {"base": str(local.resolve()) if local.exists() else base, "weights": weights_digest(local),
+            "revision": args.revision, "variant": args.variant, "prompt": prompt, "resolution": args.resolution}
+
+
+def weights_digest(folder: Path) -> Optional[str]:
+    """blake2b over a local model folder's files: each one's path inside the folder, its size and its first and last
+    MiB (whole files are not read: a Stable Diffusion folder holds gigabytes); None where ``folder`` is not a
+    folder (a hub id)."""
+    if not folder.is_dir():
+        return None
+    digest = hashlib.blake2b(digest_size=12)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        size = path.stat().st_size
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            digest.update(f.read(2 ** 20))
+            if size > 2 ** 21:
+                f.seek(-2 ** 20, os.SEEK_END)
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def _same_base(recorded: dict, made_by: dict) -> bool:
+    """The same weights where both records carry a digest; else the same path or id, except that a record from
+    before the digests whose folder is gone (the package moved) is taken as it is, with one warning."""
+    if recorded.get("weights") and made_by.get("weights"):
+        return recorded["weights"] == made_by["weights"]
+    if recorded.get("base") == made_by["base"]:
+        return True
+    gone = "weights" not in recorded and Path(str(recorded.get("base"))).is_absolute() \
+        and not Path(str(recorded.get("base"))).exists()
+    if gone:
+        logger.warning("the class images' record names a base folder that no longer exists (%s) and predates weight "
+                       "digests; they are used as images of this run's base %s", recorded.get("base"), made_by["base"])
+    return gone
 
 
 def check_class_images(folder: Path, made_by: dict) -> None:
@@ -43,12 +79,16 @@ def check_class_images(folder: Path, made_by: dict) -> None:
             raise TrainingInputError(f"{record} (what made the class images in {folder}) is unreadable; delete that "
                                      "folder to have the class images regenerated, or pass another "
                                      "--class_data_dir.") from None
-        for key, value in made_by.items():
-            if recorded.get(key) != value:
-                raise TrainingInputError(f"--class_data_dir {folder} holds class images made with another {key} "
-                                         f"({recorded.get(key)!r}; this run: {value!r}), which would train the prior "
-                                         "on the wrong images; pass another --class_data_dir, or empty that folder "
-                                         "to have them regenerated.")
+        differs = [k for k, value in made_by.items() if k not in ("base", "weights") and recorded.get(k) != value]
+        if not _same_base(recorded, made_by):
+            differs.insert(0, "base")
+        for key in differs[:1]:
+            if key == "base" and recorded.get("base") == made_by["base"]:
+                key = "weights"  # the same folder, other files in it
+            raise TrainingInputError(f"--class_data_dir {folder} holds class images made with another {key} "
+                                     f"({recorded.get(key)!r}; this run: {made_by[key]!r}), which would train the "
+                                     "prior on the wrong images; pass another --class_data_dir, or empty that folder "
+                                     "to have them regenerated.")
     elif folder.is_dir() and (images := list_images(folder)):
         logger.warning("%d class images in %s carry no record of what made them (your own photos, or made by an "
                        "older svdiff-tools); prior preservation uses them as images of %r. Empty the folder to have "
@@ -66,6 +106,7 @@ def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     remove_orphans(folder, older_than_s=3600)  # a killed run's temporary files, not a running one's
+    _upgrade_record(folder / CLASS_RECORD, made_by)
     missing = args.num_class_images - len(list_images(folder))
     if missing <= 0:
         return
@@ -91,6 +132,17 @@ def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder
             done += n
             bar.update(n)
     del pipe
+
+
+def _upgrade_record(record: Path, made_by: dict) -> None:
+    """A record from before weight digests, accepted by `check_class_images`, is rewritten with this run's (so its
+    warning is given once)."""
+    try:
+        data = json.loads(record.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if isinstance(data, dict) and isinstance(data.get("made_by"), dict) and "weights" not in data["made_by"]:
+        write_text(record, json.dumps(dict(data, made_by=made_by), indent=2, sort_keys=True))
 
 
 def validation_seed(args) -> int:
@@ -170,28 +222,42 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
     rows = render_validation(args, pipe, steps, output_dir / "validation", None)
     grid = output_dir / "grid.png"
     save_image(labelled_grid(rows, [f"{args.method}, step {steps}: {p}" for p in args.validation_prompts]), grid)
-    report, subject = None, None
-    if args.embedded_kind == "toyworld":
-        from ..toyworld import dreambooth, evaluate
-
-        subject = dreambooth.shipped_subject(args.instance_data_dir, args.instance_prompt)
-        if subject is None:
-            logging.getLogger("train_dreambooth").info(
-                "no toy-world subject report: %s with `%s` is not a shipped subject under its own prompt (the "
-                "metric network identifies only those)", args.instance_data_dir, args.instance_prompt)
-    if subject is not None:
-        first = validation_seed(args)
-        rendered = dict(zip(args.validation_prompts, rows))  # the images just saved are the ones measured
-        report = evaluate.dreambooth_report(pipe, load_pipeline, subject,
-                                            seeds=range(first, first + args.num_validation_images),
-                                            steps=args.num_inference_steps, guidance=args.guidance_scale,
-                                            rendered=rendered, base_cache=dreambooth.base_report_cache())
-        write_text(output_dir / "toyworld_report.json", json.dumps(report, indent=2))
-        for line in evaluate.report_lines(report):
-            logging.getLogger("train_dreambooth").info("%s", line)
+    report, evaluator = None, None
+    if args.embedded_kind is not None:
+        report, evaluator = measure_subject(args, pipe, load_pipeline, rows, output_dir)
     command = "accelerate launch train_dreambooth.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_model_card(output_dir, base_model=base, embedded=args.embedded_kind, method=args.method,
+    write_model_card(output_dir, base_model=base, preset=embedded_preset(args), method=args.method,
                      trainable=trainable, adapter_file=files[0], instance_prompt=args.instance_prompt,
                      validation_prompt=args.validation_prompts[0], steps=steps, grid=grid, extra_files=files[1:],
-                     command=command, report=report, settings=training_settings(args, captioned))
+                     command=command, report=report, evaluator=evaluator,
+                     settings=training_settings(args, captioned))
     return grid
+
+
+def embedded_preset(args):
+    """The run's embedded base (a `presets.Preset`), or None for a named model."""
+    from .presets import choose
+
+    return choose(args.embedded_kind) if args.embedded_kind is not None else None
+
+
+def measure_subject(args, pipe, load_pipeline, rows, output_dir: Path):
+    """The embedded preset's evaluator on the final images (the ones just saved are the ones measured): its report
+    (also written to ``output_dir``) and the evaluator; (None, None) where the preset has none or cannot measure
+    this folder and prompt."""
+    evaluator = embedded_preset(args).evaluator
+    subject = evaluator.subject_for(Path(args.instance_data_dir), args.instance_prompt) if evaluator else None
+    if subject is None:
+        if evaluator is not None:
+            logging.getLogger("train_dreambooth").info(
+                "no subject report: %s with `%s` is not a subject the %s preset's evaluator measures",
+                args.instance_data_dir, args.instance_prompt, args.embedded_kind)
+        return None, None
+    first = validation_seed(args)
+    report = evaluator.measure(pipe, load_pipeline, subject, seeds=range(first, first + args.num_validation_images),
+                               steps=args.num_inference_steps, guidance=args.guidance_scale,
+                               rendered=dict(zip(args.validation_prompts, rows)))
+    write_text(output_dir / evaluator.report_file, json.dumps(report, indent=2))
+    for line in evaluator.report_lines(report):
+        logging.getLogger("train_dreambooth").info("%s", line)
+    return report, evaluator

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from ..errors import first_line
+from svdiff_tools.errors import first_line
 
 logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -242,7 +242,7 @@ def _resume(path: Path, config: dict) -> RunPlan:
 def start(output_dir: Path, plan: RunPlan) -> None:
     """Main process, before training: record the run; a fresh run removes older runs' checkpoints and every
     temporary file a killed writer left."""
-    from ..atomic import remove_orphans, write_text
+    from svdiff_tools.atomic import remove_orphans, write_text
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -278,6 +278,7 @@ def save(output_dir: Path, step: int, accelerator, state: dict,
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every process's files (its RNG state) are in tmp before it is renamed
         if main:
             for name, tensors in (tensor_files or {}).items():
                 save_file(tensors, str(tmp / name))

@@ -19,7 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset, Sampler
 
-from .args import IMAGE_SUFFIXES, TrainingInputError, list_images
+from .args import IMAGE_SUFFIXES, TrainingInputError, list_images, mixed_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -206,11 +206,6 @@ def cutmix_halves(left: Image.Image, right: Image.Image, resolution: int) -> Ima
         column = np.pad(small, ((top, resolution - half - top), (0, 0), (0, 0)), mode="edge")
         canvas.paste(Image.fromarray(column), (x, 0))
     return canvas
-
-
-def mixed_prompt(left: SubjectData, right: SubjectData) -> str:
-    return f"a photo of {left.identifier} {left.class_word} on the left and {right.identifier} {right.class_word} " \
-           "on the right"
 
 
 class DreamBoothDataset(Dataset):

@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
-from .. import diffusers as _pipeline_verbs  # noqa: F401  (pipe.load_svd_adapter; export_lora of a pipeline)
+from svdiff_tools import diffusers as _pipeline_verbs  # noqa: F401  (pipe.load_svd_adapter; export_lora of a pipeline)
 from .args import PEFT_METHODS, TrainingInputError, spectral_config
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -81,14 +81,14 @@ class SpectralBackend(Backend):
         self.avf = None  # VectorFit's Adaptive Vector Freezing, attached to the optimizer
 
     def check_targets(self, unet, encoders):
-        from ..model import plan_adapters
+        from svdiff_tools.model import plan_adapters
 
         plan_adapters(unet, spectral_config(self.args), "default")
         for encoder in encoders:
             plan_adapters(encoder, spectral_config(self.args, train_text_encoder=True), "default")
 
     def inject(self, unet, encoders):
-        from ..model import inject_adapter
+        from svdiff_tools.model import inject_adapter
 
         inject_adapter(unet, spectral_config(self.args))
         if self.args.train_text_encoder:
@@ -96,7 +96,7 @@ class SpectralBackend(Backend):
                 inject_adapter(encoder, spectral_config(self.args, train_text_encoder=True))
 
     def parameter_groups(self, unet, encoders):
-        from ..model import get_parameter_groups
+        from svdiff_tools.model import get_parameter_groups
 
         args = self.args
         groups = get_parameter_groups(unet, args.learning_rate, lr_1d=args.learning_rate_1d,
@@ -109,7 +109,7 @@ class SpectralBackend(Backend):
         return groups
 
     def state(self, unet, encoders):
-        from ..model import adapter_parameters, get_adapter_names
+        from svdiff_tools.model import adapter_parameters, get_adapter_names
 
         out = {}
         for prefix, model in (("unet", unet), *encoders.items()):
@@ -118,7 +118,7 @@ class SpectralBackend(Backend):
         return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
     def restore(self, unet, encoders, tensors):
-        from ..model import adapter_parameters
+        from svdiff_tools.model import adapter_parameters
 
         for prefix, model in (("unet", unet), *encoders.items()):
             part = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
@@ -129,8 +129,8 @@ class SpectralBackend(Backend):
                         params[name].copy_(value)
 
     def attach(self, optimizer, unet):
-        from ..avf import AdaptiveVectorFreezing
-        from ..methods import REGISTRY
+        from svdiff_tools.avf import AdaptiveVectorFreezing
+        from svdiff_tools.methods import REGISTRY
 
         if REGISTRY[self.args.method].supports_avf and self.args.avf_k > 0:
             self.avf = AdaptiveVectorFreezing.from_model(unet)
@@ -153,8 +153,8 @@ class SpectralBackend(Backend):
             self.avf.load_state_dict(dict(state["avf"], initial=load_file(str(folder / "avf_initial.safetensors"))))
 
     def save_final(self, output_dir, base, pipeline_cls, unet, encoders, load_pipeline):
-        from ..export import export_lora
-        from ..io import component_state, write_adapter_file
+        from svdiff_tools.export import export_lora
+        from svdiff_tools.io import component_state, write_adapter_file
 
         args = self.args
         parts = {name: component_state(model, "default") for name, model in
@@ -186,14 +186,14 @@ class PeftLoraBackend(Backend):
     def _config(self, model, targets):
         from peft import LoraConfig
 
-        from ..targets import resolve_targets
+        from svdiff_tools.targets import resolve_targets
 
         names = [n for n, _ in resolve_targets(model, targets)]
         return LoraConfig(r=self.args.rank, lora_alpha=self.args.rank, target_modules=names,
                           init_lora_weights="pissa" if self.args.method == "pissa" else "gaussian")
 
     def check_targets(self, unet, encoders):
-        from ..targets import resolve_targets
+        from svdiff_tools.targets import resolve_targets
 
         resolve_targets(unet, self.args.target_modules)
         for encoder in encoders:
@@ -322,7 +322,7 @@ def make_backend(args) -> Backend:
 
 def check_targets(backend: Backend, unet: nn.Module, encoders: List[nn.Module]) -> None:
     """`Backend.check_targets` with the library's errors turned into the trainer's one-sentence input errors."""
-    from ..errors import SVDAdapterError
+    from svdiff_tools.errors import SVDAdapterError
 
     try:
         backend.check_targets(unet, encoders)

@@ -1,4 +1,5 @@
-"""The trainer's embedded default: DreamBooth on the shipped toy-world pipeline and subject, offline.
+"""The toy world as the trainer's embedded base: `PRESET`, registered through the entry point
+``svdiff_trainer.presets`` (the trainer's one plug-in point, `svdiff_trainer.presets`).
 
 With no model or data flags, ``accelerate launch train_dreambooth.py --method M`` fine-tunes the pretrained
 toy-world pipeline on the shipped example subject (``a photo of sks toy``) with prior preservation (class
@@ -12,10 +13,13 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+from svdiff_trainer.args import list_images
+from svdiff_trainer.presets import Preset
 
 from .assets import DATA, pipeline_folder
-from .evaluate import recontext_prompt
+from .evaluate import dreambooth_report, recontext_prompt, report_lines
 from .world import SUBJECTS, Subject
 
 SUBJECT = SUBJECTS["example_toy"]
@@ -101,6 +105,27 @@ def class_data_dir(steps: int = INFERENCE_STEPS, guidance: float = GUIDANCE, res
     return _cache_root() / f"class-images-{tag}-{steps}steps-cfg{guidance:g}-{resolution}px" / SUBJECT.class_word
 
 
+def flag_defaults(method: str) -> dict:
+    """The trainer's flag defaults on this world (flags the user gives win): the method's learning rate, steps,
+    schedule, caption share, rank and text-encoder rate, 64 px, 16 validation images, 25 steps at guidance 5."""
+    d = METHOD_DEFAULTS[method]
+    flags = dict(learning_rate=d.learning_rate, max_train_steps=d.steps, lr_scheduler=d.lr_scheduler,
+                 num_validation_images=NUM_VALIDATION_IMAGES, guidance_scale=GUIDANCE,
+                 num_inference_steps=INFERENCE_STEPS, resolution=RESOLUTION, train_text_encoder=TRAIN_TEXT_ENCODER,
+                 caption_probability=d.caption_probability, prior_loss_weight=d.prior_loss_weight)
+    flags.update({k: v for k, v in (("text_encoder_lr", d.text_encoder_lr), ("rank", d.rank)) if v is not None})
+    return flags
+
+
+def subject_flags(steps: int, guidance: float, resolution: int) -> dict:
+    """The shipped subject (when no data flags are given): its views, prompts, prior preservation with cached class
+    images of the base pipeline, and the recontextualisation validation prompt."""
+    return dict(instance_data_dir=str(DATA / "subjects" / SUBJECT.name), instance_prompt=SUBJECT.instance_prompt,
+                class_prompt=SUBJECT.class_prompt, with_prior_preservation=True, num_class_images=NUM_CLASS_IMAGES,
+                class_data_dir=str(class_data_dir(steps, guidance, resolution)),
+                validation_prompts=validation_prompts(), validation_prompt=SUBJECT.instance_prompt)
+
+
 def base_report_cache() -> Path:
     """The base pipeline's scores on the validation prompts (`evaluate.dreambooth_report`'s ``base_cache``),
     cached per version of what they depend on: the UNet, the text encoder and the metric network."""
@@ -114,8 +139,6 @@ def shipped_subject(instance_data_dir, instance_prompt: str) -> Optional[Subject
     """The shipped subject whose views ``instance_data_dir`` holds (the same image files, wherever the folder is),
     trained under its own prompt; else None. The toy-world report identifies against a subject's own renders, so
     it measures only a shipped subject: for another folder or prompt its figures would describe the wrong one."""
-    from ..training.args import list_images
-
     def digests(folder: Path) -> frozenset:
         return frozenset(hashlib.sha1(p.read_bytes()).hexdigest() for p in list_images(folder))
 
@@ -131,3 +154,31 @@ def shipped_subject(instance_data_dir, instance_prompt: str) -> Optional[Subject
 
 def validation_prompts():
     return [SUBJECT.instance_prompt, recontext_prompt(SUBJECT)]
+
+
+class SubjectEvaluator:
+    """The metric network's identification of a shipped subject (`evaluate.dreambooth_report`), with the base
+    pipeline's scores cached per version (`base_report_cache`)."""
+
+    report_file = "toyworld_report.json"
+    title = "Subject measured on the toy world"
+    intro = ("Same prompts and seeds for the adapted and the base pipeline; identification by the toy world's metric "
+             "network (nearest neighbour among renders of the subject and of other toys).")
+
+    def subject_for(self, data_dir: Path, instance_prompt: str) -> Optional[Subject]:
+        return shipped_subject(data_dir, instance_prompt)
+
+    def measure(self, pipe, load_base: Callable[[], object], subject: Subject, seeds: Sequence[int], steps: int,
+                guidance: float, rendered: Dict[str, list]) -> dict:
+        return dreambooth_report(pipe, load_base, subject, seeds=seeds, steps=steps, guidance=guidance,
+                                 rendered=rendered, base_cache=base_report_cache())
+
+    def report_lines(self, report: dict) -> List[str]:
+        return [self.intro, ""] + report_lines(report)
+
+
+PRESET = Preset(
+    name="toyworld", title="the embedded toy-world Stable Diffusion", pipeline_folder=pipeline_folder,
+    load_lines=["from svdiff_toyworld.assets import pipeline_path",
+                "pipe = DiffusionPipeline.from_pretrained(pipeline_path())"],
+    defaults=flag_defaults, subject=subject_flags, available=available, evaluator=SubjectEvaluator(), priority=10)

@@ -12,22 +12,12 @@ import json
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+from svdiff_trainer.tiny import bytes_to_unicode
+
 from .world import vocabulary
 
 MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-
-
-def bytes_to_unicode() -> List[str]:
-    """CLIP's (and GPT-2's) reversible byte -> printable unicode table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
 
 
 def learn_merges(words: List[str]) -> List[Tuple[str, str]]:

@@ -1,8 +1,8 @@
 """Pretraining the toy-world Stable Diffusion pipeline, in stages, resumable, seeded.
 
-    python -m svdiff_tools.toyworld.pretrain vae  --output_dir runs/toyworld   # AutoencoderKL, 64 px -> 16x16x4
-    python -m svdiff_tools.toyworld.pretrain unet --output_dir runs/toyworld   # UNet + CLIP text encoder
-    python -m svdiff_tools.toyworld.pretrain export --output_dir runs/toyworld --to DIR
+    python -m svdiff_toyworld.pretrain vae  --output_dir runs/toyworld   # AutoencoderKL, 64 px -> 16x16x4
+    python -m svdiff_toyworld.pretrain unet --output_dir runs/toyworld   # UNet + CLIP text encoder
+    python -m svdiff_toyworld.pretrain export --output_dir runs/toyworld --to DIR
 
 Each stage streams fresh scenes (scene seed = step * batch + i, so a resumed run sees exactly the data an
 uninterrupted one would), writes `<output_dir>/<stage>/checkpoint-N/` every `--checkpoint_every` steps
@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..training import checkpoints
+from svdiff_trainer import checkpoints
 from . import models
 from . import metric
 from .metric import psnr
@@ -163,7 +163,7 @@ class UNetStage(Stage):
         ``i + seed * 7_919_000``)."""
         from safetensors.torch import load_file
 
-        from ..atomic import save_safetensors
+        from svdiff_tools.atomic import save_safetensors
 
         n = self.args.latent_cache
         path = Path(self.args.output_dir) / "unet" / f"latents-r{RENDER_VERSION}-{n}.safetensors"
@@ -419,7 +419,7 @@ def main(argv=None):
     args = parse_args(argv)
     if args.stage == "export":
         if not args.to:
-            raise SystemExit("export needs --to DIR (e.g. svdiff_tools/data/toyworld/pipeline)")
+            raise SystemExit("export needs --to DIR (e.g. toyworld/svdiff_toyworld/data/pipeline)")
         export(args)
     else:
         train(args)

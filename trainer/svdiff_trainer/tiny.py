@@ -14,15 +14,25 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import torch
-
-from ..toyworld.tokenizer import bytes_to_unicode
 
 KINDS = ("sd15", "sd2", "sdxl", "sd3", "flux")
 VOCAB_SIZE = 514
 BOS_ID, EOS_ID = 512, 513
+
+
+def bytes_to_unicode() -> List[str]:
+    """CLIP's (and GPT-2's) reversible byte -> printable unicode table."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
 
 
 def write_tokenizer_files(folder: Path) -> Path:

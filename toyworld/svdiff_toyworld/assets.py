@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-DATA = Path(__file__).resolve().parent.parent / "data" / "toyworld"
+DATA = Path(__file__).resolve().parent / "data"
 SHIPPED_PIPELINE = DATA / "pipeline"  # the pretrained pipeline, committed once it has passed its gate
 PIPELINE_ENV = "SVDIFF_TOOLS_TOYWORLD_PIPELINE"  # another folder in its place: a candidate before it ships
 
@@ -26,7 +26,7 @@ def pipeline_path() -> Path:
     folder = pipeline_folder()
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(f"the toy-world pipeline is not at {folder}; pretrain it with "
-                                "`python -m svdiff_tools.toyworld.pretrain` (see docs/toyworld.md)")
+                                "`python -m svdiff_toyworld.pretrain` (see docs/toyworld.md)")
     return folder
 
 
@@ -39,7 +39,7 @@ def to_pil(images: torch.Tensor) -> list:
 def prompt_grid(images: torch.Tensor, prompts: Sequence[str], per_prompt: int, rows: int = 12,
                 scale: int = 2) -> Image.Image:
     """One row per prompt (its text above, its `per_prompt` images below), the first `rows` prompts."""
-    from ..training.images import labelled_grid
+    from svdiff_trainer.images import labelled_grid
 
     pil = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in to_pil(images)]
     grid_rows = [pil[i * per_prompt:(i + 1) * per_prompt] for i in range(min(rows, len(prompts)))]

@@ -10,8 +10,8 @@ Two-object scenes train only the scene heads. Training streams freshly rendered 
 combinations included: the network must read subjects) with blur and noise, so it also reads slightly
 degraded (VAE-decoded, generated) images.
 
-    python -m svdiff_tools.toyworld.metric train --out svdiff_tools/data/toyworld/metric
-    python -m svdiff_tools.toyworld.metric evaluate
+    python -m svdiff_toyworld.metric train --out toyworld/svdiff_toyworld/data/metric
+    python -m svdiff_toyworld.metric evaluate
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ IDENTITY_HEADS = {"class": CLASSES, "shape": SHAPES, "colour": COLOURS, "pattern
 HEADS = {**SCENE_HEADS, **IDENTITY_HEADS}
 # Attributes a caption can name (the quality gate reads these).
 CAPTION_ATTRIBUTES = ("class", "shape", "colour", "pattern", "size", "position", "background", "accessory")
-DEFAULT_PATH = Path(__file__).resolve().parent.parent / "data" / "toyworld" / "metric"
+DEFAULT_PATH = Path(__file__).resolve().parent / "data" / "metric"
 EMBED_DIM = 64
 IGNORE = -100
 
@@ -198,7 +198,7 @@ def train(out: Path, steps: int = 3000, lr: float = 2e-3, seed: int = 0, log_eve
 
 def save(net: MetricNet, out: Path) -> None:
     """``out/model.safetensors`` in float16, written whole or not at all."""
-    from ..atomic import save_safetensors
+    from svdiff_tools.atomic import save_safetensors
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -215,7 +215,7 @@ def load(path: Optional[Path] = None) -> MetricNet:
     file = path / "model.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"no metric network at {file}; train one with "
-                                f"`python -m svdiff_tools.toyworld.metric train --out {path}`")
+                                f"`python -m svdiff_toyworld.metric train --out {path}`")
     net = MetricNet()
     net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(str(file)).items()})
     return net.eval()

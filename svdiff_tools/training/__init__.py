@@ -1,1 +1,0 @@
-"""The DreamBooth trainer's pieces: flags, data, checkpoints, model card."""

@@ -1,0 +1,439 @@
+#!/usr/bin/env python
+"""DreamBooth with spectral adapters (SVDiff, SVFit, SVFT, VectorFit), or PEFT LoRA / PiSSA for comparison.
+
+    accelerate launch train_dreambooth.py --method svfit            # the embedded base + its example subject
+    accelerate launch train_dreambooth.py --method svdiff --pretrained_model_name_or_path <hub id or folder> \
+        --instance_data_dir ./dog --instance_prompt "a photo of sks dog" --output_dir out
+
+Flags follow diffusers' train_dreambooth_lora.py (`--help` lists them all). Outputs in --output_dir:
+svd_adapter.safetensors (pipe.load_svd_adapter), optional pytorch_lora_weights.safetensors, validation
+images and grid.png, README.md (model card), checkpoint-N/ folders. Stable Diffusion 1.x/2.x and SDXL bases.
+The method-specific parts live in `svdiff_trainer.backends`, the loss in `svdiff_trainer.loss`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import torch
+
+from svdiff_trainer.args import TrainingInputError, parse_args
+from svdiff_trainer.checkpoints import CheckpointWriteError
+
+logger = logging.getLogger("train_dreambooth")
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    """What a run is, settled before any weight is loaded."""
+
+    args: object
+    base: str
+    pipeline_cls: str
+    sdxl: bool
+    backend: object
+    plan: object  # checkpoints.RunPlan: fresh, or resuming which checkpoint
+    subjects: List  # data.SubjectData: one, or several (--subject)
+    seed: int
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    def load_pipeline(self, **components):
+        from svdiff_trainer.base_model import load_pipeline
+
+        return load_pipeline(self.args, self.base, self.pipeline_cls, **components)
+
+
+def prepare_run(args) -> Run:
+    """Every check that needs no weights: images readable, base known, targets valid, output folder fit."""
+    from svdiff_trainer import checkpoints
+    from svdiff_trainer.backends import check_targets, make_backend
+    from svdiff_trainer.base_model import pipeline_class_name, resolve_base, weightless_models
+    from svdiff_trainer.data import (SubjectData, load_captions, load_folder, prompt_identifier,
+                                            warn_captions_without)
+    from svdiff_trainer.validation import check_class_images, class_images_made_by
+
+    specs = args.subjects or [None]  # corrupt files fail here, before any model
+    ext = args.caption_extension or None
+
+    def subject(folder: Path, identifier: str, class_word: str, prompt: str) -> SubjectData:
+        warn_captions_without(folder, ext, identifier or prompt_identifier(prompt, args.class_prompt))
+        return SubjectData(load_folder(folder, ext), identifier, class_word, prompt, load_captions(folder, ext, prompt))
+
+    subjects = [subject(Path(args.instance_data_dir), "", "", args.instance_prompt) if spec is None
+                else subject(spec.folder, spec.identifier, spec.class_word, spec.prompt) for spec in specs]
+    base = resolve_base(args)
+    pipeline_cls = pipeline_class_name(args, base)
+    sdxl = "XL" in pipeline_cls
+    backend = make_backend(args)
+    check_targets(backend, *weightless_models(args, base, sdxl))
+    try:
+        plan = checkpoints.plan_run(Path(args.output_dir), checkpoints.run_config(args), args.resume_from_checkpoint,
+                                    args.overwrite_output_dir)
+    except checkpoints.RunConflict as exc:
+        raise TrainingInputError(str(exc)) from None
+    seed = args.seed if args.seed is not None else 0
+    run = Run(args, base, pipeline_cls, sdxl, backend, plan, subjects, seed)
+    for folder, prompt in class_image_sets(args, run):  # class images made for another base or prompt: refused
+        check_class_images(folder, class_images_made_by(args, base, prompt))
+    return run
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
+
+    # several processes and no CUDA: Accelerate runs DDP over gloo only when told the run is on the CPU
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    accelerator = Accelerator(
+        cpu=multi_cpu, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir) / args.logging_dir)),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+    return accelerator
+
+
+def make_data(args, run: Run, accelerator, class_items):
+    """(dataset, sampler, loader, max optimizer steps). An accumulation window may span two epochs (Accelerate
+    counts micro-batches across them), so positions are counted in micro-batches (see `batches`)."""
+    from svdiff_trainer.data import DreamBoothDataset, EpochSampler, collate
+
+    dataset = DreamBoothDataset([], args.resolution, args.center_crop, args.random_flip, run.seed,
+                                [img for img, _ in class_items], subjects=run.subjects,
+                                class_prompts=[p for _, p in class_items],
+                                cutmix_probability=args.cutmix_probability if args.cutmix_unmix else 0.0,
+                                caption_probability=args.caption_probability)
+    sampler = EpochSampler(len(dataset), run.seed, dataset, accelerator.num_processes, accelerator.process_index)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+                                         collate_fn=collate, num_workers=args.dataloader_num_workers)
+    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    return dataset, sampler, loader, max_steps
+
+
+def cached_latents(args, dataset, vae, device, dtype):
+    """--cache_latents: every image through the VAE once (epoch-0 crop and flip, as diffusers does), as
+    {part: (posterior mean, std)}."""
+    parts = ["instance"] + (["class"] if args.with_prior_preservation else [])
+    cache = {part: ([], []) for part in parts}
+    dataset.set_epoch(0)
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            item = dataset[i]
+            for part in parts:
+                dist = vae.encode(item[part][None].to(device, dtype)).latent_dist
+                cache[part][0].append(dist.mean.float().cpu())
+                cache[part][1].append(dist.std.float().cpu())
+    return {part: (torch.cat(m), torch.cat(sd)) for part, (m, sd) in cache.items()}
+
+
+def maybe_die(step: int) -> None:
+    """Fault injection for the kill-and-resume test: SIGKILL this process after the given step."""
+    import signal
+
+    if os.environ.get("SVDIFF_TOOLS_KILL_AFTER_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def batches(loader, sampler, consumed: int):
+    """(epoch, batch) forever, starting after the first ``consumed`` micro-batches (a resume: optimizer steps
+    times accumulation steps), epoch by epoch as an uninterrupted run would see them."""
+    epoch, skip = divmod(consumed, len(loader))
+    for epoch in itertools.count(epoch):
+        sampler.set_epoch(epoch)
+        yield from ((epoch, b) for b in itertools.islice(loader, skip, None))
+        skip = 0
+
+
+# ----------------------------------------------------------------------------------- training
+def train(args) -> int:
+    from svdiff_trainer.checkpoints import RunConflict, output_lock
+
+    try:  # one run per --output_dir: rank 0 of a launch holds its lock for the whole run
+        with output_lock(Path(args.output_dir), enabled=int(os.environ.get("RANK", "0")) == 0):
+            return _train(args)
+    except RunConflict as exc:
+        raise TrainingInputError(str(exc)) from None
+
+
+def _train(args) -> int:
+    run = prepare_run(args)  # bad input fails here, before any model is loaded
+    accelerator = make_accelerator(args)
+    session = build_session(run, accelerator)
+    step = training_loop(session)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        from svdiff_trainer.validation import final_check_and_card
+
+        backend, out = run.backend, run.output_dir
+        files = backend.save_final(out, run.base, run.pipeline_cls, session.raw_unet, session.raw_encoders,
+                                   run.load_pipeline)
+        captioned = sum(c != sub.prompt for sub in run.subjects for c in sub.captions or ())
+        grid = final_check_and_card(args, run.base, backend, files, out, session.trainable, step, run.load_pipeline,
+                                    captioned)
+        push_to_hub(args, out)
+        print(f"done: {files[0]} ({session.trainable:,} trainable parameters); validation grid {grid}; model card "
+              f"{out / 'README.md'}")
+    accelerator.wait_for_everyone()  # every rank tears the process group down together (pytorch/pytorch#75097:
+    accelerator.end_training()       # a rank that destroys it while rank 0 still saves can hang the launcher)
+    return 0
+
+
+@dataclass
+class Session:
+    """Everything the training loop touches, built by `build_session`."""
+
+    run: Run
+    accelerator: object
+    base: object  # BaseModels (frozen VAE, scheduler, tokenizers)
+    unet: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped with several processes)
+    encoders: dict
+    raw_unet: torch.nn.Module
+    raw_encoders: dict
+    trained: List[str]  # text encoders being trained
+    optimizer: object
+    lr_scheduler: object
+    loader: object
+    sampler: object
+    max_steps: int
+    loss_fn: object
+    trainable: int
+    start_step: int
+
+
+def build_session(run: Run, accelerator) -> Session:
+    """Frozen base models, the backend's adapters, optimizer and schedule, data, loss; resumed if planned."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from svdiff_trainer import checkpoints
+    from svdiff_trainer.base_model import PromptEncoder, load_base_models, weight_dtype_of
+    from svdiff_trainer.data import load_folder
+    from svdiff_trainer.loss import DreamBoothLoss
+    from svdiff_trainer.validation import class_images_made_by, generate_class_images
+
+    args, backend = run.args, run.backend
+    logger.info("%s on %d process(es), device %s, mixed precision %s, base %s", args.method,
+                accelerator.num_processes, accelerator.device, accelerator.mixed_precision, run.base)
+    set_seed(run.seed)
+    weight_dtype = weight_dtype_of(accelerator)
+    class_sets = class_image_sets(args, run)  # (folder, prompt) per class
+    if accelerator.is_main_process:
+        checkpoints.start(run.output_dir, run.plan)
+        for folder, prompt in class_sets:
+            generate_class_images(args, run.load_pipeline, accelerator, weight_dtype, folder, prompt,
+                                  class_images_made_by(args, run.base, prompt))
+    accelerator.wait_for_everyone()
+    class_items = [(img, prompt) for folder, prompt in class_sets
+                   for img in load_folder(folder)[: args.num_class_images]]
+    base = load_base_models(args, run.base, run.sdxl, accelerator.device, weight_dtype)
+    unet, encoders = base.unet, base.encoders
+    backend.inject(unet, encoders)  # frozen weights stay in weight_dtype; adapter tensors are float32
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        for encoder in encoders.values() if args.train_text_encoder else ():
+            encoder.gradient_checkpointing_enable()
+    trainable = sum(p.numel() for m in (unet, *encoders.values()) for p in m.parameters() if p.requires_grad)
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(args, backend.parameter_groups(unet, encoders))
+    dataset, sampler, loader, max_steps = make_data(args, run, accelerator, class_items)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+                                 num_training_steps=max_steps * accelerator.num_processes,
+                                 num_cycles=args.lr_num_cycles)
+    trained = list(encoders) if args.train_text_encoder else []  # our loader stays ours (see EpochSampler)
+    prepared = accelerator.prepare(unet, *[encoders[n] for n in trained], optimizer, lr_scheduler)
+    unet, optimizer, lr_scheduler = prepared[0], prepared[-2], prepared[-1]
+    encoders.update(zip(trained, prepared[1:-2]))
+    raw_unet = accelerator.unwrap_model(unet)
+    raw_encoders = {n: accelerator.unwrap_model(m) for n, m in encoders.items()}
+    backend.attach(optimizer, raw_unet)
+    register_state_hooks(accelerator, backend, raw_unet, raw_encoders)
+    encode = PromptEncoder(base.tokenizers, encoders, run.sdxl, accelerator.device)
+    recorder = None
+    if args.cutmix_unmix:
+        from svdiff_trainer.unmix import UnmixRecorder, install
+
+        recorder = UnmixRecorder()
+        install(raw_unet, recorder)
+    loss_fn = DreamBoothLoss(args, base, encode, accelerator.device, cache_prompts=not args.train_text_encoder,
+                             latent_cache=cached_latents(args, dataset, base.vae, accelerator.device, weight_dtype)
+                             if args.cache_latents else None, unmix=recorder, tokenizer=base.tokenizers[0])
+    start = resume(run, accelerator, backend)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("dreambooth-svd", config={k: v for k, v in vars(args).items()
+                                                            if isinstance(v, (int, float, str, bool))})
+    return Session(run, accelerator, base, unet, encoders, raw_unet, raw_encoders, trained, optimizer, lr_scheduler,
+                   loader, sampler, max_steps, loss_fn, trainable, start)
+
+
+def training_loop(s: Session) -> int:
+    """Optimizer steps from ``s.start_step`` to ``s.max_steps``; returns the last step."""
+    from tqdm.auto import tqdm
+
+    from svdiff_trainer.validation import render_validation
+
+    args, accelerator, backend = s.run.args, s.accelerator, s.run.backend
+    step, accum_index, last_good = s.start_step, 0, s.run.plan.resume_path
+    if step >= s.max_steps:  # resumed at (or past) a shorter --max_train_steps
+        return step
+    with tqdm(total=s.max_steps, initial=step, desc="training", disable=not accelerator.is_local_main_process) as bar:
+        s.unet.train()
+        for name in s.trained:
+            s.encoders[name].train()
+        for _, batch in batches(s.loader, s.sampler, step * args.gradient_accumulation_steps):
+            with accelerator.accumulate(s.unet):
+                # noise depends only on (seed, step, micro-batch within the step, process): resumable
+                gen = torch.Generator().manual_seed(s.run.seed * 1_000_003 + step * 997 + accum_index
+                                                    + 7919 * accelerator.process_index)
+                accum_index += 1
+                loss = s.loss_fn(s.unet, batch, gen)
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {loss.item()} at step {step}; lower --learning_rate or use "
+                        f"--mixed_precision no. The last good checkpoint is {last_good or 'none (no checkpoint yet)'}.")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_([p for g in s.optimizer.param_groups for p in g["params"]],
+                                                args.max_grad_norm)
+                s.optimizer.step()
+                s.lr_scheduler.step()
+                s.optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            accum_index, step = 0, step + 1
+            backend.after_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            accelerator.log({"loss": loss.item(), "lr": s.lr_scheduler.get_last_lr()[0]}, step=step)
+            if step % args.checkpointing_steps == 0 and step < s.max_steps:
+                last_good = save_checkpoint(s.run, accelerator, backend, s.raw_unet, s.raw_encoders, step, last_good)
+            # the last step's images are the final check's, rendered from the saved file (not twice)
+            if args.validation_steps and step % args.validation_steps == 0 and step < s.max_steps and \
+                    accelerator.is_main_process:
+                pipe = s.run.load_pipeline(unet=s.raw_unet, vae=s.base.vae, torch_dtype=s.base.weight_dtype,
+                                           **s.raw_encoders)
+                render_validation(args, pipe, step, s.run.output_dir / "validation", accelerator)
+                s.unet.train()
+            maybe_die(step)
+            if step >= s.max_steps:
+                break
+    return step
+
+
+# ----------------------------------------------------------------------------------- pieces of train()
+def make_optimizer(args, groups):
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        cls = bnb.optim.AdamW8bit
+    else:
+        cls = torch.optim.AdamW
+    return cls(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+               eps=args.adam_epsilon)
+
+
+def class_image_sets(args, run: Run) -> List:
+    """(folder, prompt) of the class images: --class_data_dir with --class_prompt, or with several subjects one
+    subfolder per class, prompted 'a photo of a CLASS'."""
+    if not args.with_prior_preservation:
+        return []
+    root = Path(args.class_data_dir)
+    if not args.subjects:
+        return [(root, args.class_prompt)]
+    classes = dict.fromkeys(sub.class_word for sub in run.subjects)
+    return [(root / c, f"a photo of a {c}") for c in classes]
+
+
+def register_state_hooks(accelerator, backend, unet, encoders) -> None:
+    """Accelerate saves optimizer, scheduler and RNG states; models are saved as the backend's tensors only."""
+    from safetensors.torch import load_file, save_file
+
+    from svdiff_trainer.checkpoints import ADAPTER_STATE
+
+    def save_hook(models, weights, folder):
+        if accelerator.is_main_process:
+            save_file(backend.state(unet, encoders), str(Path(folder) / ADAPTER_STATE))
+        weights.clear()
+
+    def load_hook(models, folder):
+        backend.restore(unet, encoders, load_file(str(Path(folder) / ADAPTER_STATE)))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def resume(run: Run, accelerator, backend) -> int:
+    """Load the planned checkpoint (if any); returns the step to continue from."""
+    from svdiff_trainer import checkpoints
+
+    path = run.plan.resume_path
+    if path is None:
+        if run.args.resume_from_checkpoint == "latest":
+            logger.info("no checkpoint in %s yet; starting a new run", run.output_dir)
+        return 0
+    accelerator.load_state(str(path))
+    state = checkpoints.read_state(path)
+    backend.resume_extra(state, path)
+    logger.info("resumed from %s at step %d", path, int(state["global_step"]))
+    return int(state["global_step"])
+
+
+def save_checkpoint(run: Run, accelerator, backend, unet, encoders, step: int, last_good):
+    from svdiff_trainer import checkpoints
+
+    if not all(torch.isfinite(t).all() for t in backend.state(unet, encoders).values()):
+        raise TrainingDiverged(f"the adapter became NaN/inf at step {step}; lower --learning_rate. The last good "
+                               f"checkpoint is {last_good or 'none (no checkpoint yet)'}.")
+    extra, files = backend.checkpoint_extra()
+    state = {"method": run.args.method, "config": run.plan.config, **(extra or {})}
+    return checkpoints.save(run.output_dir, step, accelerator, state, files, run.args.checkpoints_total_limit,
+                            run.plan.run_id)
+
+
+def push_to_hub(args, output_dir: Path) -> None:
+    if args.push_to_hub:
+        from huggingface_hub import create_repo, upload_folder
+
+        repo = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
+        upload_folder(repo_id=repo, folder_path=str(output_dir), token=args.hub_token,
+                      ignore_patterns=["checkpoint-*", ".checkpoint-*", ".svdiff-tools.lock"])
+
+
+def main(argv=None) -> int:
+    try:
+        args = parse_args(argv)
+        return train(args)
+    except TrainingInputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except CheckpointWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
+
+
+if __name__ == "__main__":
+    sys.exit(main())
