@@ -26,8 +26,10 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+from svdiff_trainer.args import all_methods
+
 ROOT = Path(__file__).resolve().parents[1]
-METHODS = ("svdiff", "svfit", "svft", "vectorfit", "lora", "pissa", "full")
+METHODS = all_methods()  # the trainer's: every registered spectral method, LoRA, PiSSA, full fine-tuning
 
 
 def score(report: dict) -> float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -9,10 +10,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from .errors import SVDConfigError
-from .methods import method_class
+from .methods import all_options, method_class
+from .methods.svft import PATTERNS as SVFT_PATTERNS  # noqa: F401  (the names this module has always had)
+from .methods.vectorfit import AVF_METRICS  # noqa: F401
 
-SVFT_PATTERNS = ("plain", "banded", "random", "top_k")
-AVF_METRICS = ("mean_abs", "rms", "max_abs")
 SVD_DRIVERS = ("auto", "gram", "full", "randomized")
 SVD_DTYPES = ("float32", "float64")
 FORWARD_MODES = ("auto", "recompose", "factored")
@@ -32,7 +33,7 @@ def check_scale(value: Any, what: str = "scale") -> float:
     return number
 
 
-@dataclass
+@dataclass(init=False)
 class SVDAdapterConfig:
     """Configuration of one spectral adapter.
 
@@ -47,9 +48,12 @@ class SVDAdapterConfig:
                      "." + entry; a string is a full-regex match, or a preset name (see `targets.PRESETS`).
     exclude_modules: same semantics; matching modules are skipped.
     scale:           the adapter's weight in the sum of adapters (LoRA's "adapter weight").
-    svft_pattern / svft_offset / svft_seed: SVFT's sparsity pattern of M (plain = diagonal; banded with
-                     offset d has k(2d+1) - d(d+1) entries; random and top_k use that same count).
-    avf_k / avf_interval / avf_metric: VectorFit's Adaptive Vector Freezing (0 disables it).
+    method options:  each method's own settings, declared once in its class (`methods.Option`) and given here
+                     as keywords: SVFT's ``svft_pattern`` / ``svft_offset`` / ``svft_seed`` (the sparsity pattern
+                     of M: plain = diagonal; banded with offset d has k(2d+1) - d(d+1) entries; random and top_k
+                     use that count), VectorFit's ``avf_k`` / ``avf_interval`` / ``avf_metric`` (Adaptive Vector
+                     Freezing; 0 disables it). They live in ``options`` and read as attributes
+                     (``config.svft_offset``); an option left out takes its declared default.
     train_bias:      train an additive bias delta on every adapted layer (default: only vectorfit).
     train_norms:     SVDiff's recipe: also train an additive delta on LayerNorm/GroupNorm weights.
     svd_driver:      "auto" (randomised for top-r when r <= k/4, else gram), "gram" (float64 eigh of the
@@ -70,12 +74,6 @@ class SVDAdapterConfig:
     target_modules: Optional[Union[str, list]] = None
     exclude_modules: Optional[Union[str, list]] = None
     scale: float = 1.0
-    svft_pattern: str = "banded"
-    svft_offset: int = 2
-    svft_seed: int = 0
-    avf_k: int = 0
-    avf_interval: int = 50
-    avf_metric: str = "mean_abs"
     train_bias: Optional[bool] = None
     train_norms: bool = False
     svd_driver: str = "auto"
@@ -83,9 +81,39 @@ class SVDAdapterConfig:
     forward_mode: str = "auto"
     basis_storage: str = "auto"
     extra: dict = field(default_factory=dict)
+    options: dict = field(default_factory=dict)  # method options by name (`methods.Option`), defaults filled in
 
-    def __post_init__(self) -> None:
+    def __init__(self, method: str = "svdiff", rank: Optional[Union[int, float]] = None,
+                 target_modules: Optional[Union[str, list]] = None, exclude_modules: Optional[Union[str, list]] = None,
+                 scale: float = 1.0, train_bias: Optional[bool] = None, train_norms: bool = False,
+                 svd_driver: str = "auto", svd_dtype: str = "float32", forward_mode: str = "auto",
+                 basis_storage: str = "auto", extra: Optional[dict] = None, options: Optional[dict] = None,
+                 **method_options: Any) -> None:
+        self.method, self.rank, self.target_modules, self.exclude_modules = method, rank, target_modules, \
+            exclude_modules
+        self.scale, self.train_bias, self.train_norms = scale, train_bias, train_norms
+        self.svd_driver, self.svd_dtype, self.forward_mode, self.basis_storage = svd_driver, svd_dtype, \
+            forward_mode, basis_storage
+        self.extra = dict(extra or {})
+        given = {**(options or {}), **method_options}
+        known = all_options()
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            raise SVDConfigError(f"{', '.join(unknown)}: no registered method has such an option; the methods' "
+                                 f"options are {', '.join(known)}.")
+        self.options = {name: given.get(name, option.default) for name, option in known.items()}
         self.validate()
+
+    def __getattr__(self, name: str) -> Any:
+        """A method option as an attribute (``config.svft_offset``); one registered after this config was made
+        reads as its default."""
+        options = self.__dict__.get("options")
+        if options is not None and name in options:
+            return options[name]
+        option = all_options().get(name)
+        if option is not None:
+            return option.default
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -95,8 +123,6 @@ class SVDAdapterConfig:
 
         self.scale = check_scale(self.scale, "scale")
         method = method_class(self.method) if isinstance(self.method, str) else method_class(repr(self.method))
-        choice("svft_pattern", self.svft_pattern, SVFT_PATTERNS)
-        choice("avf_metric", self.avf_metric, AVF_METRICS)
         choice("svd_driver", self.svd_driver, SVD_DRIVERS)
         choice("svd_dtype", self.svd_dtype, SVD_DTYPES)
         choice("forward_mode", self.forward_mode, FORWARD_MODES)
@@ -111,12 +137,8 @@ class SVDAdapterConfig:
                 raise SVDConfigError(f"rank={rank!r}: a float rank is an energy fraction and must lie in (0, 1).")
         if isinstance(rank, int) and rank < 1:
             raise SVDConfigError(f"rank={rank} must be at least 1 (or None for every component).")
-        for name in ("svft_offset", "svft_seed", "avf_k"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise SVDConfigError(f"{name}={value!r} must be a non-negative int.")
-        if not isinstance(self.avf_interval, int) or self.avf_interval < 1:
-            raise SVDConfigError(f"avf_interval={self.avf_interval!r} must be a positive int.")
+        for name, option in all_options().items():
+            option.check(getattr(self, name))
         method.validate_config(self)
 
     # ------------------------------------------------------------------ derived
@@ -130,14 +152,17 @@ class SVDAdapterConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """The fields and every registered method option, flat (the adapter file's ``config``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        out.update({name: getattr(self, name) for name in all_options()})
+        return copy.deepcopy(out)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_dict(cls, data: dict) -> "SVDAdapterConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | set(all_options())
         unknown = sorted(set(data) - known)
         if unknown:
             raise SVDConfigError(
@@ -146,4 +171,5 @@ class SVDAdapterConfig:
         return cls(**data)
 
     def replace(self, **changes: Any) -> "SVDAdapterConfig":
-        return dataclasses.replace(self, **changes)
+        """A copy with ``changes`` (fields or method options)."""
+        return type(self).from_dict({**self.to_dict(), **changes})

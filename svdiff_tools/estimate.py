@@ -29,6 +29,7 @@ from . import decomposition as dec
 from .basis import SVDBasis
 from .config import SVDAdapterConfig
 from .errors import SVDAdapterError
+from .methods import add_option_flags, option_values
 from .model import check_rank_fits
 from .module_kinds import kind_of
 from .targets import norm_modules, resolve_targets
@@ -199,8 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--method", default="svdiff")
     p.add_argument("--rank", type=float, default=None)
     p.add_argument("--target_modules", default=None)
-    p.add_argument("--svft_pattern", default="banded")
-    p.add_argument("--svft_offset", type=int, default=2)
+    add_option_flags(p)  # every method's own options (--svft_pattern, --avf_k, ...), as declared
     p.add_argument("--basis_storage", default="auto")
     p.add_argument("--train_norms", action="store_true")
     p.add_argument("--half", action="store_true", help="a half-precision model (bases in 2 bytes)")
@@ -213,8 +213,8 @@ def main(argv=None) -> int:
         rank = int(rank)
     try:
         config = SVDAdapterConfig(method=args.method, rank=rank, target_modules=targets,
-                                  svft_pattern=args.svft_pattern, svft_offset=args.svft_offset,
-                                  basis_storage=args.basis_storage, train_norms=args.train_norms)
+                                  basis_storage=args.basis_storage, train_norms=args.train_norms,
+                                  **option_values(args))
         print(estimate(model_from_config_file(args.config), config, weight_bytes=2 if args.half else 4))
     except SVDAdapterError as exc:
         print(f"error: {exc}", file=sys.stderr)

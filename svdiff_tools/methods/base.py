@@ -8,7 +8,8 @@ toward the base model, never toward zero singular values.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Dict, Mapping, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -18,13 +19,79 @@ from ..errors import SVDConfigError
 SVDAdapterConfig = Any  # an svdiff_tools.config.SVDAdapterConfig, passed in (methods sit below config)
 
 REGISTRY: Dict[str, type] = {}
+ON_REGISTER: List[Callable[[type, bool], None]] = []  # (method, True) on register, (method, False) on unregister
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a method, declared once in its class (``options``): it becomes the `SVDAdapterConfig` field
+    ``name``, the trainer's flag ``--name`` and the PEFT config's field, with this default and help. ``kind``: int,
+    float or str; ``choices``: the allowed values; ``minimum``: the least allowed number."""
+
+    name: str
+    kind: type
+    default: Any
+    help: str
+    choices: Tuple = ()
+    minimum: Optional[float] = None
+
+    def check(self, value: Any) -> None:
+        """Raise `SVDConfigError` in one sentence for a value this option does not take."""
+        if self.choices:
+            if value not in self.choices:
+                raise SVDConfigError(f"{self.name}={value!r} is not supported; choose one of "
+                                     f"{', '.join(map(str, self.choices))}.")
+            return
+        if self.kind is int and (not isinstance(value, int) or isinstance(value, bool)
+                                 or (self.minimum is not None and value < self.minimum)):
+            what = {0: "a non-negative int", 1: "a positive int"}.get(self.minimum, f"an int >= {self.minimum}")
+            raise SVDConfigError(f"{self.name}={value!r} must be {what}.")
+        if self.kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                   or value != value or abs(value) == float("inf")
+                                   or (self.minimum is not None and value < self.minimum)):
+            bound = "" if self.minimum is None else f" >= {self.minimum:g}"
+            raise SVDConfigError(f"{self.name}={value!r} must be a finite number{bound}.")
+        if self.kind is str and not isinstance(value, str):
+            raise SVDConfigError(f"{self.name}={value!r} must be a string.")
+
+
+def all_options() -> Dict[str, Option]:
+    """Every registered method's options by name, in registration order (a name shared by two methods is one
+    option: `register` refuses two different declarations of it)."""
+    return {o.name: o for cls in REGISTRY.values() for o in cls.options}
+
+
+def add_option_flags(parser) -> None:
+    """Every registered method's options as ``--name`` flags of an argparse parser (or argument group)."""
+    for o in all_options().values():
+        parser.add_argument(f"--{o.name}", type=o.kind, default=o.default, choices=o.choices or None, help=o.help)
+
+
+def option_values(namespace) -> Dict[str, Any]:
+    """The method options' values from parsed flags (`add_option_flags`), by name."""
+    return {name: getattr(namespace, name) for name in all_options() if hasattr(namespace, name)}
 
 
 def register(cls: type) -> type:
     """Class decorator: make a `SpectralMethod` subclass available under ``cls.name`` everywhere (config
-    validation, files, the trainer's ``--method`` choices and default learning rates)."""
+    validation and fields, files, the trainer's ``--method`` choices, flags and default learning rates, PEFT)."""
+    known = all_options()
+    for option in cls.options:
+        if option.name in known and known[option.name] != option:
+            raise SVDConfigError(f"method {cls.name!r} declares option {option.name!r} differently from a method "
+                                 "registered before it; give it another name.")
     REGISTRY[cls.name] = cls
+    for hook in ON_REGISTER:
+        hook(cls, True)
     return cls
+
+
+def unregister(name: str) -> None:
+    """Take a method out of the registry again (a method defined for a while, e.g. in a test)."""
+    cls = REGISTRY.pop(name, None)
+    if cls is not None:
+        for hook in ON_REGISTER:
+            hook(cls, False)
 
 
 def method_class(name: str) -> type:
@@ -37,7 +104,8 @@ class SpectralMethod(nn.Module):
     """Base class. Subclasses set ``name`` and implement `diag_values` (diagonal M) or override
     `mul_right` and `dense` (general sparse M). Class attributes state everything the rest of the library
     asks about a method: which ranks it takes, its default learning rate and where that comes from, whether it
-    trains biases and Adaptive Vector Freezing by default."""
+    trains biases and Adaptive Vector Freezing by default, and its own options (`Option`), from which the config
+    fields, the trainer's flags and the PEFT config are made."""
 
     name: ClassVar[str] = ""
     diagonal: ClassVar[bool] = True
@@ -47,6 +115,7 @@ class SpectralMethod(nn.Module):
     lr_source: ClassVar[str] = ""
     trains_bias_by_default: ClassVar[bool] = False
     supports_avf: ClassVar[bool] = False  # VectorFit's Adaptive Vector Freezing
+    options: ClassVar[Tuple[Option, ...]] = ()  # this method's own settings, declared once (see `Option`)
 
     def __init__(self, sigma: torch.Tensor, config: SVDAdapterConfig, out_features: Optional[int],
                  U: Optional[torch.Tensor] = None, V: Optional[torch.Tensor] = None):

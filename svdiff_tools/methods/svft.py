@@ -12,7 +12,9 @@ The chosen ``rows``/``cols`` are saved with the adapter, so loading never re-der
 import torch
 from torch import nn
 
-from .base import SpectralMethod, register
+from .base import Option, SpectralMethod, register
+
+PATTERNS = ("plain", "banded", "random", "top_k")
 
 
 def banded_count(r: int, d: int) -> int:
@@ -50,6 +52,11 @@ class SVFT(SpectralMethod):
     default_lr = 5e-3
     lr_source = "SVFT paper (Lingam et al. 2024): ~5e-3 for banded patterns, ~5e-2 for plain"
     PLAIN_LR = 5e-2
+    options = (
+        Option("svft_pattern", str, "banded", "SVFT: the sparsity pattern of M", choices=PATTERNS),
+        Option("svft_offset", int, 2, "SVFT band offset d (banded/random/top_k counts)", minimum=0),
+        Option("svft_seed", int, 0, "SVFT: the seed of the random pattern", minimum=0),
+    )
 
     @classmethod
     def learning_rate(cls, config):

@@ -1,5 +1,5 @@
-"""PEFT-native SVD methods: ``import svdiff_tools.peft`` registers ``svdiff``, ``svfit``, ``svft`` and
-``vectorfit`` with PEFT (opt-in; idempotent), so that
+"""PEFT-native SVD methods: ``import svdiff_tools.peft`` registers every method of `svdiff_tools.methods.REGISTRY`
+(``svdiff``, ``svfit``, ``svft``, ``vectorfit``, and any registered later) with PEFT (opt-in; idempotent), so that
 
     from peft import get_peft_model, PeftModel
     from svdiff_tools.peft import SVFTConfig
@@ -21,11 +21,12 @@ diffusers' LoRA verbs act on every PEFT tuner layer.
 
 from __future__ import annotations
 
+from ..methods import ON_REGISTER, REGISTRY
+from . import config as _config
 from .callbacks import AVFCallback  # noqa: F401
-from .config import CONFIGS, SVDiffConfig, SVDPeftConfig, SVFitConfig, SVFTConfig, VectorFitConfig  # noqa: F401
+from .config import CONFIGS, SVDPeftConfig, config_class  # noqa: F401
 from .model import SVDPeftModel, tuner_classes  # noqa: F401
 
-METHODS = ("svdiff", "svfit", "svft", "vectorfit")
 HINT = "svdiff-tools adapter: import svdiff_tools.peft before loading it"
 LAYERS, MODELS = {}, {}
 
@@ -35,34 +36,54 @@ def peft_type_value(method: str) -> str:
 
 
 def register() -> None:
-    """Extend `PeftType` and fill PEFT's mappings for the four methods (idempotent)."""
-    from aenum import extend_enum
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    """Extend `PeftType` and fill PEFT's mappings for every registered method (idempotent); a method registered
+    later is registered as it comes (`methods.ON_REGISTER`)."""
     from peft.tuners.tuners_utils import BaseTuner
-    from peft.utils import PeftType
 
     if not hasattr(BaseTuner, "_remap_adapter_state_dict_for_load"):  # the hook that checks every loaded file
         import peft
 
         raise ImportError(f"svdiff_tools.peft needs peft >= 0.21 (this is {peft.__version__}), whose loading hooks "
                           "check adapter files: pip install -U peft.")
+    for method_cls in REGISTRY.values():
+        _follow(method_cls, True)
+    if _follow not in ON_REGISTER:
+        ON_REGISTER.append(_follow)
 
-    for method in METHODS:
-        name = method.upper()
-        if name not in PeftType.__members__:
-            extend_enum(PeftType, name, peft_type_value(method))
-        member = PeftType[name]
-        if member.value != peft_type_value(method):
-            raise RuntimeError(f"PEFT already defines a method {name} of its own; this svdiff-tools release cannot "
-                               "register its {method} there: use svdiff_tools.inject_adapter instead.")
-        if method not in MODELS:
-            LAYERS[method], MODELS[method] = tuner_classes(method)
-        PEFT_TYPE_TO_CONFIG_MAPPING[member] = CONFIGS[method]
-        PEFT_TYPE_TO_TUNER_MAPPING[member] = MODELS[method]
-        PEFT_TYPE_TO_PREFIX_MAPPING[member] = MODELS[method].prefix
+
+def _follow(method_cls: type, registered: bool) -> None:
+    """Register one method with PEFT (its `PeftType` member, config class, tuner and prefix), or take it out."""
+    from aenum import extend_enum
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import PeftType
+
+    method, name = method_cls.name, method_cls.name.upper()
+    if not registered:
+        if name in PeftType.__members__:  # the enum member stays (aenum cannot remove it); a re-registration reuses it
+            for mapping in (PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING):
+                mapping.pop(PeftType[name], None)
+        for table in (CONFIGS, LAYERS, MODELS):
+            table.pop(method, None)
+        return
+    if name not in PeftType.__members__:
+        extend_enum(PeftType, name, peft_type_value(method))
+    member = PeftType[name]
+    if member.value != peft_type_value(method):
+        raise RuntimeError(f"PEFT already defines a method {name} of its own; this svdiff-tools release cannot "
+                           f"register its {method} there: use svdiff_tools.inject_adapter instead.")
+    if method not in CONFIGS:
+        CONFIGS[method] = config_class(method_cls)
+        setattr(_config, CONFIGS[method].__name__, CONFIGS[method])  # importable by name, and picklable
+    if method not in MODELS:
+        LAYERS[method], MODELS[method] = tuner_classes(method_cls)
+    PEFT_TYPE_TO_CONFIG_MAPPING[member] = CONFIGS[method]
+    PEFT_TYPE_TO_TUNER_MAPPING[member] = MODELS[method]
+    PEFT_TYPE_TO_PREFIX_MAPPING[member] = MODELS[method].prefix
 
 
 register()
+SVDiffConfig, SVFitConfig, SVFTConfig, VectorFitConfig = (CONFIGS[m] for m in ("svdiff", "svfit", "svft", "vectorfit"))
+METHODS = tuple(CONFIGS)  # the methods registered with PEFT at import (`CONFIGS` follows later ones)
 
 
 def save_as_svd_adapter(peft_model, path, adapter_name: str = "default"):

@@ -1,4 +1,5 @@
-"""PEFT configs of the four spectral methods: the fields of `SVDAdapterConfig` as a `PeftConfig`.
+"""PEFT configs of the spectral methods: the fields of `SVDAdapterConfig` as a `PeftConfig`, one class per registered
+method (`config_class`: the common fields of `SVDPeftConfig` plus every method option, `methods.Option`, as declared).
 
 A saved ``adapter_config.json`` is sealed: ``checksum`` is a blake2b of every field that changes the adapter's effect
 (`SEALED_FIELDS`: this class's fields, ``peft_type`` and ``task_type``), and those fields include
@@ -11,9 +12,10 @@ without a checksum is refused too (`from_pretrained`). Fields PEFT rewrites on i
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+import sys
+from dataclasses import dataclass, field, fields, make_dataclass
 from enum import Enum
-from typing import Optional, Union
+from typing import Dict, Optional, Union
 
 from peft.config import PeftConfig
 from peft.utils import PeftType
@@ -21,6 +23,7 @@ from peft.utils import PeftType
 from ..config import SVDAdapterConfig
 from ..errors import SVDAdapterFileError, SVDConfigError
 from ..io import json_digest
+from ..methods import all_options
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -50,12 +53,6 @@ class SVDPeftConfig(PeftConfig):
     modules_to_save: Optional[list] = field(default=None)
     rank: Optional[Union[int, float]] = field(default=None)
     scale: float = field(default=1.0)
-    svft_pattern: str = field(default="banded")
-    svft_offset: int = field(default=2)
-    svft_seed: int = field(default=0)
-    avf_k: int = field(default=0)
-    avf_interval: int = field(default=50)
-    avf_metric: str = field(default="mean_abs")
     train_bias: Optional[bool] = field(default=None)
     svd_driver: str = field(default="auto")
     svd_dtype: str = field(default="float32")
@@ -68,6 +65,9 @@ class SVDPeftConfig(PeftConfig):
     method = ""  # set by the subclasses (not a field: PEFT's config JSON carries peft_type)
 
     def __post_init__(self):
+        from peft.utils import PeftType
+
+        self.peft_type = PeftType[self.method.upper()]
         super().__post_init__()
         if not isinstance(self.init_weights, bool):
             raise SVDConfigError(f"init_weights={self.init_weights!r} must be True (the adapter starts as the "
@@ -82,7 +82,7 @@ class SVDPeftConfig(PeftConfig):
 
     def seal(self) -> str:
         """`io.json_digest` of the sealed fields."""
-        return json_digest({name: _plain(getattr(self, name)) for name in SEALED_FIELDS})
+        return json_digest({name: _plain(getattr(self, name)) for name in sealed_fields(type(self))})
 
     def to_dict(self) -> dict:
         """PEFT's dict of the fields, with ``checksum`` computed now (it is what `save_pretrained` writes)."""
@@ -111,58 +111,28 @@ class SVDPeftConfig(PeftConfig):
         """The equivalent `SVDAdapterConfig`."""
         targets = sorted(self.target_modules) if isinstance(self.target_modules, set) else self.target_modules
         excludes = sorted(self.exclude_modules) if isinstance(self.exclude_modules, set) else self.exclude_modules
+        options = {name: getattr(self, name) for name in all_options() if name in self.__dataclass_fields__}
         return SVDAdapterConfig(method=self.method, rank=self.rank, target_modules=targets, exclude_modules=excludes,
-                                scale=self.scale, svft_pattern=self.svft_pattern, svft_offset=self.svft_offset,
-                                svft_seed=self.svft_seed, avf_k=self.avf_k, avf_interval=self.avf_interval,
-                                avf_metric=self.avf_metric, train_bias=self.train_bias, svd_driver=self.svd_driver,
+                                scale=self.scale, train_bias=self.train_bias, svd_driver=self.svd_driver,
                                 svd_dtype=self.svd_dtype, forward_mode=self.forward_mode,
-                                basis_storage=self.basis_storage)
+                                basis_storage=self.basis_storage, **options)
 
 
-@dataclass
-class SVDiffConfig(SVDPeftConfig):
-    """PEFT config of SVDiff: a shift of every singular value (``rank`` stays None)."""
-
-    method = "svdiff"
-
-    def __post_init__(self):
-        self.peft_type = PeftType.SVDIFF
-        super().__post_init__()
-
-
-@dataclass
-class SVFitConfig(SVDPeftConfig):
-    """PEFT config of SVFit: the top ``rank`` singular values (an int, or an energy fraction in (0, 1))."""
-
-    method = "svfit"
-
-    def __post_init__(self):
-        self.peft_type = PeftType.SVFIT
-        super().__post_init__()
+def config_class(method_cls: type) -> type:
+    """The PEFT config class of a registered method: `SVDPeftConfig` plus every method option (`methods.Option`)
+    as a field with its declared default, named ``<Method>Config`` (``SVFTConfig``)."""
+    options = [(o.name, o.kind, field(default=o.default)) for o in all_options().values()]
+    summary = (sys.modules[method_cls.__module__].__doc__ or method_cls.name).strip().splitlines()[0]
+    return make_dataclass(f"{method_cls.__name__}Config", options, bases=(SVDPeftConfig,),
+                          namespace={"method": method_cls.name, "__module__": __name__,
+                                     "__doc__": f"PEFT config of {summary}"})
 
 
-@dataclass
-class SVFTConfig(SVDPeftConfig):
-    """PEFT config of SVFT: a sparse ``svft_pattern`` of M over every (or the top ``rank``) components."""
-
-    method = "svft"
-
-    def __post_init__(self):
-        self.peft_type = PeftType.SVFT
-        super().__post_init__()
+def sealed_fields(cls: type) -> tuple:
+    """The fields a saved config's checksum covers: ``peft_type``, ``task_type``, `SVDPeftConfig`'s own fields and the
+    method options (not ``checksum``, nor the fields PEFT rewrites by itself)."""
+    own = set(SVDPeftConfig.__annotations__) | set(all_options())
+    return ("peft_type", "task_type") + tuple(f.name for f in fields(cls) if f.name in own and f.name != "checksum")
 
 
-@dataclass
-class VectorFitConfig(SVDPeftConfig):
-    """PEFT config of VectorFit: singular-value and bias deltas (Adaptive Vector Freezing: `AVFCallback`)."""
-
-    method = "vectorfit"
-
-    def __post_init__(self):
-        self.peft_type = PeftType.VECTORFIT
-        super().__post_init__()
-
-
-CONFIGS = {c.method: c for c in (SVDiffConfig, SVFitConfig, SVFTConfig, VectorFitConfig)}
-SEALED_FIELDS = ("peft_type", "task_type") + tuple(f.name for f in fields(SVDPeftConfig)
-                                                  if f.name in SVDPeftConfig.__annotations__ and f.name != "checksum")
+CONFIGS: Dict[str, type] = {}  # method name -> its config class (filled by `svdiff_tools.peft.register`)

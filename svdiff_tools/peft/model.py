@@ -72,10 +72,10 @@ class SVDPeftModel(BaseTuner):
         self._replace_module(parent, target_name, new, target)
 
 
-def tuner_classes(method: str):
-    """(layer class, model class) of ``method`` with its prefix ``<method>_``."""
-    prefix = f"{method}_"
-    title = {"svdiff": "SVDiff", "svfit": "SVFit", "svft": "SVFT", "vectorfit": "VectorFit"}[method]
+def tuner_classes(method_cls: type):
+    """(layer class, model class) of a registered method, with its prefix ``<method>_``."""
+    prefix = f"{method_cls.name}_"
+    title = method_cls.__name__
     layer = type(f"{title}Layer", (SVDTunerLayer,), {"prefix": prefix, "adapter_layer_names": (f"{prefix}adapters",),
                                                      "__module__": __name__})
     model = type(f"{title}Model", (SVDPeftModel,), {"prefix": prefix, "tuner_layer_cls": layer,

@@ -107,11 +107,15 @@ def class_data_dir(steps: int = INFERENCE_STEPS, guidance: float = GUIDANCE, res
 
 def flag_defaults(method: str) -> dict:
     """The trainer's flag defaults on this world (flags the user gives win): the method's learning rate, steps,
-    schedule, caption share, rank and text-encoder rate, 64 px, 16 validation images, 25 steps at guidance 5."""
-    d = METHOD_DEFAULTS[method]
-    flags = dict(learning_rate=d.learning_rate, max_train_steps=d.steps, lr_scheduler=d.lr_scheduler,
-                 num_validation_images=NUM_VALIDATION_IMAGES, guidance_scale=GUIDANCE,
+    schedule, caption share, rank and text-encoder rate, 64 px, 16 validation images, 25 steps at guidance 5. A
+    method not swept here (one registered later) gets the world's settings and its own learning rate."""
+    d = METHOD_DEFAULTS.get(method)
+    flags = dict(num_validation_images=NUM_VALIDATION_IMAGES, guidance_scale=GUIDANCE,
                  num_inference_steps=INFERENCE_STEPS, resolution=RESOLUTION, train_text_encoder=TRAIN_TEXT_ENCODER,
+                 max_train_steps=600, caption_probability=CAPTION_PROBABILITY)
+    if d is None:
+        return flags
+    flags.update(learning_rate=d.learning_rate, max_train_steps=d.steps, lr_scheduler=d.lr_scheduler,
                  caption_probability=d.caption_probability, prior_loss_weight=d.prior_loss_weight)
     flags.update({k: v for k, v in (("text_encoder_lr", d.text_encoder_lr), ("rank", d.rank)) if v is not None})
     return flags

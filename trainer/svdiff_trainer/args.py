@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from svdiff_tools.config import BASIS_STORAGE, SVFT_PATTERNS
+from svdiff_tools.config import BASIS_STORAGE
 from svdiff_tools.export import rank_argument
-from svdiff_tools.methods import METHODS, REGISTRY
+from svdiff_tools.methods import METHODS, REGISTRY, add_option_flags, option_values
 from svdiff_tools.targets import PRESETS
 
 from . import presets
@@ -23,7 +23,13 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".g
 PEFT_METHODS = {"lora": "diffusers' train_dreambooth_lora.py default", "pissa": "as LoRA"}  # the PEFT backend's
 PEFT_LR = 1e-4
 FULL_LR = 5e-6  # diffusers' train_dreambooth.py (full fine-tuning) default
-ALL_METHODS = METHODS + tuple(PEFT_METHODS) + ("full",)
+ALL_METHODS = METHODS + tuple(PEFT_METHODS) + ("full",)  # the built-in ones (`all_methods`: also later ones)
+
+
+def all_methods() -> tuple:
+    """Every method the trainer runs: the registered spectral ones (a method registered later included), PEFT's
+    LoRA / PiSSA, and full fine-tuning."""
+    return tuple(REGISTRY) + tuple(PEFT_METHODS) + ("full",)
 
 
 def _lr_help() -> str:
@@ -44,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "on the shipped example subject, offline.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     m = p.add_argument_group("method")
-    m.add_argument("--method", choices=ALL_METHODS, default="svfit",
+    m.add_argument("--method", choices=all_methods(), default="svfit",
                    help="adapter method; 'full' fine-tunes every UNet weight (DreamBooth's original recipe)")
     m.add_argument("--rank", type=float, default=None,
                    help="svfit: top-r (int) or energy fraction in (0, 1); svft: top-r truncation; lora/pissa: rank "
@@ -52,10 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--target_modules", default=None,
                    help=f"comma-separated module names, a regex, or a preset ({', '.join(PRESETS)}); default: "
                         "'unet' for spectral methods, 'unet-attention' for lora/pissa")
-    m.add_argument("--svft_pattern", choices=SVFT_PATTERNS, default="banded")
-    m.add_argument("--svft_offset", type=int, default=2, help="SVFT band offset d (banded/random/top_k counts)")
-    m.add_argument("--avf_k", type=int, default=0, help="VectorFit: vectors frozen per interval (0 = no AVF)")
-    m.add_argument("--avf_interval", type=int, default=50, help="VectorFit: steps between AVF re-selections")
+    add_option_flags(m)  # each method's own options (--svft_pattern, --avf_k, ...), as the method declares them
     m.add_argument("--train_norms", action="store_true", help="SVDiff recipe: also train norm (1-D) weight deltas")
     m.add_argument("--basis_storage", choices=BASIS_STORAGE, default="auto",
                    help="full-spectrum methods: one_sided stores the least memory (derives the larger singular "
@@ -167,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--hub_model_id", default=None)
     o.add_argument("--hub_token", default=None)
     return p
+
+
+def flag_defaults() -> dict:
+    """Every flag's default as the parser declares it (before `fill_defaults`)."""
+    return vars(build_parser().parse_args([]))
 
 
 def list_images(folder: Path) -> List[Path]:
@@ -341,7 +349,7 @@ def validate(args: argparse.Namespace) -> None:
             fail(f"--{name} {rate} must be a positive number, e.g. 1e-3.")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         fail("--checkpoints_total_limit must be at least 1.")
-    if args.method in METHODS:
+    if args.method in REGISTRY:
         from svdiff_tools.errors import SVDConfigError
 
         try:
@@ -378,6 +386,5 @@ def spectral_config(args: argparse.Namespace, train_text_encoder: bool = False):
     return SVDAdapterConfig(
         method=args.method, rank=rank,
         target_modules="text-encoder" if train_text_encoder else args.target_modules,
-        svft_pattern=args.svft_pattern, svft_offset=args.svft_offset, avf_k=args.avf_k,
-        avf_interval=args.avf_interval, train_norms=args.train_norms and not train_text_encoder,
-        basis_storage=args.basis_storage)
+        train_norms=args.train_norms and not train_text_encoder, basis_storage=args.basis_storage,
+        **option_values(args))

@@ -118,10 +118,13 @@ def run_config(args) -> dict:
     return out
 
 
-def config_difference(recorded: dict, current: dict) -> Optional[str]:
-    """'--method: svdiff in the checkpoint, svfit now' for the first differing flag, or None."""
+def config_difference(recorded: dict, current: dict, defaults: Optional[dict] = None) -> Optional[str]:
+    """'--method: svdiff in the checkpoint, svfit now' for the first differing flag, or None. A flag the recorded
+    run did not have (a newer release's) is no difference while it is at its default (``defaults``)."""
     for key in sorted(set(recorded) | set(current)):
         if key in OPERATIONAL_FLAGS:
+            continue
+        if key not in recorded and defaults is not None and key in defaults and current.get(key) == defaults[key]:
             continue
         a, b = recorded.get(key), current.get(key)
         if a != b:
@@ -197,9 +200,11 @@ class RunPlan:
     config: dict
 
 
-def plan_run(output_dir: Path, config: dict, resume: Optional[str], overwrite: bool) -> RunPlan:
+def plan_run(output_dir: Path, config: dict, resume: Optional[str], overwrite: bool,
+             defaults: Optional[dict] = None) -> RunPlan:
     """Decide, before any model is loaded, whether this command starts a run or resumes one; raise
-    `RunConflict` when the folder holds another run's results or the checkpoint another configuration."""
+    `RunConflict` when the folder holds another run's results or the checkpoint another configuration
+    (``defaults``: the flags' defaults, for flags newer than the recorded run, `config_difference`)."""
     output_dir = Path(output_dir)
     current = _read_run(output_dir)
     if current is None and (output_dir / RUN_FILE).exists() and not overwrite:
@@ -212,15 +217,16 @@ def plan_run(output_dir: Path, config: dict, resume: Optional[str], overwrite: b
         if reason:
             raise RunConflict(f"--resume_from_checkpoint {resume} is not a complete checkpoint ({reason}); pass a "
                               "checkpoint-N folder or 'latest'.")
-        return _resume(path, config)
-    if resume == "latest" and current is not None and config_difference(current.get("config", {}), config) is None:
+        return _resume(path, config, defaults)
+    if resume == "latest" and current is not None and \
+            config_difference(current.get("config", {}), config, defaults) is None:
         own = [p for _, p in checkpoints(output_dir, current["run_id"]) if incomplete_reason(p) is None]
         if own:
-            return _resume(own[-1], config)
+            return _resume(own[-1], config, defaults)
         return RunPlan(current["run_id"], None, False, config)  # this run never reached a checkpoint
     if _has_results(output_dir) and not overwrite:
         if current is not None and resume == "latest":
-            diff = config_difference(current.get("config", {}), config)
+            diff = config_difference(current.get("config", {}), config, defaults)
             raise RunConflict(f"{output_dir} holds a run with another configuration ({diff.replace('checkpoint', 'folder')}); "
                               "pass --overwrite_output_dir to replace it, or choose another --output_dir.")
         raise RunConflict(f"{output_dir} already holds a training run's results; pass --resume_from_checkpoint latest "
@@ -228,11 +234,11 @@ def plan_run(output_dir: Path, config: dict, resume: Optional[str], overwrite: b
     return RunPlan(uuid.uuid4().hex, None, True, config)
 
 
-def _resume(path: Path, config: dict) -> RunPlan:
+def _resume(path: Path, config: dict, defaults: Optional[dict] = None) -> RunPlan:
     state = read_state(path)
     recorded = state.get("config")
     if recorded is not None:
-        diff = config_difference(recorded, config)
+        diff = config_difference(recorded, config, defaults)
         if diff:
             raise RunConflict(f"{path} was trained with other settings ({diff}); resume with the same flags, or "
                               "start a new run in another --output_dir.")

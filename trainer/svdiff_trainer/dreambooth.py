@@ -24,7 +24,7 @@ from typing import List
 
 import torch
 
-from svdiff_trainer.args import TrainingInputError, parse_args
+from svdiff_trainer.args import TrainingInputError, flag_defaults, parse_args
 from svdiff_trainer.checkpoints import CheckpointWriteError
 
 logger = logging.getLogger("train_dreambooth")
@@ -82,7 +82,7 @@ def prepare_run(args) -> Run:
     check_targets(backend, *weightless_models(args, base, sdxl))
     try:
         plan = checkpoints.plan_run(Path(args.output_dir), checkpoints.run_config(args), args.resume_from_checkpoint,
-                                    args.overwrite_output_dir)
+                                    args.overwrite_output_dir, defaults=flag_defaults())
     except checkpoints.RunConflict as exc:
         raise TrainingInputError(str(exc)) from None
     seed = args.seed if args.seed is not None else 0
