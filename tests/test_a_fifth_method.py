@@ -133,8 +133,8 @@ def test_the_trainer_gets_its_flag_default_learning_rate_and_trains_it(svscale, 
     monkeypatch.setenv("SVDIFF_TOOLS_EMBEDDED", "tiny")
     monkeypatch.chdir(tmp_path)
     assert "--svscale_gain" in build_parser().format_help()
-    args = parse_args(["--method", "svscale", "--svscale_gain", "1.5", "--output_dir", "out"])
-    assert args.learning_rate == 2e-3 and spectral_config(args).svscale_gain == 1.5
+    cfg = parse_args(["--method", "svscale", "--svscale_gain", "1.5", "--output_dir", "out"])
+    assert cfg.optim.learning_rate == 2e-3 and spectral_config(cfg.method).svscale_gain == 1.5
     from svdiff_trainer.dreambooth import main
 
     assert main(["--method", "svscale", "--svscale_gain", "1.5", "--max_train_steps", "2",

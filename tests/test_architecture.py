@@ -123,7 +123,8 @@ SCENARIOS = textwrap.dedent("""
         except TrainingInputError as exc:
             print("refused:", exc)
             return
-        print(a.embedded_kind, a.resolution, a.max_train_steps, a.num_inference_steps, a.instance_prompt)
+        print(a.model.embedded_kind, a.data.resolution, a.optim.max_train_steps, a.validation.num_inference_steps,
+              a.data.instance_prompt)
 
     show({})
     show({}, "--resolution", "40")

@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 import svdiff_tools.diffusers  # noqa: F401  (pipe.load_svd_adapter)
 from svdiff_trainer.tiny import tiny_pipeline_path
 from svdiff_trainer.args import EXAMPLE_DATA
+from svdiff_trainer.config import RunConfig
 from svdiff_trainer.data import open_rgb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -360,7 +361,7 @@ def test_pissa_export_is_the_trained_model_on_the_original_weights(tmp_path):
         trained, base = unet(x, t, e).sample, pipe.unet(x, t, e).sample
     from svdiff_trainer.backends import PeftLoraBackend
 
-    backend = PeftLoraBackend(argparse.Namespace(method="pissa", train_text_encoder=False))
+    backend = PeftLoraBackend(RunConfig.from_flags({"method": "pissa", "train_text_encoder": False}))
     backend.pissa_init = init
     backend.save_final(tmp_path, "base", "StableDiffusionPipeline", unet, {}, None)
     pipe.load_lora_weights(str(tmp_path), weight_name="pytorch_lora_weights.safetensors")
@@ -380,9 +381,10 @@ def test_validation_images_do_not_depend_on_the_batch_size(tmp_path):
     pipe = base_pipe()
     rows = {}
     for batch in (1, 2, 5):
-        args = argparse.Namespace(validation_prompts=["a photo of sks toy", "a red toy"], num_validation_images=3,
-                                  validation_seed=7, seed=None, sample_batch_size=batch, num_inference_steps=3,
-                                  guidance_scale=5.0, resolution=32)
+        args = RunConfig.from_flags(dict(validation_prompts=["a photo of sks toy", "a red toy"],
+                                         num_validation_images=3, validation_seed=7, seed=None,
+                                         sample_batch_size=batch, num_inference_steps=3, guidance_scale=5.0,
+                                         resolution=32))
         rows[batch] = render_validation(args, pipe, 4, tmp_path / f"b{batch}")
         assert sorted(p.name for p in (tmp_path / f"b{batch}").iterdir()) == [
             "step000004_0.png", "step000004_1.png", "step000004_2.png",
@@ -397,14 +399,14 @@ def test_validation_images_do_not_depend_on_the_batch_size(tmp_path):
 def test_text_encoder_training_is_off_by_default_and_can_be_turned_off(monkeypatch):
     from svdiff_trainer.args import parse_args
 
-    assert parse_args(["--method", "svfit"]).train_text_encoder is False  # the tiny model: diffusers' default
-    assert parse_args(["--method", "svfit", "--train_text_encoder"]).train_text_encoder is True
+    assert parse_args(["--method", "svfit"]).method.train_text_encoder is False  # the tiny model: diffusers' default
+    assert parse_args(["--method", "svfit", "--train_text_encoder"]).method.train_text_encoder is True
     from svdiff_toyworld import preset
 
     if preset.available():  # the toy world turns it on (`TRAIN_TEXT_ENCODER`); the user's flag still wins
         monkeypatch.delenv("SVDIFF_TOOLS_EMBEDDED", raising=False)
-        assert parse_args(["--method", "svfit"]).train_text_encoder is preset.TRAIN_TEXT_ENCODER
-        assert parse_args(["--method", "svfit", "--no-train_text_encoder"]).train_text_encoder is False
+        assert parse_args(["--method", "svfit"]).method.train_text_encoder is preset.TRAIN_TEXT_ENCODER
+        assert parse_args(["--method", "svfit", "--no-train_text_encoder"]).method.train_text_encoder is False
 
 
 def test_caption_files_give_each_image_its_own_prompt(tmp_path, caplog):
@@ -487,8 +489,8 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     from svdiff_trainer.validation import training_settings
 
     tiny = parse_args(["--method", "svfit"])
-    assert (tiny.lr_scheduler, tiny.caption_probability, tiny.prior_loss_weight) == ("constant", 1.0, 1.0)
-    assert tiny.text_encoder_lr is None
+    assert (tiny.optim.lr_scheduler, tiny.data.caption_probability, tiny.data.prior_loss_weight) == ("constant", 1.0, 1.0)
+    assert tiny.optim.text_encoder_lr is None
     assert "captions" not in training_settings(tiny) and training_settings(tiny)["text encoder"] == "frozen"
     assert training_settings(tiny, captioned=3)["captions"] == "3 caption files, used on every step"
     assert training_settings(tiny, captioned=0)["captions"].startswith("none (no caption files")
@@ -498,11 +500,11 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
         pytest.skip("the pretrained toy-world pipeline is not shipped")
     monkeypatch.delenv("SVDIFF_TOOLS_EMBEDDED", raising=False)
     svfit, wanted = parse_args(["--method", "svfit"]), preset.METHOD_DEFAULTS["svfit"]
-    assert (svfit.learning_rate, svfit.lr_scheduler, svfit.rank) == (wanted.learning_rate, wanted.lr_scheduler,
+    assert (svfit.optim.learning_rate, svfit.optim.lr_scheduler, svfit.method.rank) == (wanted.learning_rate, wanted.lr_scheduler,
                                                                      wanted.rank)
-    assert svfit.caption_probability == wanted.caption_probability == preset.CAPTION_PROBABILITY
+    assert svfit.data.caption_probability == wanted.caption_probability == preset.CAPTION_PROBABILITY
     vectorfit = parse_args(["--method", "vectorfit"])
-    assert vectorfit.caption_probability == 0.0  # captions measured worse there
+    assert vectorfit.data.caption_probability == 0.0  # captions measured worse there
     assert training_settings(vectorfit)["captions"] == "not used (the instance prompt on every step)"
     assert training_settings(svfit)["captions"] == "used on 50% of steps (else the instance prompt)"
     assert training_settings(svfit, 5)["captions"] == "5 caption files, used on 50% of steps (else the instance prompt)"
@@ -511,30 +513,30 @@ def test_toy_world_defaults_and_the_model_card_settings(monkeypatch):
     settings = training_settings(svfit)
     assert settings["learning rate"] == f"{wanted.learning_rate:g} ({wanted.lr_scheduler})"
     assert settings["rank"].startswith(f"{wanted.rank:g} (share")
-    assert (svfit.text_encoder_lr, svfit.prior_loss_weight) == (wanted.text_encoder_lr, wanted.prior_loss_weight)
+    assert (svfit.optim.text_encoder_lr, svfit.data.prior_loss_weight) == (wanted.text_encoder_lr, wanted.prior_loss_weight)
     assert settings["text encoder"] == f"adapted, learning rate {wanted.text_encoder_lr:g}"
     assert settings["prior preservation"] == f"`a photo of a toy`, weight {wanted.prior_loss_weight:g}"
     mine = parse_args(["--method", "svfit", "--lr_scheduler", "linear", "--caption_probability", "1",
                        "--text_encoder_lr", "0.3", "--prior_loss_weight", "0.5"])
-    assert (mine.lr_scheduler, mine.caption_probability, mine.text_encoder_lr, mine.prior_loss_weight) == (
+    assert (mine.optim.lr_scheduler, mine.data.caption_probability, mine.optim.text_encoder_lr, mine.data.prior_loss_weight) == (
         "linear", 1.0, 0.3, 0.5)
     assert training_settings(mine)["prior preservation"] == "`a photo of a toy`, weight 0.5"
     own_rate = parse_args(["--method", "svfit", "--learning_rate", "1e-2"])  # the text encoder follows it
-    assert (own_rate.learning_rate, own_rate.text_encoder_lr) == (1e-2, None)
+    assert (own_rate.optim.learning_rate, own_rate.optim.text_encoder_lr) == (1e-2, None)
     assert training_settings(own_rate)["text encoder"] == "adapted"
-    assert parse_args(["--method", "svdiff"]).lr_scheduler == preset.METHOD_DEFAULTS["svdiff"].lr_scheduler
+    assert parse_args(["--method", "svdiff"]).optim.lr_scheduler == preset.METHOD_DEFAULTS["svdiff"].lr_scheduler
 
     # the cached class images are kept per sampling setting: a quick 2-step run must not leave its images to others
-    assert Path(svfit.class_data_dir) == preset.class_data_dir(25, 5.0, 64)
-    assert Path(svfit.class_data_dir).parent.name.endswith("-25steps-cfg5-64px")
+    assert Path(svfit.data.class_data_dir) == preset.class_data_dir(25, 5.0, 64)
+    assert Path(svfit.data.class_data_dir).parent.name.endswith("-25steps-cfg5-64px")
     quick = parse_args(["--method", "svfit", "--num_inference_steps", "2"])
-    assert (quick.num_inference_steps, quick.resolution) == (2, 64)
-    assert len({svfit.class_data_dir, quick.class_data_dir, parse_args(["--method", "lora"]).class_data_dir,
-                parse_args(["--method", "svfit", "--guidance_scale", "7.5"]).class_data_dir,
-                parse_args(["--method", "svfit", "--resolution", "32"]).class_data_dir}) == 4  # lora shares svfit's
-    assert parse_args(["--method", "svfit", "--class_data_dir", "mine"]).class_data_dir == "mine"
+    assert (quick.validation.num_inference_steps, quick.data.resolution) == (2, 64)
+    assert len({svfit.data.class_data_dir, quick.data.class_data_dir, parse_args(["--method", "lora"]).data.class_data_dir,
+                parse_args(["--method", "svfit", "--guidance_scale", "7.5"]).data.class_data_dir,
+                parse_args(["--method", "svfit", "--resolution", "32"]).data.class_data_dir}) == 4  # lora shares svfit's
+    assert parse_args(["--method", "svfit", "--class_data_dir", "mine"]).data.class_data_dir == "mine"
     # a 0 the user gives stays theirs on the toy world: guidance 0 samples unconditionally, counts of 0 are refused
-    assert parse_args(["--method", "svfit", "--guidance_scale", "0"]).guidance_scale == 0.0
+    assert parse_args(["--method", "svfit", "--guidance_scale", "0"]).validation.guidance_scale == 0.0
     for flag in ("--max_train_steps", "--num_validation_images", "--num_inference_steps"):
         with pytest.raises(TrainingInputError, match=f"{flag} must be at least 1"):
             validate(parse_args(["--method", "svfit", flag, "0"]))

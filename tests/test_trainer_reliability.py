@@ -93,7 +93,7 @@ def test_class_images_made_for_another_base_prompt_or_resolution_are_refused(tmp
 
     monkeypatch.chdir(tmp_path)
     args = parse_args(PRIOR)
-    made_by = dict(class_images_made_by(args, resolve_base(args), "a photo of a toy"), **{field: value})
+    made_by = dict(class_images_made_by(args, resolve_base(args.model), "a photo of a toy"), **{field: value})
     _class_folder(tmp_path, made_by)
     code, err, loaded = _in_process(monkeypatch, tmp_path, capsys, PRIOR)
     assert code == 2 and "\n" not in err and not loaded, err
@@ -112,7 +112,7 @@ def test_class_images_follow_their_base_by_weights_not_by_path(tmp_path, caplog)
     from svdiff_trainer.validation import check_class_images, class_images_made_by
 
     args = parse_args(PRIOR)
-    base = Path(resolve_base(args))
+    base = Path(resolve_base(args.model))
     made_by = class_images_made_by(args, str(base), "a photo of a toy")
     moved = tmp_path / "moved-base"
     shutil.copytree(base, moved)

@@ -124,6 +124,7 @@ def test_class_images_appear_only_when_complete(tmp_path, monkeypatch):
     from PIL import Image
 
     from svdiff_trainer.args import list_images
+    from svdiff_trainer.config import RunConfig
     from svdiff_trainer.validation import generate_class_images
 
     class Pipe:
@@ -139,8 +140,8 @@ def test_class_images_appear_only_when_complete(tmp_path, monkeypatch):
         def to(self, device):
             return self
 
-    args = SimpleNamespace(num_class_images=3, prior_generation_precision="fp32", sample_batch_size=1, seed=0,
-                           num_inference_steps=1, guidance_scale=1.0, resolution=8)
+    args = RunConfig.from_flags(dict(num_class_images=3, prior_generation_precision="fp32", sample_batch_size=1,
+                                     seed=0, num_inference_steps=1, guidance_scale=1.0, resolution=8))
     accelerator = SimpleNamespace(device="cpu", is_local_main_process=False)
     save, saved = Image.Image.save, []
 

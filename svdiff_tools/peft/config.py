@@ -65,8 +65,6 @@ class SVDPeftConfig(PeftConfig):
     method = ""  # set by the subclasses (not a field: PEFT's config JSON carries peft_type)
 
     def __post_init__(self):
-        from peft.utils import PeftType
-
         self.peft_type = PeftType[self.method.upper()]
         super().__post_init__()
         if not isinstance(self.init_weights, bool):

@@ -22,7 +22,7 @@ from svdiff_tools.atomic import write_text
 
 from . import metric
 from .gate import generate
-from .world import RECONTEXT_BACKGROUND, SUBJECTS, Subject
+from .world import RECONTEXT_BACKGROUND, Subject
 
 logger = logging.getLogger(__name__)
 

@@ -13,10 +13,11 @@ from typing import List, Optional
 
 from svdiff_tools.config import BASIS_STORAGE
 from svdiff_tools.export import rank_argument
-from svdiff_tools.methods import METHODS, REGISTRY, add_option_flags, option_values
+from svdiff_tools.methods import METHODS, REGISTRY, add_option_flags
 from svdiff_tools.targets import PRESETS
 
 from . import presets
+from .config import MethodConfig, RunConfig
 from .presets import EXAMPLE_DATA
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -30,6 +31,55 @@ def all_methods() -> tuple:
     """Every method the trainer runs: the registered spectral ones (a method registered later included), PEFT's
     LoRA / PiSSA, and full fine-tuning."""
     return tuple(REGISTRY) + tuple(PEFT_METHODS) + ("full",)
+
+
+# Defaults that depend on the base, for flags left unset: `fill_defaults` fills them from here (after the embedded
+# preset's own) and --help shows them from here and from the preset, so the help never describes another default
+# than the one used.
+NAMED_BASE_DEFAULTS = dict(train_text_encoder=False, caption_probability=1.0, prior_loss_weight=1.0,
+                           lr_scheduler="constant", resolution=512, num_class_images=100, num_validation_images=2,
+                           num_inference_steps=25, guidance_scale=7.5)
+EMBEDDED_FALLBACK = dict(resolution=64)  # an embedded base whose preset does not say
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Argparse's defaults in the help, except None: those flags' help says what fills them."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _help_preset():
+    """The preset an embedded run would use, for --help (None where none can be chosen)."""
+    try:
+        return presets.choose()
+    except Exception:  # noqa: BLE001 (a broken plug-in or environment must not break --help)
+        return None
+
+
+def _default_note(name: str, preset, named: str = "") -> str:
+    """'default: X; the embedded toyworld base: Y' (or its value per method), from the tables that fill them."""
+    named = named or repr(NAMED_BASE_DEFAULTS.get(name))
+    note = f"default: {named}"
+    if preset is None:
+        return note
+    subject = {}
+    try:
+        subject = preset.subject(25, 7.5, 64)
+    except Exception:  # noqa: BLE001
+        pass
+    values = {}
+    for method in all_methods():
+        value = preset.defaults(method).get(name, EMBEDDED_FALLBACK.get(name, NAMED_BASE_DEFAULTS.get(name)))
+        values[method] = subject.get(name, value) if name == "num_class_images" else value
+    shown = {m: named if v is None else repr(v) for m, v in values.items()}  # None: what fills it for a named base
+    if set(shown.values()) == {named}:
+        return note
+    if len(set(shown.values())) == 1:
+        where = " with its shipped subject (no data flags)" if name in subject else ""
+        return f"{note}; on the embedded {preset.name} base{where}: {next(iter(shown.values()))}"
+    return f"{note}; on the embedded {preset.name} base, per method: " + ", ".join(
+        f"{m} {v}" for m, v in shown.items())
 
 
 def _lr_help() -> str:
@@ -48,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="DreamBooth with spectral adapters (SVDiff, SVFit, SVFT, VectorFit) or, for comparison, "
                     "PEFT LoRA / PiSSA. With no model or data flags it trains the embedded tiny Stable Diffusion "
                     "on the shipped example subject, offline.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
+    preset = _help_preset()
     m = p.add_argument_group("method")
     m.add_argument("--method", choices=all_methods(), default="svfit",
                    help="adapter method; 'full' fine-tunes every UNet weight (DreamBooth's original recipe)")
@@ -97,36 +148,39 @@ def build_parser() -> argparse.ArgumentParser:
                         "(photo.png -> photo.txt, as kohya); images without one use --instance_prompt. '' = off")
     d.add_argument("--caption_probability", type=float, default=None,
                    help="share of a captioned image's steps trained on its caption, the rest on --instance_prompt "
-                        "(default 1; on the toy world each method's, mostly 0.5: the identifier must also work "
-                        "without the caption's words)")
+                        "(the identifier must also work without the caption's words); " +
+                        _default_note("caption_probability", preset))
     d.add_argument("--class_data_dir", default=None)
     d.add_argument("--class_prompt", default=None)
     d.add_argument("--with_prior_preservation", action="store_true")
-    d.add_argument("--prior_loss_weight", type=float, default=None, help="default 1 (the toy world: per method)")
-    d.add_argument("--num_class_images", type=int, default=None, help="default: 100 (32 for the embedded model)")
+    d.add_argument("--prior_loss_weight", type=float, default=None, help=_default_note("prior_loss_weight", preset))
+    d.add_argument("--num_class_images", type=int, default=None,
+                   help=_default_note("num_class_images", preset))
     d.add_argument("--sample_batch_size", type=int, default=4)
     d.add_argument("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None)
-    d.add_argument("--resolution", type=int, default=None, help="default: 512, or 32 for the embedded model")
+    d.add_argument("--resolution", type=int, default=None, help=_default_note("resolution", preset))
     d.add_argument("--center_crop", action="store_true")
     d.add_argument("--random_flip", action="store_true")
     d.add_argument("--dataloader_num_workers", type=int, default=0)
 
     t = p.add_argument_group("training")
     t.add_argument("--train_text_encoder", action=argparse.BooleanOptionalAction, default=None,
-                   help="adapt the text encoder(s) too (default: off, on for the toy world)")
+                   help="adapt the text encoder(s) too; " + _default_note("train_text_encoder", preset))
     t.add_argument("--text_encoder_lr", type=float, default=None,
-                   help="default: --learning_rate (the toy world: per method, unless --learning_rate is given)")
+                   help=_default_note("text_encoder_lr", preset, "--learning_rate") +
+                        " (a --learning_rate given covers the text encoder too)")
     t.add_argument("--train_batch_size", type=int, default=1)
-    t.add_argument("--max_train_steps", type=int, default=None, help="default: 400, or 12 for the embedded model")
+    t.add_argument("--max_train_steps", type=int, default=None,
+                   help=_default_note("max_train_steps", preset, "--num_train_epochs epochs"))
     t.add_argument("--num_train_epochs", type=int, default=1, help="used when --max_train_steps is not set")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--gradient_checkpointing", action="store_true")
-    t.add_argument("--learning_rate", type=float, default=None, help=_lr_help())
+    t.add_argument("--learning_rate", type=float, default=None,
+                   help=_lr_help() + "; " + _default_note("learning_rate", preset, "as above").split("; ", 1)[-1])
     t.add_argument("--scale_lr", action="store_true")
     t.add_argument("--lr_scheduler", default=None,
                    choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
-                   help="default: constant (on the toy world svfit decays on a cosine: METHOD_DEFAULTS in "
-                        "svdiff_toyworld/preset.py)")
+                   help=_default_note("lr_scheduler", preset))
     t.add_argument("--lr_warmup_steps", type=int, default=0)
     t.add_argument("--lr_num_cycles", type=int, default=1)
     t.add_argument("--use_8bit_adam", action="store_true", help="needs bitsandbytes (pip install svdiff-tools[bnb])")
@@ -156,14 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--validation_prompts", nargs="+", default=None,
                    help="several validation prompts (the same seeds for each); overrides --validation_prompt")
     o.add_argument("--num_validation_images", type=int, default=None,
-                   help="per validation prompt; default: 2 (8 for the embedded model)")
+                   help="per validation prompt; " + _default_note("num_validation_images", preset))
     o.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance of validation and class images (default: 7.5, the toy world's 5)")
+                   help="classifier-free guidance of validation and class images; " +
+                        _default_note("guidance_scale", preset))
     o.add_argument("--validation_seed", type=int, default=None,
                    help="validation image i uses seed validation_seed + i (default: --seed)")
     o.add_argument("--num_inference_steps", type=int, default=None,
-                   help="denoising steps for validation and class images (default: 25, or 4 for the embedded model)")
-    o.add_argument("--validation_steps", type=int, default=None, help="validate every N steps (default: only at the end)")
+                   help="denoising steps for validation and class images; " +
+                        _default_note("num_inference_steps", preset))
+    o.add_argument("--validation_steps", type=int, default=None,
+                   help="validate every N steps (default: only at the end)")
     o.add_argument("--report_to", default="none", help="tensorboard, wandb, all or none")
     o.add_argument("--logging_dir", default="logs")
     o.add_argument("--push_to_hub", action="store_true")
@@ -184,50 +241,51 @@ def list_images(folder: Path) -> List[Path]:
                   and not p.name.startswith("."))
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    args = build_parser().parse_args(argv)
-    fill_defaults(args)
-    validate(args)
-    return args
+def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
+    """The command line as a `RunConfig`: the parsed flags, their defaults filled in (`fill_defaults`) and
+    validated (`validate`). The ``argparse.Namespace`` ends here."""
+    cfg = RunConfig.from_flags(vars(build_parser().parse_args(argv)))
+    fill_defaults(cfg)
+    validate(cfg)
+    return cfg
 
 
-def fill_defaults(args: argparse.Namespace) -> None:
-    embedded = args.pretrained_model_name_or_path is None
-    args.embedded_model = embedded
-    args.embedded_kind = None
-    args.validation_prompts = args.validation_prompts or None
-    args.subjects = [parse_subject(spec) for spec in args.subject or []]
-    if args.subjects:
-        first = args.subjects[0]
-        args.instance_data_dir, args.instance_prompt = str(first.folder), first.prompt
+def fill_defaults(cfg: RunConfig) -> None:
+    embedded = cfg.model.pretrained_model_name_or_path is None
+    cfg.model.embedded_model = embedded
+    cfg.model.embedded_kind = None
+    cfg.validation.validation_prompts = cfg.validation.validation_prompts or None
+    cfg.data.subjects = [parse_subject(spec) for spec in cfg.data.subject or []]
+    if cfg.data.subjects:
+        first = cfg.data.subjects[0]
+        cfg.data.instance_data_dir, cfg.data.instance_prompt = str(first.folder), first.prompt
     if embedded:
-        _preset_defaults(args)
-    _fill(args, train_text_encoder=False, caption_probability=1.0, prior_loss_weight=1.0, lr_scheduler="constant",
-          resolution=64 if embedded else 512, num_class_images=100, num_validation_images=2, num_inference_steps=25,
-          guidance_scale=7.5)
-    if args.instance_data_dir is None:
-        args.instance_data_dir = str(EXAMPLE_DATA)
-        args.instance_prompt = args.instance_prompt or "a photo of sks toy"
-    if args.target_modules is None:
-        args.target_modules = "unet-attention" if args.method in PEFT_METHODS else "unet"
-    elif "," in args.target_modules:
-        args.target_modules = [t.strip() for t in args.target_modules.split(",") if t.strip()]
-    if args.rank is not None and float(args.rank).is_integer() and args.rank >= 1:
-        args.rank = int(args.rank)
-    if args.method in PEFT_METHODS and args.rank is None:
-        args.rank = 4
-    if args.learning_rate is None:
-        args.learning_rate = PEFT_LR if args.method in PEFT_METHODS else FULL_LR if args.method == "full" else \
-            _spectral_lr(args)
-    if args.validation_prompt is None:
-        args.validation_prompt = args.instance_prompt
-    if args.validation_prompts is None:
-        args.validation_prompts = [args.validation_prompt]
-        if len(args.subjects) > 1:  # every subject, and the first two together
-            args.validation_prompts = [sub.prompt for sub in args.subjects] + [
-                mixed_prompt(args.subjects[0], args.subjects[1])]
+        _preset_defaults(cfg)
+    _fill(cfg, **{**NAMED_BASE_DEFAULTS, **(EMBEDDED_FALLBACK if embedded else {})})
+    if cfg.data.instance_data_dir is None:
+        cfg.data.instance_data_dir = str(EXAMPLE_DATA)
+        cfg.data.instance_prompt = cfg.data.instance_prompt or "a photo of sks toy"
+    if cfg.method.target_modules is None:
+        cfg.method.target_modules = "unet-attention" if cfg.method.method in PEFT_METHODS else "unet"
+    elif "," in cfg.method.target_modules:
+        cfg.method.target_modules = [t.strip() for t in cfg.method.target_modules.split(",") if t.strip()]
+    if cfg.method.rank is not None and float(cfg.method.rank).is_integer() and cfg.method.rank >= 1:
+        cfg.method.rank = int(cfg.method.rank)
+    if cfg.method.method in PEFT_METHODS and cfg.method.rank is None:
+        cfg.method.rank = 4
+    if cfg.optim.learning_rate is None:
+        method = cfg.method.method
+        cfg.optim.learning_rate = PEFT_LR if method in PEFT_METHODS else FULL_LR if method == "full" else \
+            _spectral_lr(cfg.method)
+    if cfg.validation.validation_prompt is None:
+        cfg.validation.validation_prompt = cfg.data.instance_prompt
+    if cfg.validation.validation_prompts is None:
+        cfg.validation.validation_prompts = [cfg.validation.validation_prompt]
+        if len(cfg.data.subjects) > 1:  # every subject, and the first two together
+            cfg.validation.validation_prompts = [sub.prompt for sub in cfg.data.subjects] + [
+                mixed_prompt(cfg.data.subjects[0], cfg.data.subjects[1])]
     else:
-        args.validation_prompt = args.validation_prompts[0]
+        cfg.validation.validation_prompt = cfg.validation.validation_prompts[0]
 
 
 @dataclass
@@ -256,14 +314,14 @@ def parse_subject(spec: str) -> SubjectSpec:
     return SubjectSpec(Path(parts[0]), parts[1].strip(), parts[2].strip())
 
 
-def _fill(args: argparse.Namespace, **defaults) -> None:
+def _fill(cfg: RunConfig, **defaults) -> None:
     """Set each flag the user left unset (None) to its default."""
     for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+        if cfg.get(name) is None:
+            cfg.set(name, value)
 
 
-def _preset_defaults(args: argparse.Namespace) -> None:
+def _preset_defaults(cfg: RunConfig) -> None:
     """The embedded base's flag defaults (flags the user gave win; a learning rate the user gives covers the text
     encoder too); with no data flags also its shipped subject: folder, prompts, prior preservation, class images
     and validation prompts (`presets.Preset`)."""
@@ -271,57 +329,57 @@ def _preset_defaults(args: argparse.Namespace) -> None:
         preset = presets.choose()
     except ValueError as exc:
         raise TrainingInputError(str(exc)) from None
-    args.embedded_kind = preset.name
-    defaults = preset.defaults(args.method)
-    if args.learning_rate is not None:
+    cfg.model.embedded_kind = preset.name
+    defaults = preset.defaults(cfg.method.method)
+    if cfg.optim.learning_rate is not None:
         defaults.pop("text_encoder_lr", None)
     # `is None`, not `or`: a 0 the user gives is theirs (guidance 0 is unconditional sampling; a count of 0 is
     # refused by `validate`), never silently replaced by the preset's default
-    _fill(args, **defaults)
-    if args.instance_data_dir is not None:
+    _fill(cfg, **defaults)
+    if cfg.data.instance_data_dir is not None:
         return
-    subject = preset.subject(args.num_inference_steps, args.guidance_scale, args.resolution)
-    args.with_prior_preservation = args.with_prior_preservation or subject.pop("with_prior_preservation", False)
-    if args.validation_prompt is not None or args.validation_prompts is not None:
+    subject = preset.subject(cfg.validation.num_inference_steps, cfg.validation.guidance_scale, cfg.data.resolution)
+    cfg.data.with_prior_preservation = cfg.data.with_prior_preservation or subject.pop("with_prior_preservation", False)
+    if cfg.validation.validation_prompt is not None or cfg.validation.validation_prompts is not None:
         subject.pop("validation_prompts", None)
-    args.instance_data_dir = subject.pop("instance_data_dir")
-    _fill(args, **subject)
+    cfg.data.instance_data_dir = subject.pop("instance_data_dir")
+    _fill(cfg, **subject)
 
 
-def validate(args: argparse.Namespace) -> None:
+def validate(cfg: RunConfig) -> None:
     """Raise `TrainingInputError` on the first problem found."""
     def fail(msg: str) -> None:
         raise TrainingInputError(msg)
 
-    for sub in args.subjects:
+    for sub in cfg.data.subjects:
         if not sub.folder.is_dir() or not list_images(sub.folder):
             fail(f"--subject folder {sub.folder} does not exist or holds no images; point it at subject photos.")
-    if not 0.0 <= args.caption_probability <= 1.0:
-        fail(f"--caption_probability {args.caption_probability} must lie in [0, 1].")
-    if args.cutmix_unmix:
-        if len(args.subjects) < 2:
+    if not 0.0 <= cfg.data.caption_probability <= 1.0:
+        fail(f"--caption_probability {cfg.data.caption_probability} must lie in [0, 1].")
+    if cfg.data.cutmix_unmix:
+        if len(cfg.data.subjects) < 2:
             fail("--cutmix_unmix needs at least two --subject DIR:IDENTIFIER:CLASS.")
-        if args.cache_latents:
+        if cfg.optim.cache_latents:
             fail("--cutmix_unmix mixes images in pixel space each step; drop --cache_latents.")
-        if not 0.0 < args.cutmix_probability <= 1.0:
+        if not 0.0 < cfg.data.cutmix_probability <= 1.0:
             fail("--cutmix_probability must lie in (0, 1].")
-    if not args.instance_prompt:
+    if not cfg.data.instance_prompt:
         fail("--instance_prompt is required with your own --instance_data_dir, e.g. 'a photo of sks dog'.")
-    folder = Path(args.instance_data_dir)
+    folder = Path(cfg.data.instance_data_dir)
     if not folder.is_dir():
         fail(f"--instance_data_dir {folder} does not exist; point it at a folder of subject images.")
     if not list_images(folder):
         fail(f"--instance_data_dir {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); add 3-20 photos.")
-    if args.resolution <= 0 or args.resolution % 8:
-        fail(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE downsamples by 8).")
-    if args.with_prior_preservation:
-        if not args.class_prompt and not args.subjects:
+    if cfg.data.resolution <= 0 or cfg.data.resolution % 8:
+        fail(f"--resolution {cfg.data.resolution} must be a positive multiple of 8 (the VAE downsamples by 8).")
+    if cfg.data.with_prior_preservation:
+        if not cfg.data.class_prompt and not cfg.data.subjects:
             fail("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'.")
-        if not args.class_data_dir:
+        if not cfg.data.class_data_dir:
             fail("--with_prior_preservation needs --class_data_dir (missing class images are generated there).")
-        if args.num_class_images < 1:
+        if cfg.data.num_class_images < 1:
             fail("--with_prior_preservation needs --num_class_images of at least 1 (100-200 is usual).")
-    out = Path(args.output_dir)
+    out = Path(cfg.output.output_dir)
     for parent in [out, *out.parents]:
         if parent.is_symlink() and not parent.exists():
             what = "is" if parent == out else f"lies under {parent}, which is"
@@ -339,52 +397,51 @@ def validate(args: argparse.Namespace) -> None:
             break
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
                  "sample_batch_size", "num_validation_images", "avf_interval", "num_inference_steps"):
-        if getattr(args, name) < 1:
+        if cfg.get(name) < 1:
             fail(f"--{name} must be at least 1.")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
+    if cfg.optim.max_train_steps is not None and cfg.optim.max_train_steps < 1:
         fail("--max_train_steps must be at least 1.")
     for name in ("learning_rate", "text_encoder_lr"):
-        rate = getattr(args, name)
+        rate = cfg.get(name)
         if rate is not None and not rate > 0:  # also NaN
             fail(f"--{name} {rate} must be a positive number, e.g. 1e-3.")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+    if cfg.output.checkpoints_total_limit is not None and cfg.output.checkpoints_total_limit < 1:
         fail("--checkpoints_total_limit must be at least 1.")
-    if args.method in REGISTRY:
+    if cfg.method.method in REGISTRY:
         from svdiff_tools.errors import SVDConfigError
 
         try:
-            spectral_config(args)
+            spectral_config(cfg.method)
         except SVDConfigError as exc:
             fail(str(exc))
-    elif isinstance(args.rank, float) or (args.rank is not None and args.rank < 1):
-        fail(f"--rank {args.rank} must be a positive int for {args.method}.")
-    if args.resume_from_checkpoint and args.resume_from_checkpoint != "latest":
-        path = Path(args.resume_from_checkpoint)
-        if not path.is_dir() and not (Path(args.output_dir) / path).is_dir():
+    elif isinstance(cfg.method.rank, float) or (cfg.method.rank is not None and cfg.method.rank < 1):
+        fail(f"--rank {cfg.method.rank} must be a positive int for {cfg.method.method}.")
+    if cfg.output.resume_from_checkpoint and cfg.output.resume_from_checkpoint != "latest":
+        path = Path(cfg.output.resume_from_checkpoint)
+        if not path.is_dir() and not (Path(cfg.output.output_dir) / path).is_dir():
             fail(f"--resume_from_checkpoint {path} does not exist; pass a checkpoint-N folder or 'latest'.")
-    if args.use_8bit_adam:
+    if cfg.optim.use_8bit_adam:
         try:
             import bitsandbytes  # noqa: F401  (only whether it imports)
         except Exception:
             fail("--use_8bit_adam needs bitsandbytes: pip install 'svdiff-tools[bnb]' (or drop the flag).")
 
 
-def _spectral_lr(args: argparse.Namespace) -> float:
+def _spectral_lr(method: MethodConfig) -> float:
     from svdiff_tools.errors import SVDConfigError
 
     try:
-        return REGISTRY[args.method].learning_rate(spectral_config(args))
+        return REGISTRY[method.method].learning_rate(spectral_config(method))
     except SVDConfigError:  # reported by validate, in one sentence
-        return REGISTRY[args.method].default_lr
+        return REGISTRY[method.method].default_lr
 
 
-def spectral_config(args: argparse.Namespace, train_text_encoder: bool = False):
+def spectral_config(method: MethodConfig, train_text_encoder: bool = False):
     """The `SVDAdapterConfig` for the UNet (or, with ``train_text_encoder``, the text encoders)."""
     from svdiff_tools.config import SVDAdapterConfig
 
-    rank = args.rank if REGISTRY[args.method].rank_forms else None
+    rank = method.rank if REGISTRY[method.method].rank_forms else None
     return SVDAdapterConfig(
-        method=args.method, rank=rank,
-        target_modules="text-encoder" if train_text_encoder else args.target_modules,
-        train_norms=args.train_norms and not train_text_encoder, basis_storage=args.basis_storage,
-        **option_values(args))
+        method=method.method, rank=rank, target_modules="text-encoder" if train_text_encoder else method.target_modules,
+        train_norms=method.train_norms and not train_text_encoder, basis_storage=method.basis_storage,
+        **method.options)

@@ -17,13 +17,14 @@ from torch import nn
 
 from svdiff_tools import diffusers as _pipeline_verbs  # noqa: F401  (pipe.load_svd_adapter; export_lora of a pipeline)
 from .args import PEFT_METHODS, TrainingInputError, spectral_config
+from .config import RunConfig
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 class Backend:
-    def __init__(self, args):
-        self.args = args
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
 
     # --- before any weight is loaded --------------------------------------------------------
     def check_targets(self, unet: nn.Module, encoders: List[nn.Module]) -> None:
@@ -76,36 +77,36 @@ def _adapted(unet, encoders, train_text_encoder: bool):
 class SpectralBackend(Backend):
     """svdiff / svfit / svft / vectorfit through `svdiff_tools` (`inject_adapter`, `save_adapter`)."""
 
-    def __init__(self, args):
-        super().__init__(args)
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
         self.avf = None  # VectorFit's Adaptive Vector Freezing, attached to the optimizer
 
     def check_targets(self, unet, encoders):
         from svdiff_tools.model import plan_adapters
 
-        plan_adapters(unet, spectral_config(self.args), "default")
+        plan_adapters(unet, spectral_config(self.cfg.method), "default")
         for encoder in encoders:
-            plan_adapters(encoder, spectral_config(self.args, train_text_encoder=True), "default")
+            plan_adapters(encoder, spectral_config(self.cfg.method, train_text_encoder=True), "default")
 
     def inject(self, unet, encoders):
         from svdiff_tools.model import inject_adapter
 
-        inject_adapter(unet, spectral_config(self.args))
-        if self.args.train_text_encoder:
+        inject_adapter(unet, spectral_config(self.cfg.method))
+        if self.cfg.method.train_text_encoder:
             for encoder in encoders.values():
-                inject_adapter(encoder, spectral_config(self.args, train_text_encoder=True))
+                inject_adapter(encoder, spectral_config(self.cfg.method, train_text_encoder=True))
 
     def parameter_groups(self, unet, encoders):
         from svdiff_tools.model import get_parameter_groups
 
-        args = self.args
-        groups = get_parameter_groups(unet, args.learning_rate, lr_1d=args.learning_rate_1d,
-                                      weight_decay=args.adam_weight_decay)
-        if args.train_text_encoder:
-            te_lr = args.text_encoder_lr or args.learning_rate
+        cfg = self.cfg
+        groups = get_parameter_groups(unet, cfg.optim.learning_rate, lr_1d=cfg.method.learning_rate_1d,
+                                      weight_decay=cfg.optim.adam_weight_decay)
+        if cfg.method.train_text_encoder:
+            te_lr = cfg.optim.text_encoder_lr or cfg.optim.learning_rate
             for encoder in encoders.values():
                 groups += [dict(g, lr=te_lr) for g in get_parameter_groups(encoder, te_lr,
-                                                                           weight_decay=args.adam_weight_decay)]
+                                                                           weight_decay=cfg.optim.adam_weight_decay)]
         return groups
 
     def state(self, unet, encoders):
@@ -132,7 +133,7 @@ class SpectralBackend(Backend):
         from svdiff_tools.avf import AdaptiveVectorFreezing
         from svdiff_tools.methods import REGISTRY
 
-        if REGISTRY[self.args.method].supports_avf and self.args.avf_k > 0:
+        if REGISTRY[self.cfg.method.method].supports_avf and self.cfg.method.options["avf_k"] > 0:
             self.avf = AdaptiveVectorFreezing.from_model(unet)
             self.avf.attach(optimizer)
 
@@ -156,18 +157,18 @@ class SpectralBackend(Backend):
         from svdiff_tools.export import export_lora
         from svdiff_tools.io import component_state, write_adapter_file
 
-        args = self.args
+        cfg = self.cfg
         parts = {name: component_state(model, "default") for name, model in
-                 _adapted(unet, encoders, args.train_text_encoder)}
+                 _adapted(unet, encoders, cfg.method.train_text_encoder)}
         extra = {"pipeline_class": pipeline_cls, "base_model": base, "trainer": "train_dreambooth.py"}
         written = [write_adapter_file(output_dir, parts, "default", extra)]
-        if args.export_lora_rank is not None:
+        if cfg.method.export_lora_rank is not None:
             report = export_lora(written[0], output_dir / LORA_FILE, base=load_pipeline(),
-                                 rank=args.export_lora_rank or None)
+                                 rank=cfg.method.export_lora_rank or None)
             import logging
 
-            logging.getLogger("train_dreambooth").info("exported LoRA (rank %s): %s", args.export_lora_rank or "exact",
-                                                       report.summary)
+            logging.getLogger("train_dreambooth").info("exported LoRA (rank %s): %s",
+                                                       cfg.method.export_lora_rank or "exact", report.summary)
             written.append(output_dir / LORA_FILE)
         return written
 
@@ -179,8 +180,8 @@ class PeftLoraBackend(Backend):
     """PEFT LoRA (Gaussian init) or PiSSA (principal singular components), as diffusers' DreamBooth-LoRA script
     adds them (``unet.add_adapter``); saved with ``save_lora_weights``."""
 
-    def __init__(self, args):
-        super().__init__(args)
+    def __init__(self, cfg: RunConfig):
+        super().__init__(cfg)
         self.pissa_init = None  # PiSSA's initial factors, for the export on the original weights
 
     def _config(self, model, targets):
@@ -189,21 +190,21 @@ class PeftLoraBackend(Backend):
         from svdiff_tools.targets import resolve_targets
 
         names = [n for n, _ in resolve_targets(model, targets)]
-        return LoraConfig(r=self.args.rank, lora_alpha=self.args.rank, target_modules=names,
-                          init_lora_weights="pissa" if self.args.method == "pissa" else "gaussian")
+        return LoraConfig(r=self.cfg.method.rank, lora_alpha=self.cfg.method.rank, target_modules=names,
+                          init_lora_weights="pissa" if self.cfg.method.method == "pissa" else "gaussian")
 
     def check_targets(self, unet, encoders):
         from svdiff_tools.targets import resolve_targets
 
-        resolve_targets(unet, self.args.target_modules)
+        resolve_targets(unet, self.cfg.method.target_modules)
         for encoder in encoders:
             resolve_targets(encoder, "text-encoder")
 
     def inject(self, unet, encoders):
         from peft.utils import get_peft_model_state_dict
 
-        unet.add_adapter(self._config(unet, self.args.target_modules))
-        if self.args.train_text_encoder:
+        unet.add_adapter(self._config(unet, self.cfg.method.target_modules))
+        if self.cfg.method.train_text_encoder:
             from peft import inject_adapter_in_model
 
             # PEFT itself rather than transformers' `add_adapter`, which demands a newer PEFT than PyPI has (5.x
@@ -214,15 +215,15 @@ class PeftLoraBackend(Backend):
             for p in model.parameters():
                 if p.requires_grad:
                     p.data = p.data.float()
-        if self.args.method == "pissa":
+        if self.cfg.method.method == "pissa":
             self.pissa_init = {f"{name}_lora_layers": {k: v.detach().clone() for k, v in
                                                        get_peft_model_state_dict(model).items()}
-                               for name, model in _adapted(unet, encoders, self.args.train_text_encoder)}
+                               for name, model in _adapted(unet, encoders, self.cfg.method.train_text_encoder)}
 
     def parameter_groups(self, unet, encoders):
-        groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": self.args.learning_rate}]
-        if self.args.train_text_encoder:
-            te_lr = self.args.text_encoder_lr or self.args.learning_rate
+        groups = [{"params": [p for p in unet.parameters() if p.requires_grad], "lr": self.cfg.optim.learning_rate}]
+        if self.cfg.method.train_text_encoder:
+            te_lr = self.cfg.optim.text_encoder_lr or self.cfg.optim.learning_rate
             groups += [{"params": [p for p in e.parameters() if p.requires_grad], "lr": te_lr}
                        for e in encoders.values()]
         return groups
@@ -231,7 +232,7 @@ class PeftLoraBackend(Backend):
         from peft.utils import get_peft_model_state_dict
 
         out = {}
-        for prefix, model in _adapted(unet, encoders, self.args.train_text_encoder):
+        for prefix, model in _adapted(unet, encoders, self.cfg.method.train_text_encoder):
             out.update({f"{prefix}.{k}": v for k, v in get_peft_model_state_dict(model).items()})
         return {k: v.detach().float().cpu().contiguous() for k, v in out.items()}
 
@@ -250,7 +251,7 @@ class PeftLoraBackend(Backend):
         from peft.utils import get_peft_model_state_dict
 
         layers = {f"{name}_lora_layers": get_peft_model_state_dict(model)
-                  for name, model in _adapted(unet, encoders, self.args.train_text_encoder)}
+                  for name, model in _adapted(unet, encoders, self.cfg.method.train_text_encoder)}
         if self.pissa_init is not None:
             for key, sd in layers.items():
                 for k in [k for k in sd if ".lora_A." in k]:
@@ -280,30 +281,30 @@ class FullBackend(Backend):
         pass
 
     def inject(self, unet, encoders):
-        for _, model in _adapted(unet, encoders, self.args.train_text_encoder):
+        for _, model in _adapted(unet, encoders, self.cfg.method.train_text_encoder):
             model.to(torch.float32)  # master weights in float32, as diffusers' script keeps them
             model.requires_grad_(True)
 
     def parameter_groups(self, unet, encoders):
-        groups = [{"params": list(unet.parameters()), "lr": self.args.learning_rate}]
-        if self.args.train_text_encoder:
-            te_lr = self.args.text_encoder_lr or self.args.learning_rate
+        groups = [{"params": list(unet.parameters()), "lr": self.cfg.optim.learning_rate}]
+        if self.cfg.method.train_text_encoder:
+            te_lr = self.cfg.optim.text_encoder_lr or self.cfg.optim.learning_rate
             groups += [{"params": list(e.parameters()), "lr": te_lr} for e in encoders.values()]
         return groups
 
     def state(self, unet, encoders):
         return {f"{prefix}.{k}": v.detach().float().cpu().contiguous()
-                for prefix, model in _adapted(unet, encoders, self.args.train_text_encoder)
+                for prefix, model in _adapted(unet, encoders, self.cfg.method.train_text_encoder)
                 for k, v in model.state_dict().items()}
 
     def restore(self, unet, encoders, tensors):
-        for prefix, model in _adapted(unet, encoders, self.args.train_text_encoder):
+        for prefix, model in _adapted(unet, encoders, self.cfg.method.train_text_encoder):
             part = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
             model.load_state_dict(part)
 
     def save_final(self, output_dir, base, pipeline_cls, unet, encoders, load_pipeline):
         written = []
-        for name, model in _adapted(unet, encoders, self.args.train_text_encoder):
+        for name, model in _adapted(unet, encoders, self.cfg.method.train_text_encoder):
             model.save_pretrained(output_dir / name, safe_serialization=True)
             written.append(output_dir / name)
         return written
@@ -314,10 +315,10 @@ class FullBackend(Backend):
             setattr(pipe, folder.name, type(current).from_pretrained(folder, torch_dtype=current.dtype))
 
 
-def make_backend(args) -> Backend:
-    if args.method == "full":
-        return FullBackend(args)
-    return PeftLoraBackend(args) if args.method in PEFT_METHODS else SpectralBackend(args)
+def make_backend(cfg: RunConfig) -> Backend:
+    if cfg.method.method == "full":
+        return FullBackend(cfg)
+    return PeftLoraBackend(cfg) if cfg.method.method in PEFT_METHODS else SpectralBackend(cfg)
 
 
 def check_targets(backend: Backend, unet: nn.Module, encoders: List[nn.Module]) -> None:

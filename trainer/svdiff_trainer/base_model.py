@@ -8,23 +8,24 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .args import TrainingInputError
+from .config import ModelConfig, RunConfig
 
 
-def resolve_base(args) -> str:
+def resolve_base(model: ModelConfig) -> str:
     """The base's diffusers folder or hub id: the embedded preset's folder when no model was named."""
-    if args.embedded_kind is not None:
+    if model.embedded_kind is not None:
         from .presets import choose
 
-        return str(choose(args.embedded_kind).pipeline_folder())
-    return args.pretrained_model_name_or_path
+        return str(choose(model.embedded_kind).pipeline_folder())
+    return model.pretrained_model_name_or_path
 
 
-def pipeline_class_name(args, base: str) -> str:
+def pipeline_class_name(model: ModelConfig, base: str) -> str:
     """The base's pipeline class from its model_index.json; refuses families this trainer does not handle."""
     from diffusers import DiffusionPipeline
 
     try:
-        cls = DiffusionPipeline.load_config(base, revision=args.revision).get("_class_name", "")
+        cls = DiffusionPipeline.load_config(base, revision=model.revision).get("_class_name", "")
     except Exception as exc:
         raise TrainingInputError(f"{base} is not a diffusers model folder or reachable hub id "
                                  f"({type(exc).__name__}); check --pretrained_model_name_or_path.") from None
@@ -39,7 +40,7 @@ def text_encoder_classes(sdxl: bool) -> dict:
     return {"text_encoder": CLIPTextModel, **({"text_encoder_2": CLIPTextModelWithProjection} if sdxl else {})}
 
 
-def weightless_models(args, base: str, sdxl: bool):
+def weightless_models(cfg: RunConfig, base: str, sdxl: bool):
     """(UNet, [text encoders if trained]) built from the configs on the meta device: for checks only."""
     from accelerate import init_empty_weights
     from diffusers import UNet2DConditionModel
@@ -47,18 +48,19 @@ def weightless_models(args, base: str, sdxl: bool):
 
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(base, subfolder="unet",
-                                                                                 revision=args.revision))
-        encoders = [cls(CLIPTextConfig.from_pretrained(base, subfolder=name, revision=args.revision))
-                    for name, cls in text_encoder_classes(sdxl).items()] if args.train_text_encoder else []
+                                                                                 revision=cfg.model.revision))
+        encoders = [cls(CLIPTextConfig.from_pretrained(base, subfolder=name, revision=cfg.model.revision))
+                    for name, cls in text_encoder_classes(sdxl).items()] if cfg.method.train_text_encoder else []
     return unet, encoders
 
 
-def load_pipeline(args, base: str, pipeline_cls: str, **components):
+def load_pipeline(model: ModelConfig, base: str, pipeline_cls: str, **components):
     from diffusers import DiffusionPipeline
 
     extra = {} if "XL" in pipeline_cls else {"safety_checker": None}
     components.setdefault("torch_dtype", torch.float32)  # transformers would keep an fp16 checkpoint's text encoder fp16
-    return DiffusionPipeline.from_pretrained(base, revision=args.revision, variant=args.variant, **extra, **components)
+    return DiffusionPipeline.from_pretrained(base, revision=model.revision, variant=model.variant, **extra,
+                                             **components)
 
 
 def weight_dtype_of(accelerator) -> torch.dtype:
@@ -78,25 +80,26 @@ class BaseModels:
     weight_dtype: torch.dtype
 
 
-def load_base_models(args, base: str, sdxl: bool, device, weight_dtype: torch.dtype) -> BaseModels:
+def load_base_models(cfg: RunConfig, base: str, sdxl: bool, device, weight_dtype: torch.dtype) -> BaseModels:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import AutoTokenizer
 
-    load = dict(revision=args.revision)
+    load = dict(revision=cfg.model.revision)
     classes = text_encoder_classes(sdxl)
     tokenizers = [AutoTokenizer.from_pretrained(base, subfolder=n.replace("text_encoder", "tokenizer"),
                                                 use_fast=False, **load) for n in classes]
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", **load)
-    encoders = {n: cls.from_pretrained(base, subfolder=n, variant=args.variant, **load) for n, cls in classes.items()}
-    vae_path = args.pretrained_vae_model_name_or_path
+    encoders = {n: cls.from_pretrained(base, subfolder=n, variant=cfg.model.variant, **load)
+                for n, cls in classes.items()}
+    vae_path = cfg.model.pretrained_vae_model_name_or_path
     vae = AutoencoderKL.from_pretrained(vae_path or base, subfolder=None if vae_path else "vae", **load)
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=args.variant, **load)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", variant=cfg.model.variant, **load)
     for model in (vae, *encoders.values(), unet):  # also an fp16 checkpoint trains in fp32 without mixed precision
         model.requires_grad_(False)
         model.to(device)
         if next(model.parameters()).dtype != weight_dtype:
             model.to(dtype=weight_dtype)
-    if args.enable_xformers_memory_efficient_attention:
+    if cfg.optim.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     return BaseModels(tokenizers, noise_scheduler, encoders, vae, unet, sdxl, weight_dtype)
 

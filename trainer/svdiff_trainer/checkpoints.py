@@ -26,6 +26,8 @@ from typing import Dict, List, Optional, Tuple
 
 from svdiff_tools.errors import first_line
 
+from .config import RunConfig
+
 logger = logging.getLogger(__name__)
 PATTERN = re.compile(r"^checkpoint-(\d+)$")
 LOCK_FILE = ".svdiff-tools.lock"
@@ -107,10 +109,10 @@ def output_lock(output_dir: Path, enabled: bool = True):
             shutil.rmtree(output_dir, ignore_errors=True)
 
 
-def run_config(args) -> dict:
+def run_config(cfg: RunConfig) -> dict:
     """The configuration that determines a run's trajectory, JSON-friendly."""
     out = {}
-    for key, value in sorted(vars(args).items()):
+    for key, value in sorted(cfg.flat().items()):
         if key in OPERATIONAL_FLAGS:
             continue
         out[key] = value if isinstance(value, (int, float, str, bool, type(None))) else json.loads(

@@ -26,6 +26,7 @@ import torch
 
 from svdiff_trainer.args import TrainingInputError, flag_defaults, parse_args
 from svdiff_trainer.checkpoints import CheckpointWriteError
+from svdiff_trainer.config import DataConfig, OptimConfig, OutputConfig, RunConfig
 
 logger = logging.getLogger("train_dreambooth")
 
@@ -38,7 +39,7 @@ class TrainingDiverged(RuntimeError):
 class Run:
     """What a run is, settled before any weight is loaded."""
 
-    args: object
+    cfg: RunConfig
     base: str
     pipeline_cls: str
     sdxl: bool
@@ -49,15 +50,15 @@ class Run:
 
     @property
     def output_dir(self) -> Path:
-        return Path(self.args.output_dir)
+        return Path(self.cfg.output.output_dir)
 
     def load_pipeline(self, **components):
         from svdiff_trainer.base_model import load_pipeline
 
-        return load_pipeline(self.args, self.base, self.pipeline_cls, **components)
+        return load_pipeline(self.cfg.model, self.base, self.pipeline_cls, **components)
 
 
-def prepare_run(args) -> Run:
+def prepare_run(cfg: RunConfig) -> Run:
     """Every check that needs no weights: images readable, base known, targets valid, output folder fit."""
     from svdiff_trainer import checkpoints
     from svdiff_trainer.backends import check_targets, make_backend
@@ -66,73 +67,75 @@ def prepare_run(args) -> Run:
                                             warn_captions_without)
     from svdiff_trainer.validation import check_class_images, class_images_made_by
 
-    specs = args.subjects or [None]  # corrupt files fail here, before any model
-    ext = args.caption_extension or None
+    specs = cfg.data.subjects or [None]  # corrupt files fail here, before any model
+    ext = cfg.data.caption_extension or None
 
     def subject(folder: Path, identifier: str, class_word: str, prompt: str) -> SubjectData:
-        warn_captions_without(folder, ext, identifier or prompt_identifier(prompt, args.class_prompt))
+        warn_captions_without(folder, ext, identifier or prompt_identifier(prompt, cfg.data.class_prompt))
         return SubjectData(load_folder(folder, ext), identifier, class_word, prompt, load_captions(folder, ext, prompt))
 
-    subjects = [subject(Path(args.instance_data_dir), "", "", args.instance_prompt) if spec is None
+    subjects = [subject(Path(cfg.data.instance_data_dir), "", "", cfg.data.instance_prompt) if spec is None
                 else subject(spec.folder, spec.identifier, spec.class_word, spec.prompt) for spec in specs]
-    base = resolve_base(args)
-    pipeline_cls = pipeline_class_name(args, base)
+    base = resolve_base(cfg.model)
+    pipeline_cls = pipeline_class_name(cfg.model, base)
     sdxl = "XL" in pipeline_cls
-    backend = make_backend(args)
-    check_targets(backend, *weightless_models(args, base, sdxl))
+    backend = make_backend(cfg)
+    check_targets(backend, *weightless_models(cfg, base, sdxl))
     try:
-        plan = checkpoints.plan_run(Path(args.output_dir), checkpoints.run_config(args), args.resume_from_checkpoint,
-                                    args.overwrite_output_dir, defaults=flag_defaults())
+        out = cfg.output
+        plan = checkpoints.plan_run(Path(out.output_dir), checkpoints.run_config(cfg), out.resume_from_checkpoint,
+                                    out.overwrite_output_dir, defaults=flag_defaults())
     except checkpoints.RunConflict as exc:
         raise TrainingInputError(str(exc)) from None
-    seed = args.seed if args.seed is not None else 0
-    run = Run(args, base, pipeline_cls, sdxl, backend, plan, subjects, seed)
-    for folder, prompt in class_image_sets(args, run):  # class images made for another base or prompt: refused
-        check_class_images(folder, class_images_made_by(args, base, prompt))
+    seed = cfg.optim.seed if cfg.optim.seed is not None else 0
+    run = Run(cfg, base, pipeline_cls, sdxl, backend, plan, subjects, seed)
+    for folder, prompt in class_image_sets(cfg.data, run):  # class images made for another base or prompt: refused
+        check_class_images(folder, class_images_made_by(cfg, base, prompt))
     return run
 
 
-def make_accelerator(args):
+def make_accelerator(cfg: RunConfig):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration
 
     # several processes and no CUDA: Accelerate runs DDP over gloo only when told the run is on the CPU
     multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     accelerator = Accelerator(
-        cpu=multi_cpu, gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision, log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir,
-                                            logging_dir=str(Path(args.output_dir) / args.logging_dir)),
+        cpu=multi_cpu, gradient_accumulation_steps=cfg.optim.gradient_accumulation_steps,
+        mixed_precision=cfg.optim.mixed_precision,
+        log_with=None if cfg.output.report_to == "none" else cfg.output.report_to,
+        project_config=ProjectConfiguration(project_dir=cfg.output.output_dir,
+                                            logging_dir=str(Path(cfg.output.output_dir) / cfg.output.logging_dir)),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if args.allow_tf32 and torch.cuda.is_available():
+    if cfg.optim.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
     return accelerator
 
 
-def make_data(args, run: Run, accelerator, class_items):
+def make_data(cfg: RunConfig, run: Run, accelerator, class_items):
     """(dataset, sampler, loader, max optimizer steps). An accumulation window may span two epochs (Accelerate
     counts micro-batches across them), so positions are counted in micro-batches (see `batches`)."""
     from svdiff_trainer.data import DreamBoothDataset, EpochSampler, collate
 
-    dataset = DreamBoothDataset([], args.resolution, args.center_crop, args.random_flip, run.seed,
+    dataset = DreamBoothDataset([], cfg.data.resolution, cfg.data.center_crop, cfg.data.random_flip, run.seed,
                                 [img for img, _ in class_items], subjects=run.subjects,
                                 class_prompts=[p for _, p in class_items],
-                                cutmix_probability=args.cutmix_probability if args.cutmix_unmix else 0.0,
-                                caption_probability=args.caption_probability)
+                                cutmix_probability=cfg.data.cutmix_probability if cfg.data.cutmix_unmix else 0.0,
+                                caption_probability=cfg.data.caption_probability)
     sampler = EpochSampler(len(dataset), run.seed, dataset, accelerator.num_processes, accelerator.process_index)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
-                                         collate_fn=collate, num_workers=args.dataloader_num_workers)
-    updates_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.optim.train_batch_size, sampler=sampler,
+                                         collate_fn=collate, num_workers=cfg.data.dataloader_num_workers)
+    updates_per_epoch = math.ceil(len(loader) / cfg.optim.gradient_accumulation_steps)
+    max_steps = cfg.optim.max_train_steps or cfg.optim.num_train_epochs * updates_per_epoch
     return dataset, sampler, loader, max_steps
 
 
-def cached_latents(args, dataset, vae, device, dtype):
+def cached_latents(data: DataConfig, dataset, vae, device, dtype):
     """--cache_latents: every image through the VAE once (epoch-0 crop and flip, as diffusers does), as
     {part: (posterior mean, std)}."""
-    parts = ["instance"] + (["class"] if args.with_prior_preservation else [])
+    parts = ["instance"] + (["class"] if data.with_prior_preservation else [])
     cache = {part: ([], []) for part in parts}
     dataset.set_epoch(0)
     with torch.no_grad():
@@ -164,19 +167,19 @@ def batches(loader, sampler, consumed: int):
 
 
 # ----------------------------------------------------------------------------------- training
-def train(args) -> int:
+def train(cfg: RunConfig) -> int:
     from svdiff_trainer.checkpoints import RunConflict, output_lock
 
     try:  # one run per --output_dir: rank 0 of a launch holds its lock for the whole run
-        with output_lock(Path(args.output_dir), enabled=int(os.environ.get("RANK", "0")) == 0):
-            return _train(args)
+        with output_lock(Path(cfg.output.output_dir), enabled=int(os.environ.get("RANK", "0")) == 0):
+            return _train(cfg)
     except RunConflict as exc:
         raise TrainingInputError(str(exc)) from None
 
 
-def _train(args) -> int:
-    run = prepare_run(args)  # bad input fails here, before any model is loaded
-    accelerator = make_accelerator(args)
+def _train(cfg: RunConfig) -> int:
+    run = prepare_run(cfg)  # bad input fails here, before any model is loaded
+    accelerator = make_accelerator(cfg)
     session = build_session(run, accelerator)
     step = training_loop(session)
     accelerator.wait_for_everyone()
@@ -187,9 +190,9 @@ def _train(args) -> int:
         files = backend.save_final(out, run.base, run.pipeline_cls, session.raw_unet, session.raw_encoders,
                                    run.load_pipeline)
         captioned = sum(c != sub.prompt for sub in run.subjects for c in sub.captions or ())
-        grid = final_check_and_card(args, run.base, backend, files, out, session.trainable, step, run.load_pipeline,
+        grid = final_check_and_card(cfg, run.base, backend, files, out, session.trainable, step, run.load_pipeline,
                                     captioned)
-        push_to_hub(args, out)
+        push_to_hub(cfg.output, out)
         print(f"done: {files[0]} ({session.trainable:,} trainable parameters); validation grid {grid}; model card "
               f"{out / 'README.md'}")
     accelerator.wait_for_everyone()  # every rank tears the process group down together (pytorch/pytorch#75097:
@@ -230,37 +233,38 @@ def build_session(run: Run, accelerator) -> Session:
     from svdiff_trainer.loss import DreamBoothLoss
     from svdiff_trainer.validation import class_images_made_by, generate_class_images
 
-    args, backend = run.args, run.backend
-    logger.info("%s on %d process(es), device %s, mixed precision %s, base %s", args.method,
+    cfg, backend = run.cfg, run.backend
+    logger.info("%s on %d process(es), device %s, mixed precision %s, base %s", cfg.method.method,
                 accelerator.num_processes, accelerator.device, accelerator.mixed_precision, run.base)
     set_seed(run.seed)
     weight_dtype = weight_dtype_of(accelerator)
-    class_sets = class_image_sets(args, run)  # (folder, prompt) per class
+    class_sets = class_image_sets(cfg.data, run)  # (folder, prompt) per class
     if accelerator.is_main_process:
         checkpoints.start(run.output_dir, run.plan)
         for folder, prompt in class_sets:
-            generate_class_images(args, run.load_pipeline, accelerator, weight_dtype, folder, prompt,
-                                  class_images_made_by(args, run.base, prompt))
+            generate_class_images(cfg, run.load_pipeline, accelerator, weight_dtype, folder, prompt,
+                                  class_images_made_by(cfg, run.base, prompt))
     accelerator.wait_for_everyone()
     class_items = [(img, prompt) for folder, prompt in class_sets
-                   for img in load_folder(folder)[: args.num_class_images]]
-    base = load_base_models(args, run.base, run.sdxl, accelerator.device, weight_dtype)
+                   for img in load_folder(folder)[: cfg.data.num_class_images]]
+    base = load_base_models(cfg, run.base, run.sdxl, accelerator.device, weight_dtype)
     unet, encoders = base.unet, base.encoders
     backend.inject(unet, encoders)  # frozen weights stay in weight_dtype; adapter tensors are float32
-    if args.gradient_checkpointing:
+    if cfg.optim.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-        for encoder in encoders.values() if args.train_text_encoder else ():
+        for encoder in encoders.values() if cfg.method.train_text_encoder else ():
             encoder.gradient_checkpointing_enable()
     trainable = sum(p.numel() for m in (unet, *encoders.values()) for p in m.parameters() if p.requires_grad)
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(args, backend.parameter_groups(unet, encoders))
-    dataset, sampler, loader, max_steps = make_data(args, run, accelerator, class_items)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+    if cfg.optim.scale_lr:
+        optim = cfg.optim
+        optim.learning_rate *= optim.gradient_accumulation_steps * optim.train_batch_size * accelerator.num_processes
+    optimizer = make_optimizer(cfg.optim, backend.parameter_groups(unet, encoders))
+    dataset, sampler, loader, max_steps = make_data(cfg, run, accelerator, class_items)
+    lr_scheduler = get_scheduler(cfg.optim.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=cfg.optim.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes,
-                                 num_cycles=args.lr_num_cycles)
-    trained = list(encoders) if args.train_text_encoder else []  # our loader stays ours (see EpochSampler)
+                                 num_cycles=cfg.optim.lr_num_cycles)
+    trained = list(encoders) if cfg.method.train_text_encoder else []  # our loader stays ours (see EpochSampler)
     prepared = accelerator.prepare(unet, *[encoders[n] for n in trained], optimizer, lr_scheduler)
     unet, optimizer, lr_scheduler = prepared[0], prepared[-2], prepared[-1]
     encoders.update(zip(trained, prepared[1:-2]))
@@ -270,17 +274,17 @@ def build_session(run: Run, accelerator) -> Session:
     register_state_hooks(accelerator, backend, raw_unet, raw_encoders)
     encode = PromptEncoder(base.tokenizers, encoders, run.sdxl, accelerator.device)
     recorder = None
-    if args.cutmix_unmix:
+    if cfg.data.cutmix_unmix:
         from svdiff_trainer.unmix import UnmixRecorder, install
 
         recorder = UnmixRecorder()
         install(raw_unet, recorder)
-    loss_fn = DreamBoothLoss(args, base, encode, accelerator.device, cache_prompts=not args.train_text_encoder,
-                             latent_cache=cached_latents(args, dataset, base.vae, accelerator.device, weight_dtype)
-                             if args.cache_latents else None, unmix=recorder, tokenizer=base.tokenizers[0])
+    loss_fn = DreamBoothLoss(cfg, base, encode, accelerator.device, cache_prompts=not cfg.method.train_text_encoder,
+                             latent_cache=cached_latents(cfg.data, dataset, base.vae, accelerator.device, weight_dtype)
+                             if cfg.optim.cache_latents else None, unmix=recorder, tokenizer=base.tokenizers[0])
     start = resume(run, accelerator, backend)
     if accelerator.is_main_process:
-        accelerator.init_trackers("dreambooth-svd", config={k: v for k, v in vars(args).items()
+        accelerator.init_trackers("dreambooth-svd", config={k: v for k, v in cfg.flat().items()
                                                             if isinstance(v, (int, float, str, bool))})
     return Session(run, accelerator, base, unet, encoders, raw_unet, raw_encoders, trained, optimizer, lr_scheduler,
                    loader, sampler, max_steps, loss_fn, trainable, start)
@@ -292,7 +296,7 @@ def training_loop(s: Session) -> int:
 
     from svdiff_trainer.validation import render_validation
 
-    args, accelerator, backend = s.run.args, s.accelerator, s.run.backend
+    cfg, accelerator, backend = s.run.cfg, s.accelerator, s.run.backend
     step, accum_index, last_good = s.start_step, 0, s.run.plan.resume_path
     if step >= s.max_steps:  # resumed at (or past) a shorter --max_train_steps
         return step
@@ -300,7 +304,7 @@ def training_loop(s: Session) -> int:
         s.unet.train()
         for name in s.trained:
             s.encoders[name].train()
-        for _, batch in batches(s.loader, s.sampler, step * args.gradient_accumulation_steps):
+        for _, batch in batches(s.loader, s.sampler, step * cfg.optim.gradient_accumulation_steps):
             with accelerator.accumulate(s.unet):
                 # noise depends only on (seed, step, micro-batch within the step, process): resumable
                 gen = torch.Generator().manual_seed(s.run.seed * 1_000_003 + step * 997 + accum_index
@@ -312,9 +316,9 @@ def training_loop(s: Session) -> int:
                         f"the loss became {loss.item()} at step {step}; lower --learning_rate or use "
                         f"--mixed_precision no. The last good checkpoint is {last_good or 'none (no checkpoint yet)'}.")
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
+                if accelerator.sync_gradients and cfg.optim.max_grad_norm:
                     accelerator.clip_grad_norm_([p for g in s.optimizer.param_groups for p in g["params"]],
-                                                args.max_grad_norm)
+                                                cfg.optim.max_grad_norm)
                 s.optimizer.step()
                 s.lr_scheduler.step()
                 s.optimizer.zero_grad(set_to_none=True)
@@ -325,14 +329,14 @@ def training_loop(s: Session) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             accelerator.log({"loss": loss.item(), "lr": s.lr_scheduler.get_last_lr()[0]}, step=step)
-            if step % args.checkpointing_steps == 0 and step < s.max_steps:
+            if step % cfg.output.checkpointing_steps == 0 and step < s.max_steps:
                 last_good = save_checkpoint(s.run, accelerator, backend, s.raw_unet, s.raw_encoders, step, last_good)
             # the last step's images are the final check's, rendered from the saved file (not twice)
-            if args.validation_steps and step % args.validation_steps == 0 and step < s.max_steps and \
-                    accelerator.is_main_process:
+            every = cfg.validation.validation_steps
+            if every and step % every == 0 and step < s.max_steps and accelerator.is_main_process:
                 pipe = s.run.load_pipeline(unet=s.raw_unet, vae=s.base.vae, torch_dtype=s.base.weight_dtype,
                                            **s.raw_encoders)
-                render_validation(args, pipe, step, s.run.output_dir / "validation", accelerator)
+                render_validation(cfg, pipe, step, s.run.output_dir / "validation", accelerator)
                 s.unet.train()
             maybe_die(step)
             if step >= s.max_steps:
@@ -341,25 +345,25 @@ def training_loop(s: Session) -> int:
 
 
 # ----------------------------------------------------------------------------------- pieces of train()
-def make_optimizer(args, groups):
-    if args.use_8bit_adam:
+def make_optimizer(optim: OptimConfig, groups):
+    if optim.use_8bit_adam:
         import bitsandbytes as bnb
 
         cls = bnb.optim.AdamW8bit
     else:
         cls = torch.optim.AdamW
-    return cls(groups, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
-               eps=args.adam_epsilon)
+    return cls(groups, betas=(optim.adam_beta1, optim.adam_beta2), weight_decay=optim.adam_weight_decay,
+               eps=optim.adam_epsilon)
 
 
-def class_image_sets(args, run: Run) -> List:
+def class_image_sets(data: DataConfig, run: Run) -> List:
     """(folder, prompt) of the class images: --class_data_dir with --class_prompt, or with several subjects one
     subfolder per class, prompted 'a photo of a CLASS'."""
-    if not args.with_prior_preservation:
+    if not data.with_prior_preservation:
         return []
-    root = Path(args.class_data_dir)
-    if not args.subjects:
-        return [(root, args.class_prompt)]
+    root = Path(data.class_data_dir)
+    if not data.subjects:
+        return [(root, data.class_prompt)]
     classes = dict.fromkeys(sub.class_word for sub in run.subjects)
     return [(root / c, f"a photo of a {c}") for c in classes]
 
@@ -389,7 +393,7 @@ def resume(run: Run, accelerator, backend) -> int:
 
     path = run.plan.resume_path
     if path is None:
-        if run.args.resume_from_checkpoint == "latest":
+        if run.cfg.output.resume_from_checkpoint == "latest":
             logger.info("no checkpoint in %s yet; starting a new run", run.output_dir)
         return 0
     accelerator.load_state(str(path))
@@ -406,24 +410,24 @@ def save_checkpoint(run: Run, accelerator, backend, unet, encoders, step: int, l
         raise TrainingDiverged(f"the adapter became NaN/inf at step {step}; lower --learning_rate. The last good "
                                f"checkpoint is {last_good or 'none (no checkpoint yet)'}.")
     extra, files = backend.checkpoint_extra()
-    state = {"method": run.args.method, "config": run.plan.config, **(extra or {})}
-    return checkpoints.save(run.output_dir, step, accelerator, state, files, run.args.checkpoints_total_limit,
+    state = {"method": run.cfg.method.method, "config": run.plan.config, **(extra or {})}
+    return checkpoints.save(run.output_dir, step, accelerator, state, files, run.cfg.output.checkpoints_total_limit,
                             run.plan.run_id)
 
 
-def push_to_hub(args, output_dir: Path) -> None:
-    if args.push_to_hub:
+def push_to_hub(output: OutputConfig, output_dir: Path) -> None:
+    if output.push_to_hub:
         from huggingface_hub import create_repo, upload_folder
 
-        repo = create_repo(args.hub_model_id or output_dir.name, exist_ok=True, token=args.hub_token).repo_id
-        upload_folder(repo_id=repo, folder_path=str(output_dir), token=args.hub_token,
+        repo = create_repo(output.hub_model_id or output_dir.name, exist_ok=True, token=output.hub_token).repo_id
+        upload_folder(repo_id=repo, folder_path=str(output_dir), token=output.hub_token,
                       ignore_patterns=["checkpoint-*", ".checkpoint-*", ".svdiff-tools.lock"])
 
 
 def main(argv=None) -> int:
     try:
-        args = parse_args(argv)
-        return train(args)
+        cfg = parse_args(argv)
+        return train(cfg)
     except TrainingInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -19,18 +19,18 @@ import torch.nn.functional as F
 
 
 class DreamBoothLoss:
-    def __init__(self, args, base, encode_prompts, device, cache_prompts: bool = True,
+    def __init__(self, cfg, base, encode_prompts, device, cache_prompts: bool = True,
                  latent_cache: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None, unmix=None,
                  tokenizer=None):
         """base: `BaseModels`; encode_prompts: prompts -> (embeddings, pooled); cache_prompts: the text encoders
         are frozen, so each distinct prompt is embedded once; latent_cache: part -> (posterior mean, std);
         unmix: an `unmix.UnmixRecorder` installed in the UNet's cross-attention (Cut-Mix training), with the
         tokenizer that places the identifiers."""
-        self.args, self.base, self.encode, self.device = args, base, encode_prompts, device
+        self.cfg, self.base, self.encode, self.device = cfg, base, encode_prompts, device
         self.prompt_cache = {} if cache_prompts else None
         self.latent_cache, self.unmix, self.tokenizer = latent_cache, unmix, tokenizer
-        self.parts = ["instance"] + (["class"] if args.with_prior_preservation else [])
-        res = args.resolution
+        self.parts = ["instance"] + (["class"] if cfg.data.with_prior_preservation else [])
+        res = cfg.data.resolution
         self.time_ids = torch.tensor([[res, res, 0, 0, res, res]], dtype=base.weight_dtype, device=device)
 
     def latents(self, batch: dict, gen: torch.Generator) -> torch.Tensor:
@@ -42,7 +42,7 @@ class DreamBoothLoss:
             latents = (mean + std * torch.randn(mean.shape, generator=gen)).to(self.device, base.weight_dtype)
         else:
             pixels = batch["pixel_values"]
-            if self.args.with_prior_preservation:
+            if self.cfg.data.with_prior_preservation:
                 pixels = torch.cat([pixels, batch["class_pixel_values"]])
             with torch.no_grad():
                 latents = base.vae.encode(pixels.to(self.device, base.weight_dtype)).latent_dist.sample(gen)
@@ -63,7 +63,7 @@ class DreamBoothLoss:
 
     def conditioning(self, batch: dict) -> dict:
         """UNet keyword arguments for the batch's instance (and class) items."""
-        prompts = list(batch["prompts"]) + (list(batch["class_prompts"]) if self.args.with_prior_preservation
+        prompts = list(batch["prompts"]) + (list(batch["class_prompts"]) if self.cfg.data.with_prior_preservation
                                             else [])
         embeds, pooled = self.embed(prompts)
         out = {"encoder_hidden_states": embeds.to(self.base.weight_dtype)}
@@ -81,11 +81,11 @@ class DreamBoothLoss:
                 for i, mix in enumerate(batch["mix"]) if mix]
 
     def __call__(self, unet, batch: dict, gen: torch.Generator) -> torch.Tensor:
-        args, scheduler = self.args, self.base.noise_scheduler
+        cfg, scheduler = self.cfg, self.base.noise_scheduler
         latents = self.latents(batch, gen)
         noise = torch.randn(latents.shape, generator=gen).to(latents)
-        if args.noise_offset:
-            noise = noise + args.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(latents)
+        if cfg.optim.noise_offset:
+            noise = noise + cfg.optim.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(latents)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=gen).to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
@@ -96,20 +96,20 @@ class DreamBoothLoss:
         velocity = scheduler.config.prediction_type == "v_prediction"
         target = scheduler.get_velocity(latents, noise, timesteps) if velocity else noise
         prior_loss = None
-        if args.with_prior_preservation:
+        if cfg.data.with_prior_preservation:
             pred, pred_prior = pred.chunk(2)
             target, target_prior = target.chunk(2)
             prior_loss = F.mse_loss(pred_prior.float(), target_prior.float())
-        if args.snr_gamma is None:
+        if cfg.optim.snr_gamma is None:
             loss = F.mse_loss(pred.float(), target.float())
         else:
             from diffusers.training_utils import compute_snr
 
             snr = compute_snr(scheduler, timesteps[: pred.shape[0]])
-            w = torch.minimum(snr, args.snr_gamma * torch.ones_like(snr)) / snr
+            w = torch.minimum(snr, cfg.optim.snr_gamma * torch.ones_like(snr)) / snr
             if velocity:
                 w = w * snr / (snr + 1)
             loss = (F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         if prior_loss is not None:
-            loss = loss + args.prior_loss_weight * prior_loss
-        return loss if unmix is None else loss + args.unmix_weight * unmix
+            loss = loss + cfg.data.prior_loss_weight * prior_loss
+        return loss if unmix is None else loss + cfg.data.unmix_weight * unmix

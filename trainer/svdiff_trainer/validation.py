@@ -15,6 +15,7 @@ import torch
 
 from svdiff_tools.atomic import remove_orphans, save_image, write_text
 from .args import TrainingInputError, list_images
+from .config import ModelConfig, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -22,13 +23,14 @@ logger = logging.getLogger(__name__)
 CLASS_RECORD = ".class_images.json"
 
 
-def class_images_made_by(args, base: str, prompt: str) -> dict:
+def class_images_made_by(cfg: RunConfig, base: str, prompt: str) -> dict:
     """What makes class images, as recorded beside them: the base model (a local folder as its absolute path, and
     its ``weights`` digest, so a moved or copied folder is still the same base), its revision and variant, the
     class prompt and the resolution."""
     local = Path(base).expanduser()
     return {"base": str(local.resolve()) if local.exists() else base, "weights": weights_digest(local),
-            "revision": args.revision, "variant": args.variant, "prompt": prompt, "resolution": args.resolution}
+            "revision": cfg.model.revision, "variant": cfg.model.variant, "prompt": prompt,
+            "resolution": cfg.data.resolution}
 
 
 def weights_digest(folder: Path) -> Optional[str]:
@@ -95,7 +97,7 @@ def check_class_images(folder: Path, made_by: dict) -> None:
                        "them regenerated with a record.", len(images), folder, made_by["prompt"])
 
 
-def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder: Path, prompt: str,
+def generate_class_images(cfg: RunConfig, load_pipeline, accelerator, weight_dtype, folder: Path, prompt: str,
                           made_by: dict) -> None:
     """Top up ``folder`` to --num_class_images images of ``prompt`` with the base model (never regenerates) and
     record ``made_by`` beside them (`check_class_images` reads it). Each image appears only when complete (an
@@ -107,14 +109,14 @@ def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder
     folder.mkdir(parents=True, exist_ok=True)
     remove_orphans(folder, older_than_s=3600)  # a killed run's temporary files, not a running one's
     _upgrade_record(folder / CLASS_RECORD, made_by)
-    missing = args.num_class_images - len(list_images(folder))
+    missing = cfg.data.num_class_images - len(list_images(folder))
     if missing <= 0:
         return
     if not (folder / CLASS_RECORD).is_file():
         write_text(folder / CLASS_RECORD, json.dumps({"made_by": made_by, "unrecorded_images": len(
             list_images(folder))}, indent=2, sort_keys=True))
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(
-        args.prior_generation_precision, weight_dtype)
+        cfg.data.prior_generation_precision, weight_dtype)
     pipe = load_pipeline(torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     pipe.to(accelerator.device)
@@ -122,11 +124,11 @@ def generate_class_images(args, load_pipeline, accelerator, weight_dtype, folder
     with tqdm(total=missing, desc="generating class images", disable=not accelerator.is_local_main_process) as bar:
         done = 0
         while done < missing:
-            n = min(args.sample_batch_size, missing - done)
-            gen = torch.Generator().manual_seed((args.seed or 0) + start + done)
-            images = pipe([prompt] * n, num_inference_steps=args.num_inference_steps,
-                          guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
-                          generator=gen).images
+            n = min(cfg.data.sample_batch_size, missing - done)
+            gen = torch.Generator().manual_seed((cfg.optim.seed or 0) + start + done)
+            images = pipe([prompt] * n, num_inference_steps=cfg.validation.num_inference_steps,
+                          guidance_scale=cfg.validation.guidance_scale, height=cfg.data.resolution,
+                          width=cfg.data.resolution, generator=gen).images
             for i, img in enumerate(images):
                 save_image(img, folder / f"class_{start + done + i:05d}.png")
             done += n
@@ -145,8 +147,8 @@ def _upgrade_record(record: Path, made_by: dict) -> None:
         write_text(record, json.dumps(dict(data, made_by=made_by), indent=2, sort_keys=True))
 
 
-def validation_seed(args) -> int:
-    return args.validation_seed if args.validation_seed is not None else (args.seed or 0)
+def validation_seed(cfg: RunConfig) -> int:
+    return cfg.validation.validation_seed if cfg.validation.validation_seed is not None else (cfg.optim.seed or 0)
 
 
 def validation_image_name(step: int, prompt_index: int, image_index: int) -> str:
@@ -155,20 +157,21 @@ def validation_image_name(step: int, prompt_index: int, image_index: int) -> str
     return f"step{step:06d}{prompt}_{image_index}.png"
 
 
-def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> list:
+def render_validation(cfg: RunConfig, pipe, step: int, folder: Path, accelerator=None) -> list:
     """--num_validation_images per validation prompt with fixed seeds (image i has seed ``validation_seed + i`` for
     every prompt), --sample_batch_size images per pipeline call (one generator per image, so batching does not
     change an image); saved as ``step{N}_{i}.png`` (first prompt) and ``step{N}_p{k}_{i}.png``. Returns one list of
     PIL images per prompt."""
     folder.mkdir(parents=True, exist_ok=True)
     pipe.set_progress_bar_config(disable=True)
-    rows, first, n, batch = [], validation_seed(args), args.num_validation_images, max(1, args.sample_batch_size)
-    for k, prompt in enumerate(args.validation_prompts):
+    v, size = cfg.validation, cfg.data.resolution
+    rows, first, n, batch = [], validation_seed(cfg), v.num_validation_images, max(1, cfg.data.sample_batch_size)
+    for k, prompt in enumerate(v.validation_prompts):
         images = []
         for start in range(0, n, batch):
             seeds = range(first + start, first + min(n, start + batch))
-            images += pipe([prompt] * len(seeds), num_inference_steps=args.num_inference_steps,
-                           guidance_scale=args.guidance_scale, height=args.resolution, width=args.resolution,
+            images += pipe([prompt] * len(seeds), num_inference_steps=v.num_inference_steps,
+                           guidance_scale=v.guidance_scale, height=size, width=size,
                            generator=[torch.Generator().manual_seed(s) for s in seeds]).images
         for i, img in enumerate(images):
             save_image(img, folder / validation_image_name(step, k, i))
@@ -183,32 +186,33 @@ def render_validation(args, pipe, step: int, folder: Path, accelerator=None) -> 
     return rows
 
 
-def training_settings(args, captioned: Optional[int] = None) -> dict:
+def training_settings(cfg: RunConfig, captioned: Optional[int] = None) -> dict:
     """What the command line may not show (the toy world and the method fill defaults): the model card's lines.
     ``captioned``: how many instance images had a caption file (None: not known)."""
-    lr = f"{args.learning_rate:g} ({args.lr_scheduler}" + (f", {args.lr_warmup_steps} warmup steps)"
-                                                           if args.lr_warmup_steps else ")")
+    lr = f"{cfg.optim.learning_rate:g} ({cfg.optim.lr_scheduler}" + (f", {cfg.optim.lr_warmup_steps} warmup steps)"
+                                                           if cfg.optim.lr_warmup_steps else ")")
     settings = {"learning rate": lr}
-    if args.rank is not None:
-        settings["rank"] = f"{args.rank:g}" + (" (share of each matrix's spectral energy)" if args.rank < 1 else "")
-    settings["text encoder"] = "frozen" if not args.train_text_encoder else "adapted" + (
-        f", learning rate {args.text_encoder_lr:g}" if args.text_encoder_lr else "")
-    settings["batch size"] = args.train_batch_size * args.gradient_accumulation_steps
-    if args.with_prior_preservation:
-        settings["prior preservation"] = f"`{args.class_prompt}`, weight {args.prior_loss_weight:g}"
+    if cfg.method.rank is not None:
+        share = " (share of each matrix's spectral energy)" if cfg.method.rank < 1 else ""
+        settings["rank"] = f"{cfg.method.rank:g}{share}"
+    settings["text encoder"] = "frozen" if not cfg.method.train_text_encoder else "adapted" + (
+        f", learning rate {cfg.optim.text_encoder_lr:g}" if cfg.optim.text_encoder_lr else "")
+    settings["batch size"] = cfg.optim.train_batch_size * cfg.optim.gradient_accumulation_steps
+    if cfg.data.with_prior_preservation:
+        settings["prior preservation"] = f"`{cfg.data.class_prompt}`, weight {cfg.data.prior_loss_weight:g}"
     files = f"{captioned} caption files, " if captioned else ""
-    if args.caption_probability == 0.0:
+    if cfg.data.caption_probability == 0.0:
         settings["captions"] = "not used (the instance prompt on every step)"
     elif captioned == 0:
         settings["captions"] = "none (no caption files: the instance prompt on every step)"
-    elif args.caption_probability < 1.0:
-        settings["captions"] = f"{files}used on {args.caption_probability:.0%} of steps (else the instance prompt)"
+    elif cfg.data.caption_probability < 1.0:
+        settings["captions"] = f"{files}used on {cfg.data.caption_probability:.0%} of steps (else the instance prompt)"
     elif captioned:
         settings["captions"] = f"{files}used on every step"
     return settings
 
 
-def final_check_and_card(args, base: str, backend, files: list, output_dir: Path, trainable: int, steps: int,
+def final_check_and_card(cfg: RunConfig, base: str, backend, files: list, output_dir: Path, trainable: int, steps: int,
                          load_pipeline, captioned: Optional[int] = None) -> Path:
     """Reload the saved adapter into a fresh base pipeline, render the final images, measure the subject on the
     toy world (embedded default), write the model card."""
@@ -219,44 +223,45 @@ def final_check_and_card(args, base: str, backend, files: list, output_dir: Path
 
     pipe = load_pipeline()
     backend.load_into(pipe, files)
-    rows = render_validation(args, pipe, steps, output_dir / "validation", None)
+    rows = render_validation(cfg, pipe, steps, output_dir / "validation", None)
     grid = output_dir / "grid.png"
-    save_image(labelled_grid(rows, [f"{args.method}, step {steps}: {p}" for p in args.validation_prompts]), grid)
+    prompts = cfg.validation.validation_prompts
+    save_image(labelled_grid(rows, [f"{cfg.method.method}, step {steps}: {p}" for p in prompts]), grid)
     report, evaluator = None, None
-    if args.embedded_kind is not None:
-        report, evaluator = measure_subject(args, pipe, load_pipeline, rows, output_dir)
+    if cfg.model.embedded_kind is not None:
+        report, evaluator = measure_subject(cfg, pipe, load_pipeline, rows, output_dir)
     command = "accelerate launch train_dreambooth.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    write_model_card(output_dir, base_model=base, preset=embedded_preset(args), method=args.method,
-                     trainable=trainable, adapter_file=files[0], instance_prompt=args.instance_prompt,
-                     validation_prompt=args.validation_prompts[0], steps=steps, grid=grid, extra_files=files[1:],
+    write_model_card(output_dir, base_model=base, preset=embedded_preset(cfg.model), method=cfg.method.method,
+                     trainable=trainable, adapter_file=files[0], instance_prompt=cfg.data.instance_prompt,
+                     validation_prompt=prompts[0], steps=steps, grid=grid, extra_files=files[1:],
                      command=command, report=report, evaluator=evaluator,
-                     settings=training_settings(args, captioned))
+                     settings=training_settings(cfg, captioned))
     return grid
 
 
-def embedded_preset(args):
+def embedded_preset(model: ModelConfig):
     """The run's embedded base (a `presets.Preset`), or None for a named model."""
     from .presets import choose
 
-    return choose(args.embedded_kind) if args.embedded_kind is not None else None
+    return choose(model.embedded_kind) if model.embedded_kind is not None else None
 
 
-def measure_subject(args, pipe, load_pipeline, rows, output_dir: Path):
+def measure_subject(cfg: RunConfig, pipe, load_pipeline, rows, output_dir: Path):
     """The embedded preset's evaluator on the final images (the ones just saved are the ones measured): its report
     (also written to ``output_dir``) and the evaluator; (None, None) where the preset has none or cannot measure
     this folder and prompt."""
-    evaluator = embedded_preset(args).evaluator
-    subject = evaluator.subject_for(Path(args.instance_data_dir), args.instance_prompt) if evaluator else None
+    evaluator = embedded_preset(cfg.model).evaluator
+    subject = evaluator.subject_for(Path(cfg.data.instance_data_dir), cfg.data.instance_prompt) if evaluator else None
     if subject is None:
         if evaluator is not None:
             logging.getLogger("train_dreambooth").info(
                 "no subject report: %s with `%s` is not a subject the %s preset's evaluator measures",
-                args.instance_data_dir, args.instance_prompt, args.embedded_kind)
+                cfg.data.instance_data_dir, cfg.data.instance_prompt, cfg.model.embedded_kind)
         return None, None
-    first = validation_seed(args)
-    report = evaluator.measure(pipe, load_pipeline, subject, seeds=range(first, first + args.num_validation_images),
-                               steps=args.num_inference_steps, guidance=args.guidance_scale,
-                               rendered=dict(zip(args.validation_prompts, rows)))
+    first, v = validation_seed(cfg), cfg.validation
+    report = evaluator.measure(pipe, load_pipeline, subject, seeds=range(first, first + v.num_validation_images),
+                               steps=v.num_inference_steps, guidance=v.guidance_scale,
+                               rendered=dict(zip(v.validation_prompts, rows)))
     write_text(output_dir / evaluator.report_file, json.dumps(report, indent=2))
     for line in evaluator.report_lines(report):
         logging.getLogger("train_dreambooth").info("%s", line)

@@ -1,0 +1,62 @@
+"""The trainer's typed run configuration (issue 32 item 2): every flag is one field of one section, the command line
+is parsed once into a `RunConfig` (no Namespace below it), and --help states the defaults that are used."""
+
+import re
+
+import pytest
+
+from svdiff_trainer.args import NAMED_BASE_DEFAULTS, build_parser, parse_args
+from svdiff_trainer.config import SECTION_TYPES, RunConfig
+from svdiff_trainer.tiny import tiny_pipeline_path
+
+
+def _flags():
+    return [a.dest for a in build_parser()._actions if a.dest != "help"]
+
+
+def test_every_flag_is_one_field_of_one_section_and_the_record_keeps_every_flag():
+    config = RunConfig.from_flags(vars(build_parser().parse_args([])))
+    flat = config.flat()
+    # run.json records what vars(args) recorded before the sections: every flag and the three derived values
+    assert set(flat) == set(_flags()) | {"embedded_model", "embedded_kind", "subjects"}
+    for name in _flags():
+        assert config.get(name) == flat[name]
+    with pytest.raises(KeyError, match="'nope' is no flag"):
+        RunConfig.from_flags({"nope": 1})
+
+
+def test_parse_args_gives_a_run_config_in_sections(monkeypatch):
+    monkeypatch.setenv("SVDIFF_TOOLS_EMBEDDED", "tiny")
+    config = parse_args(["--method", "svft", "--svft_offset", "3", "--learning_rate", "2e-3", "--seed", "5"])
+    assert type(config) is RunConfig
+    assert {type(getattr(config, name)) for name in SECTION_TYPES} == set(SECTION_TYPES.values())
+    assert (config.method.method, config.method.options["svft_offset"]) == ("svft", 3)
+    assert (config.optim.learning_rate, config.optim.seed, config.model.embedded_kind) == (2e-3, 5, "tiny")
+
+
+def _help_of(flag: str) -> str:
+    """The help paragraph of ``--flag``, on one line."""
+    text = build_parser().format_help()
+    block = re.split(rf"\n  --{flag}[ ,]", text, maxsplit=1)[1].split("\n  --", 1)[0]
+    return " ".join(block.split())
+
+
+def _help_default(flag: str) -> str:
+    return re.search(r"default: (.*?)(;|$)", _help_of(flag)).group(1)
+
+
+@pytest.mark.parametrize("name", sorted(NAMED_BASE_DEFAULTS))
+def test_help_states_the_default_a_named_base_gets(name, monkeypatch, tmp_path):
+    """--help's 'default: X' for a flag filled later is the value a run on a named base gets when it is left out."""
+    monkeypatch.setenv("SVDIFF_TOOLS_EMBEDDED", "tiny")
+    stated = _help_default(name)
+    config = parse_args(["--pretrained_model_name_or_path", str(tiny_pipeline_path("sd15")), "--output_dir",
+                         str(tmp_path / "out")])
+    assert stated == repr(config.get(name))
+
+
+@pytest.mark.parametrize("name", ["resolution", "max_train_steps", "num_inference_steps"])
+def test_help_states_the_default_the_embedded_base_gets(name, monkeypatch):
+    monkeypatch.setenv("SVDIFF_TOOLS_EMBEDDED", "tiny")
+    stated = re.search(r"on the embedded tiny base: (\S+)", _help_of(name)).group(1)
+    assert stated == repr(parse_args(["--method", "svfit"]).get(name))
