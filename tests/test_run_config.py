@@ -60,3 +60,28 @@ def test_help_states_the_default_the_embedded_base_gets(name, monkeypatch):
     monkeypatch.setenv("SVDIFF_TOOLS_EMBEDDED", "tiny")
     stated = re.search(r"on the embedded tiny base: (\S+)", _help_of(name)).group(1)
     assert stated == repr(parse_args(["--method", "svfit"]).get(name))
+
+
+def test_the_run_says_which_defaults_it_chose_and_the_recipe_it_leaves_out(monkeypatch, tmp_path):
+    """Issue 33's first complaint: a new folder silently lost the main job's recipe. The run now says every default
+    it chose and where it came from, whether prior preservation is on, and that the preset's shipped-subject recipe
+    does not apply to another folder."""
+    import shutil
+
+    from svdiff_trainer.args import recipe_lines
+    from svdiff_trainer.presets import EXAMPLE_DATA
+
+    monkeypatch.setenv("SVDIFF_TOOLS_EMBEDDED", "tiny")
+    mine = shutil.copytree(EXAMPLE_DATA, tmp_path / "mine")
+    config = parse_args(["--method", "svdiff", "--instance_data_dir", str(mine), "--instance_prompt",
+                         "a photo of zwx toy", "--max_train_steps", "5"])
+    first, prior, preset = recipe_lines(config)
+    assert "--resolution 32 (the tiny preset)" in first and "--num_inference_steps 4 (the tiny preset)" in first
+    assert "--learning_rate 0.001 (svdiff's default: SVDiff paper" in first
+    assert "--max_train_steps" not in first and "--instance_prompt" not in first  # the user's flags are theirs
+    assert prior.startswith("prior preservation: off (--with_prior_preservation --class_prompt")
+    assert preset.startswith("the tiny preset's shipped-subject recipe") and "only with no data flags" in preset
+    on = parse_args(["--method", "svdiff", "--instance_data_dir", str(mine), "--instance_prompt", "a photo of zwx toy",
+                     "--with_prior_preservation", "--class_prompt", "a photo of a toy", "--class_data_dir",
+                     str(tmp_path / "class")])
+    assert recipe_lines(on)[1].startswith("prior preservation: on, 100 class images of 'a photo of a toy'")

@@ -261,22 +261,29 @@ def fill_defaults(cfg: RunConfig) -> None:
         cfg.data.instance_data_dir, cfg.data.instance_prompt = str(first.folder), first.prompt
     if embedded:
         _preset_defaults(cfg)
-    _fill(cfg, **{**NAMED_BASE_DEFAULTS, **(EMBEDDED_FALLBACK if embedded else {})})
+    _fill(cfg, "the trainer's default", **NAMED_BASE_DEFAULTS)
+    if embedded:
+        _fill(cfg, "the trainer's default for an embedded base", **EMBEDDED_FALLBACK)
     if cfg.data.instance_data_dir is None:
-        cfg.data.instance_data_dir = str(EXAMPLE_DATA)
-        cfg.data.instance_prompt = cfg.data.instance_prompt or "a photo of sks toy"
+        _fill(cfg, "the trainer's example subject", instance_data_dir=str(EXAMPLE_DATA))
+        if not cfg.data.instance_prompt:
+            cfg.data.instance_prompt, cfg.chosen["instance_prompt"] = "a photo of sks toy", "the example subject's"
     if cfg.method.target_modules is None:
-        cfg.method.target_modules = "unet-attention" if cfg.method.method in PEFT_METHODS else "unet"
+        _fill(cfg, f"{cfg.method.method}'s default targets",
+              target_modules="unet-attention" if cfg.method.method in PEFT_METHODS else "unet")
     elif "," in cfg.method.target_modules:
         cfg.method.target_modules = [t.strip() for t in cfg.method.target_modules.split(",") if t.strip()]
     if cfg.method.rank is not None and float(cfg.method.rank).is_integer() and cfg.method.rank >= 1:
         cfg.method.rank = int(cfg.method.rank)
     if cfg.method.method in PEFT_METHODS and cfg.method.rank is None:
-        cfg.method.rank = 4
+        _fill(cfg, "diffusers' LoRA default", rank=4)
     if cfg.optim.learning_rate is None:
         method = cfg.method.method
-        cfg.optim.learning_rate = PEFT_LR if method in PEFT_METHODS else FULL_LR if method == "full" else \
-            _spectral_lr(cfg.method)
+        if method in REGISTRY:
+            _fill(cfg, f"{method}'s default: {REGISTRY[method].lr_source}", learning_rate=_spectral_lr(cfg.method))
+        else:
+            _fill(cfg, PEFT_METHODS[method] if method in PEFT_METHODS else "diffusers' train_dreambooth.py",
+                  learning_rate=PEFT_LR if method in PEFT_METHODS else FULL_LR)
     if cfg.validation.validation_prompt is None:
         cfg.validation.validation_prompt = cfg.data.instance_prompt
     if cfg.validation.validation_prompts is None:
@@ -314,11 +321,32 @@ def parse_subject(spec: str) -> SubjectSpec:
     return SubjectSpec(Path(parts[0]), parts[1].strip(), parts[2].strip())
 
 
-def _fill(cfg: RunConfig, **defaults) -> None:
-    """Set each flag the user left unset (None) to its default."""
+def _fill(cfg: RunConfig, source: str, **defaults) -> None:
+    """Set each flag the user left unset (None) to its default, and note where it came from (`recipe_lines`)."""
     for name, value in defaults.items():
         if cfg.get(name) is None:
             cfg.set(name, value)
+            cfg.chosen[name] = source
+
+
+def recipe_lines(cfg: RunConfig) -> List[str]:
+    """What the run will do beyond the flags given, said out loud: each default it chose and where from, and the
+    prior-preservation recipe (on, or how to turn it on). The trainer logs these lines first."""
+    chosen = ", ".join(f"--{name} {cfg.get(name)!r} ({source})" for name, source in cfg.chosen.items()
+                       if name not in ("validation_prompt",))
+    lines = [f"defaults chosen (give a flag to change it): {chosen}" if chosen else "no defaults chosen"]
+    data = cfg.data
+    if data.with_prior_preservation:
+        lines.append(f"prior preservation: on, {data.num_class_images} class images of {data.class_prompt!r} in "
+                     f"{data.class_data_dir} (--prior_loss_weight {data.prior_loss_weight:g})")
+    else:
+        lines.append("prior preservation: off (--with_prior_preservation --class_prompt 'a photo of a CLASS' "
+                     "--class_data_dir DIR turns it on; it keeps the base model's idea of the class)")
+    if cfg.model.embedded_kind is not None and "instance_data_dir" not in cfg.chosen:
+        lines.append(f"the {cfg.model.embedded_kind} preset's shipped-subject recipe (its class images, prior "
+                     "preservation, validation prompts) applies only with no data flags; for your folder, the "
+                     "flags above")
+    return lines
 
 
 def _preset_defaults(cfg: RunConfig) -> None:
@@ -335,15 +363,14 @@ def _preset_defaults(cfg: RunConfig) -> None:
         defaults.pop("text_encoder_lr", None)
     # `is None`, not `or`: a 0 the user gives is theirs (guidance 0 is unconditional sampling; a count of 0 is
     # refused by `validate`), never silently replaced by the preset's default
-    _fill(cfg, **defaults)
+    _fill(cfg, f"the {preset.name} preset", **defaults)
     if cfg.data.instance_data_dir is not None:
         return
     subject = preset.subject(cfg.validation.num_inference_steps, cfg.validation.guidance_scale, cfg.data.resolution)
     cfg.data.with_prior_preservation = cfg.data.with_prior_preservation or subject.pop("with_prior_preservation", False)
     if cfg.validation.validation_prompt is not None or cfg.validation.validation_prompts is not None:
         subject.pop("validation_prompts", None)
-    cfg.data.instance_data_dir = subject.pop("instance_data_dir")
-    _fill(cfg, **subject)
+    _fill(cfg, f"the {preset.name} preset's shipped subject", **subject)
 
 
 def validate(cfg: RunConfig) -> None:

@@ -143,6 +143,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    chosen: Dict[str, str] = field(default_factory=dict)  # flag -> where the default it got came from (not recorded)
 
     @classmethod
     def from_flags(cls, flags: Dict[str, Any]) -> "RunConfig":

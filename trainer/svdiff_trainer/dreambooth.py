@@ -24,7 +24,7 @@ from typing import List
 
 import torch
 
-from svdiff_trainer.args import TrainingInputError, flag_defaults, parse_args
+from svdiff_trainer.args import TrainingInputError, flag_defaults, parse_args, recipe_lines
 from svdiff_trainer.checkpoints import CheckpointWriteError
 from svdiff_trainer.config import DataConfig, OptimConfig, OutputConfig, RunConfig
 
@@ -236,6 +236,9 @@ def build_session(run: Run, accelerator) -> Session:
     cfg, backend = run.cfg, run.backend
     logger.info("%s on %d process(es), device %s, mixed precision %s, base %s", cfg.method.method,
                 accelerator.num_processes, accelerator.device, accelerator.mixed_precision, run.base)
+    if accelerator.is_main_process:
+        for line in recipe_lines(cfg):
+            logger.info("%s", line)
     set_seed(run.seed)
     weight_dtype = weight_dtype_of(accelerator)
     class_sets = class_image_sets(cfg.data, run)  # (folder, prompt) per class
