@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from svdiff_tools.config import BASIS_STORAGE
 from svdiff_tools.export import rank_argument
@@ -57,26 +57,37 @@ def _help_preset():
         return None
 
 
+_PRESET_VIEWS: Dict[str, tuple] = {}
+
+
+def _preset_view(preset) -> tuple:
+    """(method -> the preset's flag defaults, its shipped subject's flags), once per process: the subject's class
+    folder is named by a hash of the preset's weights, which --help must not read again for every flag."""
+    if preset.name not in _PRESET_VIEWS:
+        try:
+            subject = preset.subject(25, 7.5, 64)
+        except Exception:  # noqa: BLE001 (a broken plug-in must not break --help)
+            subject = {}
+        _PRESET_VIEWS[preset.name] = ({m: preset.defaults(m) for m in all_methods()}, subject)
+    return _PRESET_VIEWS[preset.name]
+
+
 def _default_note(name: str, preset, named: str = "") -> str:
-    """'default: X; the embedded toyworld base: Y' (or its value per method), from the tables that fill them."""
+    """'default: X; the embedded toyworld base: Y' (or its value per method), from the tables that fill them, in
+    `fill_defaults`' order: the preset's defaults, then its shipped subject's, then the trainer's."""
     named = named or repr(NAMED_BASE_DEFAULTS.get(name))
     note = f"default: {named}"
     if preset is None:
         return note
-    subject = {}
-    try:
-        subject = preset.subject(25, 7.5, 64)
-    except Exception:  # noqa: BLE001
-        pass
-    values = {}
-    for method in all_methods():
-        value = preset.defaults(method).get(name, EMBEDDED_FALLBACK.get(name, NAMED_BASE_DEFAULTS.get(name)))
-        values[method] = subject.get(name, value) if name == "num_class_images" else value
+    by_method, subject = _preset_view(preset)
+    fallback = EMBEDDED_FALLBACK.get(name, NAMED_BASE_DEFAULTS.get(name))
+    values = {m: d.get(name, subject.get(name, fallback)) for m, d in by_method.items()}
+    from_subject = any(name not in d and name in subject for d in by_method.values())
     shown = {m: named if v is None else repr(v) for m, v in values.items()}  # None: what fills it for a named base
     if set(shown.values()) == {named}:
         return note
     if len(set(shown.values())) == 1:
-        where = " with its shipped subject (no data flags)" if name in subject else ""
+        where = " with its shipped subject (no data flags)" if from_subject else ""
         return f"{note}; on the embedded {preset.name} base{where}: {next(iter(shown.values()))}"
     return f"{note}; on the embedded {preset.name} base, per method: " + ", ".join(
         f"{m} {v}" for m, v in shown.items())

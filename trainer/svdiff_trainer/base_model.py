@@ -11,13 +11,17 @@ from .args import TrainingInputError
 from .config import ModelConfig, RunConfig
 
 
+def embedded_preset(model: ModelConfig):
+    """The run's embedded base (a `presets.Preset`), or None for a named model."""
+    from .presets import choose
+
+    return choose(model.embedded_kind) if model.embedded_kind is not None else None
+
+
 def resolve_base(model: ModelConfig) -> str:
     """The base's diffusers folder or hub id: the embedded preset's folder when no model was named."""
-    if model.embedded_kind is not None:
-        from .presets import choose
-
-        return str(choose(model.embedded_kind).pipeline_folder())
-    return model.pretrained_model_name_or_path
+    preset = embedded_preset(model)
+    return str(preset.pipeline_folder()) if preset is not None else model.pretrained_model_name_or_path
 
 
 def pipeline_class_name(model: ModelConfig, base: str) -> str:

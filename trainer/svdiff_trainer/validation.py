@@ -15,7 +15,8 @@ import torch
 
 from svdiff_tools.atomic import remove_orphans, save_image, write_text
 from .args import TrainingInputError, list_images
-from .config import ModelConfig, RunConfig
+from .base_model import embedded_preset
+from .config import RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -237,13 +238,6 @@ def final_check_and_card(cfg: RunConfig, base: str, backend, files: list, output
                      command=command, report=report, evaluator=evaluator,
                      settings=training_settings(cfg, captioned))
     return grid
-
-
-def embedded_preset(model: ModelConfig):
-    """The run's embedded base (a `presets.Preset`), or None for a named model."""
-    from .presets import choose
-
-    return choose(model.embedded_kind) if model.embedded_kind is not None else None
 
 
 def measure_subject(cfg: RunConfig, pipe, load_pipeline, rows, output_dir: Path):
