@@ -5,7 +5,8 @@
                                   # the full run: hours on a CPU; each run's scores are committed as it goes
     python benchmarks/dreambooth_quality.py --quick --out runs/quality-quick   # 1 subject, 1 seed, 4 methods,
                                                                                # 4 images per prompt, 2 curve points
-    python benchmarks/dreambooth_quality.py --subject DIR --class_word dog --instance_prompt "a photo of sks dog"
+    python benchmarks/dreambooth_quality.py --subject DIR --instance_prompt "a photo of zwx robot"  # a toy-world folder
+    python benchmarks/dreambooth_quality.py --subjects green_toy,brown_car   # held-out subjects (`world.TEST_SUBJECTS`)
 
 Each (subject, row, seed) trains with `train_dreambooth.py` (the trainer's documented default learning rate
 for the method on this world, the same steps for every row, prior preservation with class images made by the
@@ -97,12 +98,39 @@ class Subject:
         return out
 
 
-def shipped_subjects(names: List[str]) -> List[Subject]:
-    from svdiff_toyworld.assets import DATA
-    from svdiff_toyworld.world import SUBJECTS
+def shipped_subjects(names: List[str], views: Optional[Path] = None) -> List[Subject]:
+    """Toy-world subjects by name: the shipped ones from their folders, the held-out ones (`HELD_OUT_SUBJECTS`)
+    written to ``views``/NAME first (`assets.write_subject_images`)."""
+    from svdiff_toyworld.assets import DATA, write_subject_images
+    from svdiff_toyworld.world import ALL_SUBJECTS, SUBJECTS
 
-    return [Subject(n, DATA / "subjects" / n, SUBJECTS[n].identifier, SUBJECTS[n].class_word, None, SUBJECTS[n])
-            for n in names]
+    out = []
+    for n in names:
+        folder = DATA / "subjects" / n
+        if n not in SUBJECTS:
+            folder = Path(views or "runs/subjects") / n
+            if not folder.is_dir():
+                write_subject_images(ALL_SUBJECTS[n], folder)
+        out.append(Subject(n, folder, ALL_SUBJECTS[n].identifier, ALL_SUBJECTS[n].class_word, None, ALL_SUBJECTS[n]))
+    return out
+
+
+def folder_subject(args, net) -> Subject:
+    """``--subject DIR``: its identifier and class from --instance_prompt (or --identifier / --class_word), its
+    instance read by the metric network (`infer.infer_subject`), so it is measured as the shipped subjects are."""
+    from svdiff_toyworld.infer import infer_subject
+    from svdiff_trainer.recipe import read_subject
+
+    read = read_subject(args.instance_prompt) if args.instance_prompt else None
+    identifier = args.identifier or (read and read[0])
+    class_word = args.class_word or (read and read[1])
+    if not identifier or not class_word:
+        raise SystemExit("--subject needs --instance_prompt 'a photo of IDENTIFIER CLASS' (or --identifier and "
+                         "--class_word)")
+    toy, why = infer_subject(Path(args.subject), identifier, class_word, net)
+    if toy is None:
+        raise SystemExit(f"--subject {args.subject}: {why}")
+    return Subject(Path(args.subject).name, Path(args.subject), identifier, class_word, args.instance_prompt, toy)
 
 
 # ----------------------------------------------------------------------------------- training runs
@@ -481,8 +509,9 @@ def grid_png(subject: Subject, rows: List[str], out: Path, args, seed: int) -> N
 
 def check_flags(args, rows: List[str]) -> None:
     """A bad flag stops the run before anything loads, with one line that says what to give."""
-    from svdiff_toyworld.world import SUBJECTS
+    from svdiff_toyworld.world import ALL_SUBJECTS
     from svdiff_trainer.args import list_images
+    from svdiff_trainer.recipe import read_subject
 
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -493,16 +522,17 @@ def check_flags(args, rows: List[str]) -> None:
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps must be at least 1 (got {args.steps})")
     if args.subject:
-        if not args.class_word:
-            raise SystemExit("--subject needs --class_word (e.g. dog)")
+        if not (args.identifier and args.class_word) and not (args.instance_prompt and read_subject(args.instance_prompt)):
+            raise SystemExit("--subject needs --instance_prompt 'a photo of IDENTIFIER CLASS' (or --identifier and "
+                             "--class_word)")
         folder = Path(args.subject)
         if not folder.is_dir() or not list_images(folder):
             raise SystemExit(f"--subject {folder}: not a folder of images; point it at your subject's photos")
     else:
-        unknown = [n for n in args.subjects.split(",") if n not in SUBJECTS]
+        unknown = [n for n in args.subjects.split(",") if n not in ALL_SUBJECTS]
         if unknown:
-            raise SystemExit(f"--subjects: unknown {', '.join(map(repr, unknown))}; shipped: {', '.join(SUBJECTS)} "
-                             "(or --subject DIR --class_word WORD for your own)")
+            raise SystemExit(f"--subjects: unknown {', '.join(map(repr, unknown))}; toy-world subjects: "
+                             f"{', '.join(ALL_SUBJECTS)} (or --subject DIR --instance_prompt PROMPT for your own)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,7 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subject", default=None, help="a user folder of subject images instead of shipped ones")
     p.add_argument("--class_word", default=None)
     p.add_argument("--instance_prompt", default=None)
-    p.add_argument("--identifier", default="sks")
+    p.add_argument("--identifier", default=None, help="default: read from --instance_prompt")
     p.add_argument("--rows", default=None, help="comma-separated row labels (default: all)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--seed0", type=int, default=0)
@@ -550,19 +580,18 @@ def main(argv=None):
 
     seeds = [args.seed0] if args.quick else list(range(args.seed0, args.seed0 + args.seeds))
     steps = args.steps or preset.METHOD_DEFAULTS["svfit"].steps
-    if args.subject:
-        subjects = [Subject(Path(args.subject).name, Path(args.subject), args.identifier, args.class_word,
-                            args.instance_prompt)]
-    else:
-        subjects = shipped_subjects(args.subjects.split(",")[:1] if args.quick else args.subjects.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     net = metric.load()
+    if args.subject:
+        subjects = [folder_subject(args, net)]
+    else:
+        subjects = shipped_subjects(args.subjects.split(",")[:1] if args.quick else args.subjects.split(","),
+                                    out / "subjects")
     identifiers, base = {}, {}
     started = time.time()
     for subject in subjects:
-        identifiers[subject.name] = metric.Identifier(net, subject.toy) if subject.toy is not None else \
-            metric.FolderIdentifier(net, subject.folder)
+        identifiers[subject.name] = metric.Identifier(net, subject.toy)
         base[subject.name] = base_scores(net, identifiers[subject.name], subject, args, out)
     tasks = [(subject, row, seed) for subject in subjects for row in rows for seed in seeds]
 

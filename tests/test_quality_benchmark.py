@@ -83,9 +83,9 @@ def test_the_results_folder_commits_only_scores_and_strips():
 
 @pytest.mark.parametrize("flags, message", [
     (["--rows", "svfit,svfit r8"], "--rows: unknown 'svfit r8'; choose from full FT"),
-    (["--subjects", "example_toy,example_dog"], "--subjects: unknown 'example_dog'; shipped: example_toy"),
-    (["--subject", "no/such/folder", "--class_word", "dog"], "not a folder of images"),
-    (["--subject", "."], "--subject needs --class_word"),
+    (["--subjects", "example_toy,example_dog"], "--subjects: unknown 'example_dog'; toy-world subjects: example_toy"),
+    (["--subject", "no/such/folder", "--instance_prompt", "a photo of sks dog"], "not a folder of images"),
+    (["--subject", "."], "--subject needs --instance_prompt"),
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--class_images", "0"], "--class_images must be at least 1"),

@@ -62,10 +62,10 @@ def test_help_states_the_default_the_embedded_base_gets(name, monkeypatch):
     assert stated == repr(parse_args(["--method", "svfit"]).get(name))
 
 
-def test_the_run_says_which_defaults_it_chose_and_the_recipe_it_leaves_out(monkeypatch, tmp_path):
-    """Issue 33's first complaint: a new folder silently lost the main job's recipe. The run now says every default
-    it chose and where it came from, whether prior preservation is on, and that the preset's shipped-subject recipe
-    does not apply to another folder."""
+def test_the_run_says_which_defaults_it_chose_and_the_recipe_it_applies(monkeypatch, tmp_path):
+    """Issue 33: a new folder silently lost the main job's recipe. Now any folder gets it, and the run says every
+    default it chose and where from, the subject as read from the prompt, prior preservation and how to turn it off,
+    and the validation prompts."""
     import shutil
 
     from svdiff_trainer.args import recipe_lines
@@ -75,13 +75,19 @@ def test_the_run_says_which_defaults_it_chose_and_the_recipe_it_leaves_out(monke
     mine = shutil.copytree(EXAMPLE_DATA, tmp_path / "mine")
     config = parse_args(["--method", "svdiff", "--instance_data_dir", str(mine), "--instance_prompt",
                          "a photo of zwx toy", "--max_train_steps", "5"])
-    first, prior, preset = recipe_lines(config)
+    first, subject, prior, prompts = recipe_lines(config)
     assert "--resolution 32 (the tiny preset)" in first and "--num_inference_steps 4 (the tiny preset)" in first
     assert "--learning_rate 0.001 (svdiff's default: SVDiff paper" in first
     assert "--max_train_steps" not in first and "--instance_prompt" not in first  # the user's flags are theirs
+    assert subject == "subject: identifier 'zwx', class 'toy' (--identifier, --class_word change them)"
+    assert "--class_prompt 'a photo of a toy' (the recipe" in first
+    # the tiny base's recipe leaves prior preservation off (random weights), and says how to turn it on
     assert prior.startswith("prior preservation: off (--with_prior_preservation --class_prompt")
-    assert preset.startswith("the tiny preset's shipped-subject recipe") and "only with no data flags" in preset
+    assert prompts == "validation prompts: 'a photo of zwx toy'"
     on = parse_args(["--method", "svdiff", "--instance_data_dir", str(mine), "--instance_prompt", "a photo of zwx toy",
-                     "--with_prior_preservation", "--class_prompt", "a photo of a toy", "--class_data_dir",
-                     str(tmp_path / "class")])
-    assert recipe_lines(on)[1].startswith("prior preservation: on, 100 class images of 'a photo of a toy'")
+                     "--with_prior_preservation", "--class_data_dir", str(tmp_path / "class")])
+    assert on.data.class_prompt == "a photo of a toy" and on.data.num_class_images == 100
+    assert recipe_lines(on)[2].startswith("prior preservation: on, 100 class images of 'a photo of a toy'")
+    assert "--no-with_prior_preservation turns it off" in recipe_lines(on)[2]
+    unread = parse_args(["--method", "svdiff", "--instance_data_dir", str(mine), "--instance_prompt", "zwx"])
+    assert "pass --identifier and --class_word" in recipe_lines(unread)[1] and not unread.data.with_prior_preservation

@@ -129,20 +129,41 @@ def test_the_shipped_pipeline_loads_offline_and_holds_its_gate_on_a_sample():
 
 
 @pytest.mark.skipif(not preset.available(), reason="the pretrained toy-world pipeline is not shipped yet")
-def test_the_main_job_on_the_shipped_pipeline_learns_the_subject(tmp_path):
-    """The README's main job (no model or data flags) on the shipped pipeline, with fewer class and validation
-    images: its own report must identify the subject far more often than the base pipeline on the same seeds,
-    so a regression in training quality fails here."""
+def test_a_users_own_subject_gets_the_recipe_and_its_report_identifies_it(tmp_path):
+    """Issue 33's done-when: a held-out subject no default was tuned on, written to a folder as a user would have it,
+    trained with only --instance_data_dir and --instance_prompt. The run applies the main job's recipe (prior
+    preservation with the class prompt derived from the prompt, the recontextualisation validation prompt) and its
+    report, reading the subject from the folder, identifies it far more often than the base on the same seeds; the
+    card carries the report, the training crops and the loss curve."""
+    from svdiff_toyworld.world import HELD_OUT_SUBJECTS, TEST_SUBJECTS
+
+    subject = HELD_OUT_SUBJECTS["yellow_robot"]
+    assert subject.name in TEST_SUBJECTS
+    views = tmp_path / "my_robot"
+    assets.write_subject_images(subject, views)
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
     env.pop("SVDIFF_TOOLS_EMBEDDED", None)
     env.pop(assets.PIPELINE_ENV, None)
-    cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), "--method", "svfit", "--num_class_images", "8",
-           "--num_validation_images", "4", "--output_dir", str(tmp_path / "out")]
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "train_dreambooth.py"), "--instance_data_dir", str(views), "--instance_prompt",
+           "a photo of sks robot", "--output_dir", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads((tmp_path / "out" / "toyworld_report.json").read_text())
-    adapted, base = report["adapted"]["instance"]["identified"], report["base"]["instance"]["identified"]
-    assert adapted >= 0.75 and base <= 0.25, report
+    log = result.stderr
+    assert "subject: identifier 'sks', class 'robot'" in log
+    assert "prior preservation: on, 32 class images of 'a photo of a robot'" in log
+    assert "validation prompts: 'a photo of sks robot'; 'a sks robot on a green background'" in log
+    assert len(list((tmp_path / "cache").rglob("class_*.png"))) == 32
+    report = json.loads((out / "toyworld_report.json").read_text())
+    assert report["subject"].startswith("a yellow dotted cross robot")
+    adapted, base = report["adapted"], report["base"]
+    assert adapted["instance"]["images"] == 16 and adapted["recontext"]["prompt"] == "a sks robot on a green background"
+    assert adapted["instance"]["identified"] >= 0.5 and adapted["recontext"]["identified"] >= 0.5, report
+    assert base["instance"]["identified"] <= 0.1 and base["recontext"]["identified"] <= 0.1, report
+    card = (out / "README.md").read_text()
+    assert "Subject as the metric network reads its images: a yellow dotted cross robot" in card
+    assert "training_crops.png" in card and "loss.png" in card and "## Recipe" in card
+    assert (out / "loss.png").is_file() and len((out / "loss.csv").read_text().splitlines()) == 600
 
 
 @pytest.mark.skipif(not preset.available(), reason="the pretrained toy-world pipeline is not shipped yet")

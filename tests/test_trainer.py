@@ -201,7 +201,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     (["--instance_data_dir", "corrupt", "--instance_prompt", "x"], "image corrupt/bad.png cannot be read"),
     (["--instance_data_dir", "empty"], "--instance_prompt is required"),
     (["--resolution", "30"], "--resolution 30 must be a positive multiple of 8"),
-    (["--with_prior_preservation", "--class_data_dir", "c"], "needs --class_prompt"),
+    (["--with_prior_preservation", "--class_data_dir", "c", "--instance_prompt", "sks"], "needs --class_prompt"),
     (["--target_modules", "to_qq"], "matched no .*nearest names: .*to_q"),
     (["--method", "svfit", "--rank", "999"], "rank 999 exceeds min"),
     (["--method", "svdiff", "--avf_k", "2"], "belongs to method='vectorfit'"),

@@ -1,6 +1,9 @@
 """Measure trained adapters again on the toy world, on other seeds and more images than the trainer's validation:
 
     python -m svdiff_toyworld.measure OUTPUT_DIR [OUTPUT_DIR ...] --first_seed 100 --num_images 32
+
+for svd adapters of a named toy-world subject (shipped or held out). For any output (LoRA files, PEFT folders) and
+any subject folder: ``python -m svdiff_trainer.evaluate`` (the same measure, the subject read from its images).
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from typing import List, Optional
 from . import metric, preset
 from .assets import pipeline_path
 from .evaluate import dreambooth_report, report_lines
-from .world import SUBJECTS
+from .world import ALL_SUBJECTS
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -27,8 +30,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     p = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     p.add_argument("adapters", nargs="+", help="trainer output folders (or adapter files) of one shipped subject")
-    p.add_argument("--subject", default=preset.SUBJECT.name, choices=sorted(SUBJECTS),
-                   help="the shipped subject they were trained on")
+    p.add_argument("--subject", default=preset.SUBJECT.name, choices=sorted(ALL_SUBJECTS),
+                   help="the toy-world subject they were trained on")
     p.add_argument("--first_seed", type=int, default=100)
     p.add_argument("--num_images", type=int, default=32, help="per prompt")
     p.add_argument("--num_inference_steps", type=int, default=preset.INFERENCE_STEPS)
@@ -43,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     for adapter in args.adapters:
         pipe = load_base()
         pipe.load_svd_adapter(adapter)
-        report = dreambooth_report(pipe, load_base, SUBJECTS[args.subject], net=net,
+        report = dreambooth_report(pipe, load_base, ALL_SUBJECTS[args.subject], net=net,
                                    seeds=range(args.first_seed, args.first_seed + args.num_images),
                                    steps=args.num_inference_steps, guidance=args.guidance_scale,
                                    base_cache=preset.base_report_cache())

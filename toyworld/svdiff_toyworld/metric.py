@@ -271,27 +271,6 @@ class Identifier:
         return self.net.embed(images) @ self.subject_mean
 
 
-class FolderIdentifier(Identifier):
-    """`Identifier` for a subject given as a folder of images (not a toy-world instance): the gallery holds
-    those images and their mirror images against ``distractors`` renders of random toy-world instances."""
-
-    def __init__(self, net: MetricNet, folder: Path, distractors: int = 600, seed: int = 0):
-        from PIL import Image, ImageOps
-
-        suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-        images = [Image.open(p).convert("RGB") for p in sorted(Path(folder).iterdir()) if p.suffix.lower() in suffixes]
-        if not images:
-            raise FileNotFoundError(f"{folder} holds no images")
-        own = pil_to_tensor(images + [ImageOps.mirror(im) for im in images])
-        rng = random.Random(seed)
-        others = [_view(rng, random_object(rng, hold_out=False)) for _ in range(distractors)]
-        self.net = net
-        with torch.no_grad():
-            self.gallery = torch.cat([net.embed(own), net.embed(to_tensor(render_batch(others)))])
-        self.is_subject = torch.tensor([True] * len(own) + [False] * len(others))
-        self.subject_mean = F.normalize(self.gallery[: len(own)].mean(0), dim=0)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train or evaluate the toy world's metric network.")
     p.add_argument("command", choices=["train", "finetune", "evaluate"])

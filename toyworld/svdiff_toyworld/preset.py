@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
 from svdiff_trainer.args import list_images
-from svdiff_trainer.presets import Preset
+from svdiff_trainer.presets import NotMeasurable, Preset
+from svdiff_trainer.recipe import Recipe, read_subject
 
 from .assets import DATA, pipeline_folder
 from .evaluate import dreambooth_report, recontext_prompt, report_lines
-from .world import SUBJECTS, Subject
+from .infer import describe, infer_subject
+from .world import IDENTIFIERS, RECONTEXT_BACKGROUND, SUBJECTS, Subject, vocabulary
 
 SUBJECT = SUBJECTS["example_toy"]
 RESOLUTION = 64
@@ -98,11 +100,13 @@ def _weights(component: str) -> Path:
     return pipeline_folder() / component / name
 
 
-def class_data_dir(steps: int = INFERENCE_STEPS, guidance: float = GUIDANCE, resolution: int = RESOLUTION) -> Path:
-    """Class images of the shipped pipeline, cached per version of what makes them: the UNet, text encoder and VAE
-    weights and the sampling settings (a quick run at 2 steps must not leave its images to every later run)."""
+def class_data_dir(steps: int = INFERENCE_STEPS, guidance: float = GUIDANCE, resolution: int = RESOLUTION,
+                   class_word: str = SUBJECT.class_word) -> Path:
+    """Class images (``a photo of a CLASS``) of the shipped pipeline, cached per version of what makes them: the
+    UNet, text encoder and VAE weights and the sampling settings (a quick run at 2 steps must not leave its images
+    to every later run)."""
     tag = _version_tag(_weights("unet"), _weights("text_encoder"), _weights("vae"))
-    return _cache_root() / f"class-images-{tag}-{steps}steps-cfg{guidance:g}-{resolution}px" / SUBJECT.class_word
+    return _cache_root() / f"class-images-{tag}-{steps}steps-cfg{guidance:g}-{resolution}px" / class_word
 
 
 def flag_defaults(method: str) -> dict:
@@ -112,7 +116,7 @@ def flag_defaults(method: str) -> dict:
     d = METHOD_DEFAULTS.get(method)
     flags = dict(num_validation_images=NUM_VALIDATION_IMAGES, guidance_scale=GUIDANCE,
                  num_inference_steps=INFERENCE_STEPS, resolution=RESOLUTION, train_text_encoder=TRAIN_TEXT_ENCODER,
-                 max_train_steps=600, caption_probability=CAPTION_PROBABILITY)
+                 caption_probability=CAPTION_PROBABILITY)
     if d is None:
         return flags
     flags.update(learning_rate=d.learning_rate, max_train_steps=d.steps, lr_scheduler=d.lr_scheduler,
@@ -122,12 +126,9 @@ def flag_defaults(method: str) -> dict:
 
 
 def subject_flags(steps: int, guidance: float, resolution: int) -> dict:
-    """The shipped subject (when no data flags are given): its views, prompts, prior preservation with cached class
-    images of the base pipeline, and the recontextualisation validation prompt."""
-    return dict(instance_data_dir=str(DATA / "subjects" / SUBJECT.name), instance_prompt=SUBJECT.instance_prompt,
-                class_prompt=SUBJECT.class_prompt, with_prior_preservation=True, num_class_images=NUM_CLASS_IMAGES,
-                class_data_dir=str(class_data_dir(steps, guidance, resolution)),
-                validation_prompts=validation_prompts(), validation_prompt=SUBJECT.instance_prompt)
+    """The shipped subject (when no data flags are given): its views and prompt. The recipe (`RECIPE`) does the
+    rest, as for any folder: prior preservation with cached class images, the recontextualisation prompt."""
+    return dict(instance_data_dir=str(DATA / "subjects" / SUBJECT.name), instance_prompt=SUBJECT.instance_prompt)
 
 
 def base_report_cache() -> Path:
@@ -161,28 +162,57 @@ def validation_prompts():
 
 
 class SubjectEvaluator:
-    """The metric network's identification of a shipped subject (`evaluate.dreambooth_report`), with the base
-    pipeline's scores cached per version (`base_report_cache`)."""
+    """The metric network's identification of the subject (`evaluate.dreambooth_report`): a shipped one, or any
+    toy-world folder read by the network (`infer.infer_subject`); the base pipeline's scores cached per version
+    (`base_report_cache`)."""
 
     report_file = "toyworld_report.json"
     title = "Subject measured on the toy world"
     intro = ("Same prompts and seeds for the adapted and the base pipeline; identification by the toy world's metric "
-             "network (nearest neighbour among renders of the subject and of other toys).")
+             "network (nearest neighbour among renders of the subject and of 600 other instances of its class).")
 
-    def subject_for(self, data_dir: Path, instance_prompt: str) -> Optional[Subject]:
-        return shipped_subject(data_dir, instance_prompt)
+    def subject_for(self, data_dir: Path, instance_prompt: str, identifier: Optional[str] = None,
+                    class_word: Optional[str] = None) -> Subject:
+        """A shipped subject's folder under its own prompt is that subject; any other folder is read by the metric
+        network (`infer.infer_subject`), under the identifier and class of the prompt (or given)."""
+        shipped = shipped_subject(data_dir, instance_prompt)
+        if shipped is not None:
+            return shipped
+        if identifier is None or class_word is None:
+            read = read_subject(instance_prompt)
+            if read is None:
+                raise NotMeasurable(f"the identifier and class cannot be read from {instance_prompt!r}; pass "
+                                    "--identifier and --class_word")
+            identifier, class_word = identifier or read[0], class_word or read[1]
+        subject, why = infer_subject(Path(data_dir), identifier, class_word)
+        if subject is None:
+            raise NotMeasurable(why)
+        return subject
 
     def measure(self, pipe, load_base: Callable[[], object], subject: Subject, seeds: Sequence[int], steps: int,
                 guidance: float, rendered: Dict[str, list]) -> dict:
-        return dreambooth_report(pipe, load_base, subject, seeds=seeds, steps=steps, guidance=guidance,
-                                 rendered=rendered, base_cache=base_report_cache())
+        report = dreambooth_report(pipe, load_base, subject, seeds=seeds, steps=steps, guidance=guidance,
+                                   rendered=rendered, base_cache=base_report_cache())
+        return dict(report, subject=describe(subject), subject_name=subject.name)
 
     def report_lines(self, report: dict) -> List[str]:
-        return [self.intro, ""] + report_lines(report)
+        subject = report.get("subject")
+        read = [f"Subject as the metric network reads its images: {subject}.", ""] if subject else []
+        return [self.intro, ""] + read + report_lines(report)
+
+
+# The recipe for any folder on this world, as the main job runs it: prior preservation with NUM_CLASS_IMAGES class
+# images, the recontextualisation prompt (a background no training view shows), steps per method set for the shipped
+# subject's 5 views (`METHOD_DEFAULTS`) and scaled to the image count.
+RECIPE = Recipe(num_class_images=NUM_CLASS_IMAGES, recontext="a {identifier} {class_word} on a %s background"
+                % RECONTEXT_BACKGROUND, steps=600, reference_images=5, class_dir=class_data_dir,
+                tuned_on="tuned on example_toy, a tuning subject: docs/toyworld.md",
+                known_words=frozenset(vocabulary()) - set(IDENTIFIERS))
 
 
 PRESET = Preset(
     name="toyworld", title="the embedded toy-world Stable Diffusion", pipeline_folder=pipeline_folder,
     load_lines=["from svdiff_toyworld.assets import pipeline_path",
                 "pipe = DiffusionPipeline.from_pretrained(pipeline_path())"],
-    defaults=flag_defaults, subject=subject_flags, available=available, evaluator=SubjectEvaluator(), priority=10)
+    defaults=flag_defaults, subject=subject_flags, available=available, evaluator=SubjectEvaluator(), priority=10,
+    recipe=RECIPE)

@@ -19,6 +19,7 @@ from svdiff_tools.targets import PRESETS
 from . import presets
 from .config import MethodConfig, RunConfig
 from .presets import EXAMPLE_DATA
+from .recipe import NAMED_BASE_RECIPE, Recipe, class_cache_dir, class_prompt_for, read_subject, steps_for
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 PEFT_METHODS = {"lora": "diffusers' train_dreambooth_lora.py default", "pissa": "as LoRA"}  # the PEFT backend's
@@ -37,7 +38,7 @@ def all_methods() -> tuple:
 # preset's own) and --help shows them from here and from the preset, so the help never describes another default
 # than the one used.
 NAMED_BASE_DEFAULTS = dict(train_text_encoder=False, caption_probability=1.0, prior_loss_weight=1.0,
-                           lr_scheduler="constant", resolution=512, num_class_images=100, num_validation_images=2,
+                           lr_scheduler="constant", resolution=512, num_validation_images=2,
                            num_inference_steps=25, guidance_scale=7.5)
 EMBEDDED_FALLBACK = dict(resolution=64)  # an embedded base whose preset does not say
 
@@ -140,7 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     d.add_argument("--pretrained_vae_model_name_or_path", default=None)
     d.add_argument("--instance_data_dir", default=None, help="subject images; default: the shipped example toy")
-    d.add_argument("--instance_prompt", default=None, help="default: 'a photo of sks toy' for the example data")
+    d.add_argument("--instance_prompt", default=None,
+                   help="DreamBooth's 'a photo of IDENTIFIER CLASS' (e.g. 'a photo of zwx car'): the recipe reads the "
+                        "identifier and class from it; default: 'a photo of sks toy' for the example data")
+    d.add_argument("--identifier", default=None,
+                   help="the subject's rare word, where --instance_prompt is not 'a photo of IDENTIFIER CLASS'")
+    d.add_argument("--class_word", default=None,
+                   help="the subject's class (e.g. 'teddy bear'), where the prompt does not show it as one word")
     d.add_argument("--subject", action="append", default=None, metavar="DIR:IDENTIFIER:CLASS",
                    help="several subjects in one run (repeatable), each prompted 'a photo of IDENTIFIER CLASS'; "
                         "replaces --instance_data_dir/--instance_prompt; with prior preservation each class gets "
@@ -161,16 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of a captioned image's steps trained on its caption, the rest on --instance_prompt "
                         "(the identifier must also work without the caption's words); " +
                         _default_note("caption_probability", preset))
-    d.add_argument("--class_data_dir", default=None)
-    d.add_argument("--class_prompt", default=None)
-    d.add_argument("--with_prior_preservation", action="store_true")
+    d.add_argument("--class_data_dir", default=None,
+                   help="class images (missing ones are generated there); default: a folder per base, class prompt "
+                        "and sampling settings in ~/.cache/svdiff-tools/class-images")
+    d.add_argument("--class_prompt", default=None, help="default: 'a photo of a CLASS', CLASS read from the prompt")
+    d.add_argument("--with_prior_preservation", action=argparse.BooleanOptionalAction, default=None,
+                   help="train on class images of the base too, so the class keeps its look (DreamBooth's prior "
+                        "preservation); default: on where the class can be read from the prompt (the recipe), "
+                        "except on the embedded tiny base (random weights); --no-with_prior_preservation turns it off")
     d.add_argument("--prior_loss_weight", type=float, default=None, help=_default_note("prior_loss_weight", preset))
     d.add_argument("--num_class_images", type=int, default=None,
-                   help=_default_note("num_class_images", preset))
+                   help=f"default (the recipe's): {NAMED_BASE_RECIPE.num_class_images}" + (
+                       f"; on the embedded {preset.name} base: {preset.recipe.num_class_images}" if preset else ""))
     d.add_argument("--sample_batch_size", type=int, default=4)
     d.add_argument("--prior_generation_precision", choices=["no", "fp32", "fp16", "bf16"], default=None)
     d.add_argument("--resolution", type=int, default=None, help=_default_note("resolution", preset))
-    d.add_argument("--center_crop", action="store_true")
+    d.add_argument("--center_crop", action=argparse.BooleanOptionalAction, default=True,
+                   help="crop non-square images to their centre square (--no-center_crop: a random square per step, "
+                        "diffusers' behaviour without --center_crop)")
     d.add_argument("--random_flip", action="store_true")
     d.add_argument("--dataloader_num_workers", type=int, default=0)
 
@@ -182,8 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
                         " (a --learning_rate given covers the text encoder too)")
     t.add_argument("--train_batch_size", type=int, default=1)
     t.add_argument("--max_train_steps", type=int, default=None,
-                   help=_default_note("max_train_steps", preset, "--num_train_epochs epochs"))
-    t.add_argument("--num_train_epochs", type=int, default=1, help="used when --max_train_steps is not set")
+                   help=_default_note("max_train_steps", preset, f"{NAMED_BASE_RECIPE.steps} for "
+                                       f"{NAMED_BASE_RECIPE.reference_images} images") +
+                        " (the recipe scales a default to the image count; a number given is used as it is)")
+    t.add_argument("--num_train_epochs", type=int, default=None,
+                   help="train this many epochs instead of the recipe's steps (used when --max_train_steps is not set)")
     t.add_argument("--gradient_accumulation_steps", type=int, default=1)
     t.add_argument("--gradient_checkpointing", action="store_true")
     t.add_argument("--learning_rate", type=float, default=None,
@@ -230,6 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--num_inference_steps", type=int, default=None,
                    help="denoising steps for validation and class images; " +
                         _default_note("num_inference_steps", preset))
+    o.add_argument("--dino_model", default=None,
+                   help="score the final images with DINO subject fidelity against the instance images, with this "
+                        "transformers model (hub id or folder, e.g. facebook/dino-vits16 or facebook/dinov2-small)")
+    o.add_argument("--clip_model", default=None,
+                   help="score the final images with CLIP-I and CLIP-T, with this transformers CLIP model (e.g. "
+                        "openai/clip-vit-base-patch32)")
     o.add_argument("--validation_steps", type=int, default=None,
                    help="validate every N steps (default: only at the end)")
     o.add_argument("--report_to", default="none", help="tensorboard, wandb, all or none")
@@ -295,6 +319,13 @@ def fill_defaults(cfg: RunConfig) -> None:
         else:
             _fill(cfg, PEFT_METHODS[method] if method in PEFT_METHODS else "diffusers' train_dreambooth.py",
                   learning_rate=PEFT_LR if method in PEFT_METHODS else FULL_LR)
+    recipe = recipe_of(cfg)
+    if not cfg.data.subjects:
+        _apply_recipe(cfg, recipe)
+    elif cfg.data.with_prior_preservation:
+        _fill(cfg, f"the recipe ({recipe.tuned_on})", num_class_images=recipe.num_class_images)
+    if cfg.optim.max_train_steps is None and cfg.optim.num_train_epochs is None:
+        cfg.optim.num_train_epochs = 1
     if cfg.validation.validation_prompt is None:
         cfg.validation.validation_prompt = cfg.data.instance_prompt
     if cfg.validation.validation_prompts is None:
@@ -304,6 +335,62 @@ def fill_defaults(cfg: RunConfig) -> None:
                 mixed_prompt(cfg.data.subjects[0], cfg.data.subjects[1])]
     else:
         cfg.validation.validation_prompt = cfg.validation.validation_prompts[0]
+    if cfg.data.with_prior_preservation is None:
+        cfg.data.with_prior_preservation = False
+
+
+def recipe_of(cfg: RunConfig) -> Recipe:
+    """The base's recipe: the embedded preset's, or `NAMED_BASE_RECIPE`."""
+    return presets.choose(cfg.model.embedded_kind).recipe if cfg.model.embedded_kind else NAMED_BASE_RECIPE
+
+
+def _apply_recipe(cfg: RunConfig, recipe: Recipe) -> None:
+    """The DreamBooth recipe for the run's folder (`recipe.Recipe`), for the flags left unset: identifier and class
+    read from the prompt, the class prompt, prior preservation with cached class images, the validation prompts
+    (instance and recontextualised) and the steps scaled to the image count. What it could not derive is left off
+    and said in `recipe_lines`."""
+    data = cfg.data
+    read = read_subject(data.instance_prompt or "", data.class_prompt) if data.instance_prompt else None
+    if read is not None:
+        _fill(cfg, f"read from {data.instance_prompt!r}", identifier=read[0], class_word=read[1])
+    if data.class_word is not None:
+        _fill(cfg, "the recipe: DreamBooth's class prompt", class_prompt=class_prompt_for(data.class_word))
+    if data.class_prompt is not None:
+        _fill(cfg, f"the recipe ({recipe.tuned_on})", with_prior_preservation=recipe.prior_preservation)
+    if data.with_prior_preservation:
+        _fill(cfg, f"the recipe ({recipe.tuned_on})", num_class_images=recipe.num_class_images)
+        if data.class_data_dir is None:
+            _fill(cfg, "the recipe: cached per base, class prompt and sampling settings",
+                  class_data_dir=str(_class_dir(cfg, recipe)))
+    v = cfg.validation
+    if v.validation_prompt is None and v.validation_prompts is None and recipe.recontext and data.identifier \
+            and data.class_word and data.instance_prompt:
+        _fill(cfg, "the recipe: the instance prompt and a recontextualisation", validation_prompts=[
+            data.instance_prompt, recipe.recontext.format(identifier=data.identifier, class_word=data.class_word)])
+    if cfg.optim.num_train_epochs is None:
+        _fill(cfg, f"the recipe: {recipe.steps} steps for {recipe.reference_images} images",
+              max_train_steps=recipe.steps)
+    folder = Path(data.instance_data_dir or "")
+    if cfg.chosen.get("max_train_steps") and folder.is_dir() and (n := len(list_images(folder))):
+        steps = steps_for(cfg.optim.max_train_steps, n, recipe)
+        if steps != cfg.optim.max_train_steps:
+            cfg.chosen["max_train_steps"] += f", scaled to {n} images (x{steps / cfg.optim.max_train_steps:.2f})"
+            cfg.optim.max_train_steps = steps
+
+
+def _class_dir(cfg: RunConfig, recipe: Recipe) -> Path:
+    """The recipe's class-image folder: the preset's own for the standard class prompt, else one per base version
+    (a local folder's weights digest, a hub id with its revision), prompt and sampling settings."""
+    v, data = cfg.validation, cfg.data
+    standard = data.class_word is not None and data.class_prompt == class_prompt_for(data.class_word)
+    if recipe.class_dir is not None and standard:
+        return recipe.class_dir(v.num_inference_steps, v.guidance_scale, data.resolution, data.class_word)
+    from .base_model import resolve_base
+    from .validation import weights_digest
+
+    base = resolve_base(cfg.model)
+    tag = weights_digest(Path(base).expanduser()) or f"{base}@{cfg.model.revision or 'main'}"
+    return class_cache_dir(tag, data.class_prompt, v.num_inference_steps, v.guidance_scale, data.resolution)
 
 
 @dataclass
@@ -341,22 +428,30 @@ def _fill(cfg: RunConfig, source: str, **defaults) -> None:
 
 
 def recipe_lines(cfg: RunConfig) -> List[str]:
-    """What the run will do beyond the flags given, said out loud: each default it chose and where from, and the
-    prior-preservation recipe (on, or how to turn it on). The trainer logs these lines first."""
+    """What the run will do beyond the flags given, said out loud: each default it chose and where from, the subject
+    as the recipe reads it, prior preservation (on, and how to turn it off; or off, and how to turn it on) and the
+    validation prompts. The trainer logs these lines first."""
     chosen = ", ".join(f"--{name} {cfg.get(name)!r} ({source})" for name, source in cfg.chosen.items()
                        if name not in ("validation_prompt",))
     lines = [f"defaults chosen (give a flag to change it): {chosen}" if chosen else "no defaults chosen"]
     data = cfg.data
+    if data.subjects:
+        lines.append(f"subjects: {', '.join(f'{s.identifier} {s.class_word} ({s.folder})' for s in data.subjects)}")
+    elif data.identifier and data.class_word:
+        lines.append(f"subject: identifier {data.identifier!r}, class {data.class_word!r} (--identifier, --class_word "
+                     "change them)")
+    else:
+        lines.append(f"subject: no identifier and class read from {data.instance_prompt!r} (DreamBooth's form is 'a "
+                     "photo of IDENTIFIER CLASS'); pass --identifier and --class_word for the recipe's class prompt, "
+                     "prior preservation and recontextualisation prompt")
     if data.with_prior_preservation:
         lines.append(f"prior preservation: on, {data.num_class_images} class images of {data.class_prompt!r} in "
-                     f"{data.class_data_dir} (--prior_loss_weight {data.prior_loss_weight:g})")
+                     f"{data.class_data_dir} (--prior_loss_weight {data.prior_loss_weight:g}; "
+                     "--no-with_prior_preservation turns it off)")
     else:
-        lines.append("prior preservation: off (--with_prior_preservation --class_prompt 'a photo of a CLASS' "
-                     "--class_data_dir DIR turns it on; it keeps the base model's idea of the class)")
-    if cfg.model.embedded_kind is not None and "instance_data_dir" not in cfg.chosen:
-        lines.append(f"the {cfg.model.embedded_kind} preset's shipped-subject recipe (its class images, prior "
-                     "preservation, validation prompts) applies only with no data flags; for your folder, the "
-                     "flags above")
+        lines.append("prior preservation: off (--with_prior_preservation --class_prompt 'a photo of a CLASS' turns it "
+                     "on; it keeps the base model's idea of the class)")
+    lines.append("validation prompts: " + "; ".join(repr(p) for p in cfg.validation.validation_prompts or []))
     return lines
 
 
@@ -378,7 +473,6 @@ def _preset_defaults(cfg: RunConfig) -> None:
     if cfg.data.instance_data_dir is not None:
         return
     subject = preset.subject(cfg.validation.num_inference_steps, cfg.validation.guidance_scale, cfg.data.resolution)
-    cfg.data.with_prior_preservation = cfg.data.with_prior_preservation or subject.pop("with_prior_preservation", False)
     if cfg.validation.validation_prompt is not None or cfg.validation.validation_prompts is not None:
         subject.pop("validation_prompts", None)
     _fill(cfg, f"the {preset.name} preset's shipped subject", **subject)
@@ -412,7 +506,8 @@ def validate(cfg: RunConfig) -> None:
         fail(f"--resolution {cfg.data.resolution} must be a positive multiple of 8 (the VAE downsamples by 8).")
     if cfg.data.with_prior_preservation:
         if not cfg.data.class_prompt and not cfg.data.subjects:
-            fail("--with_prior_preservation needs --class_prompt, e.g. 'a photo of a dog'.")
+            fail("--with_prior_preservation needs --class_prompt (e.g. 'a photo of a dog'), --class_word, or an "
+                 "--instance_prompt of the form 'a photo of IDENTIFIER CLASS' to derive it from.")
         if not cfg.data.class_data_dir:
             fail("--with_prior_preservation needs --class_data_dir (missing class images are generated there).")
         if cfg.data.num_class_images < 1:
@@ -435,7 +530,7 @@ def validate(cfg: RunConfig) -> None:
             break
     for name in ("train_batch_size", "gradient_accumulation_steps", "num_train_epochs", "checkpointing_steps",
                  "sample_batch_size", "num_validation_images", "avf_interval", "num_inference_steps"):
-        if cfg.get(name) < 1:
+        if cfg.get(name) is not None and cfg.get(name) < 1:
             fail(f"--{name} must be at least 1.")
     if cfg.optim.max_train_steps is not None and cfg.optim.max_train_steps < 1:
         fail("--max_train_steps must be at least 1.")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence, Tuple
 
 from svdiff_tools.atomic import write_text
 
@@ -11,10 +11,13 @@ from svdiff_tools.atomic import write_text
 def write_model_card(output_dir: Path, *, base_model: str, method: str, trainable: int, adapter_file: Path,
                      instance_prompt: str, validation_prompt: str, steps: int, grid: Optional[Path],
                      extra_files: List[Path], command: str, preset=None,
-                     report: Optional[dict] = None, evaluator=None, settings: Optional[dict] = None) -> Path:
+                     reports: Sequence[Tuple[dict, object]] = (), settings: Optional[dict] = None,
+                     figures: Sequence[Tuple[str, Path]] = (), recipe: Sequence[str] = ()) -> Path:
     """``preset``: the embedded base when the trainer used one (a `presets.Preset`: its title and load lines,
-    runnable as written); ``report``: the subject measured by the preset's ``evaluator``; ``settings``: the
-    training settings in effect, defaults included (name -> value), one line each."""
+    runnable as written); ``reports``: (report, evaluator) pairs, the subject as each evaluator measured it;
+    ``settings``: the training settings in effect, defaults included (name -> value), one line each; ``figures``:
+    (caption, image file in ``output_dir``), e.g. the training crops and the loss curve; ``recipe``: the run's
+    recipe lines (`args.recipe_lines`)."""
     embedded = preset
     files = [p for p in adapter_file.rglob("*") if p.is_file()] if adapter_file.is_dir() else [adapter_file]
     size_kib = sum(p.stat().st_size for p in files) / 1024
@@ -40,8 +43,12 @@ def write_model_card(output_dir: Path, *, base_model: str, method: str, trainabl
     lines += [f"- also: `{p.name}`" for p in extra_files]
     if grid is not None:
         lines += ["", f"![validation images]({grid.name})"]
-    if report is not None:
+    for report, evaluator in reports:
         lines += ["", f"## {evaluator.title}", ""] + evaluator.report_lines(report)
+    for caption, path in figures:
+        lines += ["", f"![{caption}]({Path(path).name})", f"*{caption}*"]
+    if recipe:
+        lines += ["", "## Recipe", ""] + [f"- {line}" for line in recipe]
     load = embedded.load_lines if embedded is not None else [f'pipe = DiffusionPipeline.from_pretrained("{base_model}")']
     lines += ["", "## Use", "", "```python", "import svdiff_tools.diffusers  # adds load_svd_adapter to diffusers pipelines",
               "from diffusers import DiffusionPipeline", *load,

@@ -38,7 +38,8 @@ FINAL_FILES = ("svd_adapter.safetensors", "pytorch_lora_weights.safetensors")
 # Flags that may change between a run and its resumption: where things go and how often, not what is learned.
 OPERATIONAL_FLAGS = frozenset({
     "output_dir", "logging_dir", "report_to", "resume_from_checkpoint", "overwrite_output_dir",
-    "checkpointing_steps", "checkpoints_total_limit", "validation_prompt", "num_validation_images",
+    "checkpointing_steps", "checkpoints_total_limit", "validation_prompt", "num_validation_images", "dino_model",
+    "clip_model",
     "validation_steps", "push_to_hub", "hub_model_id", "hub_token", "dataloader_num_workers", "export_lora_rank",
     "sample_batch_size", "prior_generation_precision", "max_train_steps", "num_train_epochs", "embedded_model",
     "num_inference_steps", "embedded_kind", "validation_prompts", "validation_seed",

@@ -34,6 +34,8 @@ class DataConfig:
 
     instance_data_dir: Optional[str] = None
     instance_prompt: Optional[str] = None
+    identifier: Optional[str] = None
+    class_word: Optional[str] = None
     subject: Optional[List[str]] = None
     subjects: list = field(default_factory=list)  # args.SubjectSpec, parsed from ``subject``
     cutmix_unmix: bool = False
@@ -43,13 +45,13 @@ class DataConfig:
     caption_probability: Optional[float] = None
     class_data_dir: Optional[str] = None
     class_prompt: Optional[str] = None
-    with_prior_preservation: bool = False
+    with_prior_preservation: Optional[bool] = None
     prior_loss_weight: Optional[float] = None
     num_class_images: Optional[int] = None
     sample_batch_size: int = 4
     prior_generation_precision: Optional[str] = None
     resolution: Optional[int] = None
-    center_crop: bool = False
+    center_crop: bool = True
     random_flip: bool = False
     dataloader_num_workers: int = 0
 
@@ -81,7 +83,7 @@ class OptimConfig:
     lr_num_cycles: int = 1
     train_batch_size: int = 1
     max_train_steps: Optional[int] = None
-    num_train_epochs: int = 1
+    num_train_epochs: Optional[int] = None
     gradient_accumulation_steps: int = 1
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
@@ -110,6 +112,8 @@ class ValidationConfig:
     validation_seed: Optional[int] = None
     num_inference_steps: Optional[int] = None
     validation_steps: Optional[int] = None
+    dino_model: Optional[str] = None
+    clip_model: Optional[str] = None
 
 
 @dataclass

@@ -8,6 +8,7 @@ flipped, then scaled to [-1, 1]. Random crops and flips and the sample order dep
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -310,3 +311,57 @@ class EpochSampler(Sampler):
         perm = torch.randperm(self.size, generator=gen).tolist()
         perm += perm[: len(self) * self.num_replicas - self.size]
         return iter(perm[self.rank::self.num_replicas])
+
+
+def check_user_images(folder: Path, images: List[Image.Image], captions: List[str], caption_extension: Optional[str],
+                      identifier: Optional[str]) -> Tuple[List[Image.Image], List[str]]:
+    """A user's folder as it should be trained: exact duplicates (the same pixels under two names) dropped, so no
+    view weighs twice; one warning each for duplicates, a single image, and caption files present for some images
+    but not others. Returns the kept (images, captions)."""
+    paths = list_images(folder)
+    seen: Dict[bytes, str] = {}
+    keep, dupes = [], []
+    for i, (path, img) in enumerate(zip(paths, images)):
+        digest = hashlib.blake2b(repr(img.size).encode() + img.tobytes(), digest_size=16).digest()
+        if digest in seen:
+            dupes.append(f"{path.name} is a duplicate of {seen[digest]}")
+        else:
+            seen[digest] = path.name
+            keep.append(i)
+    if dupes:
+        logger.warning("%s (%d duplicate image(s) in %s, trained once)", "; ".join(dupes[:3]) + (" ..." if len(dupes) > 3
+                       else ""), len(dupes), folder)
+    images, captions = [images[i] for i in keep], [captions[i] for i in keep]
+    if len(images) == 1:
+        logger.warning("%s holds only one image: the subject is learnt from one view and tends to be copied as it "
+                       "is; 3-20 photos from different angles and places work better", folder)
+    if caption_extension:
+        missing = [p for i, p in enumerate(paths) if i in keep and not p.with_name(p.stem + caption_extension).is_file()]
+        if 0 < len(missing) < len(keep):
+            logger.warning("%d of %d images have no caption file (%s): they are trained on the instance prompt",
+                           len(missing), len(keep), ", ".join(p.name for p in missing[:3]) +
+                           (" ..." if len(missing) > 3 else ""))
+    return images, captions
+
+
+def check_identifier(tokenizer, identifier: Optional[str], class_word: Optional[str], known_words=()) -> str:
+    """A warning (also logged) when the identifier will bind the subject badly, else "": it is the class word, a word
+    the base already knows (``known_words``, or for a full CLIP vocabulary one of its most frequent quarter), or the
+    tokenizer splits it into more than two pieces."""
+    if not identifier:
+        return ""
+    pieces = tokenizer.tokenize(identifier)
+    message = ""
+    if class_word and identifier == class_word:
+        message = (f"the identifier {identifier!r} is the class word: the subject and its class share one word; use a "
+                   f"rare word, e.g. 'a photo of sks {class_word}'")
+    elif identifier in known_words or (len(getattr(tokenizer, "encoder", {})) >= 49000 and len(pieces) == 1 and
+                                       tokenizer.convert_tokens_to_ids(pieces[0]) < len(tokenizer.encoder) // 4):
+        message = (f"the identifier {identifier!r} already means something to the base model: the subject will be "
+                   "mixed with that meaning; a rare word such as 'sks' binds better")
+    elif len(pieces) > 2:
+        message = (f"the identifier {identifier!r} splits into {len(pieces)} tokens for this base's tokenizer "
+                   f"({' '.join(pieces)}); a rare word of one or two tokens such as 'sks' binds better")
+    if message:
+        logger.warning("%s", message)
+    return message

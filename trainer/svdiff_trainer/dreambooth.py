@@ -63,8 +63,8 @@ def prepare_run(cfg: RunConfig) -> Run:
     from svdiff_trainer import checkpoints
     from svdiff_trainer.backends import check_targets, make_backend
     from svdiff_trainer.base_model import pipeline_class_name, resolve_base, weightless_models
-    from svdiff_trainer.data import (SubjectData, load_captions, load_folder, prompt_identifier,
-                                            warn_captions_without)
+    from svdiff_trainer.data import (SubjectData, check_user_images, load_captions, load_folder, prompt_identifier,
+                                     warn_captions_without)
     from svdiff_trainer.validation import check_class_images, class_images_made_by
 
     specs = cfg.data.subjects or [None]  # corrupt files fail here, before any model
@@ -72,7 +72,9 @@ def prepare_run(cfg: RunConfig) -> Run:
 
     def subject(folder: Path, identifier: str, class_word: str, prompt: str) -> SubjectData:
         warn_captions_without(folder, ext, identifier or prompt_identifier(prompt, cfg.data.class_prompt))
-        return SubjectData(load_folder(folder, ext), identifier, class_word, prompt, load_captions(folder, ext, prompt))
+        images, captions = check_user_images(folder, load_folder(folder, ext), load_captions(folder, ext, prompt), ext,
+                                             identifier)
+        return SubjectData(images, identifier, class_word, prompt, captions)
 
     subjects = [subject(Path(cfg.data.instance_data_dir), "", "", cfg.data.instance_prompt) if spec is None
                 else subject(spec.folder, spec.identifier, spec.class_word, spec.prompt) for spec in specs]
@@ -191,7 +193,7 @@ def _train(cfg: RunConfig) -> int:
                                    run.load_pipeline)
         captioned = sum(c != sub.prompt for sub in run.subjects for c in sub.captions or ())
         grid = final_check_and_card(cfg, run.base, backend, files, out, session.trainable, step, run.load_pipeline,
-                                    captioned)
+                                    captioned, run.subjects)
         push_to_hub(cfg.output, out)
         print(f"done: {files[0]} ({session.trainable:,} trainable parameters); validation grid {grid}; model card "
               f"{out / 'README.md'}")
@@ -231,7 +233,7 @@ def build_session(run: Run, accelerator) -> Session:
     from svdiff_trainer.base_model import PromptEncoder, load_base_models, weight_dtype_of
     from svdiff_trainer.data import load_folder
     from svdiff_trainer.loss import DreamBoothLoss
-    from svdiff_trainer.validation import class_images_made_by, generate_class_images
+    from svdiff_trainer.validation import LOSS_FILE, class_images_made_by, generate_class_images
 
     cfg, backend = run.cfg, run.backend
     logger.info("%s on %d process(es), device %s, mixed precision %s, base %s", cfg.method.method,
@@ -244,6 +246,8 @@ def build_session(run: Run, accelerator) -> Session:
     class_sets = class_image_sets(cfg.data, run)  # (folder, prompt) per class
     if accelerator.is_main_process:
         checkpoints.start(run.output_dir, run.plan)
+        if run.plan.fresh:
+            (run.output_dir / LOSS_FILE).unlink(missing_ok=True)
         for folder, prompt in class_sets:
             generate_class_images(cfg, run.load_pipeline, accelerator, weight_dtype, folder, prompt,
                                   class_images_made_by(cfg, run.base, prompt))
@@ -251,6 +255,13 @@ def build_session(run: Run, accelerator) -> Session:
     class_items = [(img, prompt) for folder, prompt in class_sets
                    for img in load_folder(folder)[: cfg.data.num_class_images]]
     base = load_base_models(cfg, run.base, run.sdxl, accelerator.device, weight_dtype)
+    if accelerator.is_main_process:
+        from svdiff_trainer.args import recipe_of
+        from svdiff_trainer.data import check_identifier
+
+        for sub in run.subjects:
+            check_identifier(base.tokenizers[0], sub.identifier or cfg.data.identifier, sub.class_word or
+                             cfg.data.class_word, recipe_of(cfg).known_words)
     unet, encoders = base.unet, base.encoders
     backend.inject(unet, encoders)  # frozen weights stay in weight_dtype; adapter tensors are float32
     if cfg.optim.gradient_checkpointing:
@@ -297,7 +308,7 @@ def training_loop(s: Session) -> int:
     """Optimizer steps from ``s.start_step`` to ``s.max_steps``; returns the last step."""
     from tqdm.auto import tqdm
 
-    from svdiff_trainer.validation import render_validation
+    from svdiff_trainer.validation import record_loss, render_validation
 
     cfg, accelerator, backend = s.run.cfg, s.accelerator, s.run.backend
     step, accum_index, last_good = s.start_step, 0, s.run.plan.resume_path
@@ -332,6 +343,8 @@ def training_loop(s: Session) -> int:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.4f}")
             accelerator.log({"loss": loss.item(), "lr": s.lr_scheduler.get_last_lr()[0]}, step=step)
+            if accelerator.is_main_process:
+                record_loss(s.run.output_dir, step, loss.item())
             if step % cfg.output.checkpointing_steps == 0 and step < s.max_steps:
                 last_good = save_checkpoint(s.run, accelerator, backend, s.raw_unet, s.raw_encoders, step, last_good)
             # the last step's images are the final check's, rendered from the saved file (not twice)

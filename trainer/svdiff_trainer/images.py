@@ -28,3 +28,37 @@ def labelled_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Optional[Se
         for j, img in enumerate(row):
             grid.paste(img.convert("RGB").resize((w, h)), (j * w, y + label_h))
     return grid
+
+
+def loss_curve(steps: Sequence[int], losses: Sequence[float], size=(480, 200), window: int = 25) -> Image.Image:
+    """The training loss against the step: each step's loss in grey, its running mean over ``window`` steps in
+    blue, the axes labelled with the first and last step and the loss range."""
+    w, h = size
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    if not losses:
+        draw.text((4, 4), "no steps", fill="black")
+        return img
+    left, right, top, bottom = 48, w - 8, 16, h - 18
+    lo, hi = min(losses), max(losses)
+    hi = hi if hi > lo else lo + 1e-8
+    first, last = steps[0], max(steps[-1], steps[0] + 1)
+
+    def xy(step, value):
+        return (left + (right - left) * (step - first) / (last - first),
+                bottom - (bottom - top) * (value - lo) / (hi - lo))
+
+    mean, acc = [], 0.0
+    for i, value in enumerate(losses):
+        acc += value - (losses[i - window] if i >= window else 0.0)
+        mean.append(acc / min(i + 1, window))
+    if len(losses) > 1:
+        draw.line([xy(s, v) for s, v in zip(steps, losses)], fill=(190, 190, 190))
+        draw.line([xy(s, v) for s, v in zip(steps, mean)], fill=(30, 80, 200), width=2)
+    draw.rectangle((left, top, right, bottom), outline="black")
+    draw.text((2, top - 2), f"{hi:.3g}", fill="black")
+    draw.text((2, bottom - 10), f"{lo:.3g}", fill="black")
+    draw.text((left, bottom + 3), f"step {first}", fill="black")
+    draw.text((right - 60, bottom + 3), f"step {steps[-1]}", fill="black")
+    draw.text((left + 4, 2), f"training loss (grey) and its mean over {window} steps (blue)", fill="black")
+    return img

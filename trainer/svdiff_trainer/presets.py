@@ -22,9 +22,15 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
+from .recipe import Recipe
+
 GROUP = "svdiff_trainer.presets"
 EXAMPLE_DATA = Path(__file__).resolve().parent / "data" / "example_subject"  # five views of a toy, captioned
 ENV = "SVDIFF_TOOLS_EMBEDDED"
+
+
+class NotMeasurable(ValueError):
+    """An evaluator cannot measure this subject; the message says why (one sentence)."""
 
 
 class Evaluator(Protocol):
@@ -33,8 +39,10 @@ class Evaluator(Protocol):
     report_file: str  # the JSON file written next to the adapter, e.g. "toyworld_report.json"
     title: str  # the model card's section heading
 
-    def subject_for(self, data_dir: Path, instance_prompt: str) -> Optional[object]:
-        """The subject this evaluator can measure for that folder and prompt, else None (no report)."""
+    def subject_for(self, data_dir: Path, instance_prompt: str, identifier: Optional[str] = None,
+                    class_word: Optional[str] = None) -> object:
+        """The subject this evaluator measures for that folder and prompt (identifier and class where known);
+        raises `NotMeasurable` with the reason where it cannot."""
 
     def measure(self, pipe, load_base: Callable[[], object], subject: object, seeds: Sequence[int], steps: int,
                 guidance: float, rendered: Dict[str, list]) -> dict:
@@ -52,7 +60,8 @@ class Preset:
     ``defaults(method)``: flag -> value for flags the user left unset (the user's flags win);
     ``subject(num_inference_steps, guidance_scale, resolution)``: the flags of the shipped subject, used when no
     data flags are given (instance folder and prompt, prior preservation, class images, validation prompts);
-    ``load_lines``: Python lines that load the base, for the model card (runnable as written)."""
+    ``load_lines``: Python lines that load the base, for the model card (runnable as written); ``recipe``: the
+    DreamBooth recipe for any subject folder on this base (`recipe.Recipe`)."""
 
     name: str
     title: str
@@ -63,6 +72,7 @@ class Preset:
     available: Callable[[], bool] = lambda: True
     evaluator: Optional[Evaluator] = None
     priority: int = 0
+    recipe: Recipe = Recipe()
 
 
 def _tiny() -> Preset:
@@ -75,7 +85,9 @@ def _tiny() -> Preset:
                     'pipe = DiffusionPipeline.from_pretrained(tiny_pipeline_path("sd15"))'],
         defaults=lambda method: dict(resolution=32, max_train_steps=12, num_inference_steps=4),
         subject=lambda steps, guidance, resolution: dict(instance_data_dir=str(EXAMPLE_DATA),
-                                                         instance_prompt="a photo of sks toy"))
+                                                         instance_prompt="a photo of sks toy"),
+        # random weights: class images of it would be noise, and the test suite's runs stay seconds long
+        recipe=Recipe(prior_preservation=False, recontext=None, tuned_on="random weights: for tests"))
 
 
 def installed() -> Dict[str, Preset]:

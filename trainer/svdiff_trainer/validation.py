@@ -158,22 +158,31 @@ def validation_image_name(step: int, prompt_index: int, image_index: int) -> str
     return f"step{step:06d}{prompt}_{image_index}.png"
 
 
+def render_prompt(pipe, prompt: str, seeds, steps: int, guidance: float, resolution: Optional[int] = None,
+                  batch: int = 4) -> list:
+    """PIL images of ``prompt``, image i from a generator seeded ``seeds[i]`` (so batching does not change an
+    image), ``batch`` per pipeline call."""
+    pipe.set_progress_bar_config(disable=True)
+    seeds, images = list(seeds), []
+    size = dict(height=resolution, width=resolution) if resolution else {}
+    for start in range(0, len(seeds), batch):
+        part = seeds[start:start + batch]
+        images += pipe([prompt] * len(part), num_inference_steps=steps, guidance_scale=guidance,
+                       generator=[torch.Generator().manual_seed(s) for s in part], **size).images
+    return images
+
+
 def render_validation(cfg: RunConfig, pipe, step: int, folder: Path, accelerator=None) -> list:
     """--num_validation_images per validation prompt with fixed seeds (image i has seed ``validation_seed + i`` for
     every prompt), --sample_batch_size images per pipeline call (one generator per image, so batching does not
     change an image); saved as ``step{N}_{i}.png`` (first prompt) and ``step{N}_p{k}_{i}.png``. Returns one list of
     PIL images per prompt."""
     folder.mkdir(parents=True, exist_ok=True)
-    pipe.set_progress_bar_config(disable=True)
     v, size = cfg.validation, cfg.data.resolution
     rows, first, n, batch = [], validation_seed(cfg), v.num_validation_images, max(1, cfg.data.sample_batch_size)
     for k, prompt in enumerate(v.validation_prompts):
-        images = []
-        for start in range(0, n, batch):
-            seeds = range(first + start, first + min(n, start + batch))
-            images += pipe([prompt] * len(seeds), num_inference_steps=v.num_inference_steps,
-                           guidance_scale=v.guidance_scale, height=size, width=size,
-                           generator=[torch.Generator().manual_seed(s) for s in seeds]).images
+        images = render_prompt(pipe, prompt, range(first, first + n), v.num_inference_steps, v.guidance_scale, size,
+                               batch)
         for i, img in enumerate(images):
             save_image(img, folder / validation_image_name(step, k, i))
         rows.append(images)
@@ -214,11 +223,13 @@ def training_settings(cfg: RunConfig, captioned: Optional[int] = None) -> dict:
 
 
 def final_check_and_card(cfg: RunConfig, base: str, backend, files: list, output_dir: Path, trainable: int, steps: int,
-                         load_pipeline, captioned: Optional[int] = None) -> Path:
-    """Reload the saved adapter into a fresh base pipeline, render the final images, measure the subject on the
-    toy world (embedded default), write the model card."""
+                         load_pipeline, captioned: Optional[int] = None, subjects=()) -> Path:
+    """Reload the saved adapter into a fresh base pipeline, render the final images, measure the subject (the
+    embedded preset's evaluator, and DINO / CLIP where --dino_model / --clip_model name models), draw the training
+    crops and the loss curve, write the model card."""
     import svdiff_tools.diffusers  # noqa: F401  (the loader methods)
 
+    from .args import recipe_lines
     from .card import write_model_card
     from .images import labelled_grid
 
@@ -228,35 +239,107 @@ def final_check_and_card(cfg: RunConfig, base: str, backend, files: list, output
     grid = output_dir / "grid.png"
     prompts = cfg.validation.validation_prompts
     save_image(labelled_grid(rows, [f"{cfg.method.method}, step {steps}: {p}" for p in prompts]), grid)
-    report, evaluator = None, None
-    if cfg.model.embedded_kind is not None:
-        report, evaluator = measure_subject(cfg, pipe, load_pipeline, rows, output_dir)
+    reports = measure_subject(cfg, pipe, load_pipeline, rows, output_dir)
+    figures = []
+    if subjects:
+        save_image(training_crops(cfg, subjects), output_dir / "training_crops.png")
+        figures.append(("the instance images as trained (crop and resolution)", output_dir / "training_crops.png"))
+    curve = write_loss_curve(output_dir)
+    if curve is not None:
+        figures.append(("training loss", curve))
     command = "accelerate launch train_dreambooth.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     write_model_card(output_dir, base_model=base, preset=embedded_preset(cfg.model), method=cfg.method.method,
                      trainable=trainable, adapter_file=files[0], instance_prompt=cfg.data.instance_prompt,
                      validation_prompt=prompts[0], steps=steps, grid=grid, extra_files=files[1:],
-                     command=command, report=report, evaluator=evaluator,
-                     settings=training_settings(cfg, captioned))
+                     command=command, reports=reports, settings=training_settings(cfg, captioned), figures=figures,
+                     recipe=recipe_lines(cfg)[1:])
     return grid
 
 
-def measure_subject(cfg: RunConfig, pipe, load_pipeline, rows, output_dir: Path):
-    """The embedded preset's evaluator on the final images (the ones just saved are the ones measured): its report
-    (also written to ``output_dir``) and the evaluator; (None, None) where the preset has none or cannot measure
-    this folder and prompt."""
-    evaluator = embedded_preset(cfg.model).evaluator
-    subject = evaluator.subject_for(Path(cfg.data.instance_data_dir), cfg.data.instance_prompt) if evaluator else None
-    if subject is None:
-        if evaluator is not None:
-            logging.getLogger("train_dreambooth").info(
-                "no subject report: %s with `%s` is not a subject the %s preset's evaluator measures",
-                cfg.data.instance_data_dir, cfg.data.instance_prompt, cfg.model.embedded_kind)
-        return None, None
-    first, v = validation_seed(cfg), cfg.validation
-    report = evaluator.measure(pipe, load_pipeline, subject, seeds=range(first, first + v.num_validation_images),
-                               steps=v.num_inference_steps, guidance=v.guidance_scale,
-                               rendered=dict(zip(v.validation_prompts, rows)))
-    write_text(output_dir / evaluator.report_file, json.dumps(report, indent=2))
-    for line in evaluator.report_lines(report):
-        logging.getLogger("train_dreambooth").info("%s", line)
-    return report, evaluator
+LOSS_FILE = "loss.csv"
+
+
+def record_loss(output_dir: Path, step: int, loss: float) -> None:
+    """Append ``step,loss`` to the run's loss record (a resumed run appends again from its checkpoint's step: the
+    last value per step counts)."""
+    with open(Path(output_dir) / LOSS_FILE, "a", encoding="utf-8") as f:
+        f.write(f"{step},{loss:.6g}\n")
+
+
+def write_loss_curve(output_dir: Path) -> Optional[Path]:
+    """``loss.png`` from the run's loss record (None where there is none)."""
+    from .images import loss_curve
+
+    record = Path(output_dir) / LOSS_FILE
+    if not record.is_file():
+        return None
+    by_step = {}
+    for line in record.read_text(encoding="utf-8").splitlines():
+        step, _, value = line.partition(",")
+        try:
+            by_step[int(step)] = float(value)
+        except ValueError:
+            continue  # a line cut short by a killed run
+    steps = sorted(by_step)
+    return save_image(loss_curve(steps, [by_step[s] for s in steps]), Path(output_dir) / "loss.png")
+
+
+def training_crops(cfg: RunConfig, subjects, per_row: int = 10, scale_to: int = 96):
+    """The instance images as the model sees them at the first epoch (resized, cropped as --center_crop says),
+    ``per_row`` to a row, one row group per subject, each shown at ``scale_to`` pixels."""
+    from PIL import Image
+
+    from .data import to_tensor
+    from .images import labelled_grid
+
+    rows, labels = [], []
+    for sub in subjects:
+        crops = []
+        for i, img in enumerate(sub.images[:5 * per_row]):
+            t = to_tensor(img, cfg.data.resolution, cfg.data.center_crop, False, torch.Generator().manual_seed(i))
+            arr = ((t.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+            crops.append(Image.fromarray(arr).resize((scale_to, scale_to), Image.NEAREST))
+        for start in range(0, len(crops), per_row):
+            rows.append(crops[start:start + per_row])
+            labels.append(sub.prompt if start == 0 else "")
+    return labelled_grid(rows, labels)
+
+
+def measure_subject(cfg: RunConfig, pipe, load_pipeline, rows, output_dir: Path) -> list:
+    """Every evaluator that applies on the final images (the ones just saved are the ones measured): the embedded
+    preset's, and the photo metrics where --dino_model / --clip_model name models. Each report is written to
+    ``output_dir`` and logged; returns (report, evaluator) pairs. An evaluator that cannot measure this folder and
+    prompt is left out, the log says why."""
+    from .presets import NotMeasurable
+
+    log = logging.getLogger("train_dreambooth")
+    evaluators = []
+    preset = embedded_preset(cfg.model)
+    if preset is not None and preset.evaluator is not None:
+        evaluators.append(preset.evaluator)
+    v, data = cfg.validation, cfg.data
+    if v.dino_model or v.clip_model:
+        from .photo_metrics import PhotoEvaluator
+
+        evaluators.append(PhotoEvaluator(v.dino_model, v.clip_model, v.validation_prompts,
+                                         resolution=data.resolution))
+    if not evaluators:
+        log.info("no subject report: this base has no evaluator; --dino_model and --clip_model (e.g. "
+                 "facebook/dino-vits16, openai/clip-vit-base-patch32) add DINO / CLIP-I / CLIP-T to the card")
+    first, out = validation_seed(cfg), []
+    for evaluator in evaluators:
+        try:
+            subject = evaluator.subject_for(Path(data.instance_data_dir), data.instance_prompt, data.identifier,
+                                            data.class_word)
+        except NotMeasurable as exc:
+            log.warning("no subject report (%s): %s", evaluator.title, exc)
+            continue
+        report = evaluator.measure(pipe, load_pipeline, subject, seeds=range(first, first + v.num_validation_images),
+                                   steps=v.num_inference_steps, guidance=v.guidance_scale,
+                                   rendered=dict(zip(v.validation_prompts, rows)))
+        if output_dir is not None:
+            write_text(Path(output_dir) / evaluator.report_file, json.dumps(report, indent=2))
+        for line in evaluator.report_lines(report):
+            log.info("%s", line)
+        out.append((report, evaluator))
+    return out
