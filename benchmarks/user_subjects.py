@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -28,6 +27,7 @@ from pathlib import Path
 from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))  # dreambooth_quality, for its t-interval
 METHODS = {"svfit": ["--method", "svfit"], "LoRA r4": ["--method", "lora", "--rank", "4"]}
 
 
@@ -56,28 +56,20 @@ def run_one(subject, method: str, out: Path, data: Path) -> dict:
     return record
 
 
-def wilson(hits: int, n: int):
-    from svdiff_toyworld.evaluate import wilson_interval
-
-    return wilson_interval(hits, n)
-
-
 def pooled(records: List[dict], label: str, prompt: str) -> str:
     hits = sum(round(r[label][prompt]["identified"] * r[label][prompt]["images"]) for r in records)
     n = sum(r[label][prompt]["images"] for r in records)
-    lo, hi = wilson(hits, n)
+    from svdiff_toyworld.evaluate import wilson_interval
+
+    lo, hi = wilson_interval(hits, n)
     return f"{hits / n:.0%} ({hits}/{n}; {lo:.0%}-{hi:.0%})"
 
 
 def paired(a: List[float], b: List[float]) -> str:
-    """Mean of a - b over subjects with a 95% t-interval."""
-    d = [x - y for x, y in zip(a, b)]
-    mean = statistics.mean(d)
-    if len(d) < 2:
-        return f"{mean:+.2f}"
-    t = {2: 12.71, 3: 4.30, 4: 3.18, 5: 2.78, 6: 2.57, 7: 2.45, 8: 2.36, 9: 2.31, 10: 2.26}.get(len(d), 2.2)
-    half = t * statistics.stdev(d) / math.sqrt(len(d))
-    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]"
+    """Mean of a - b over subjects with its 95% t-interval (the quality benchmark's `mean_interval`)."""
+    from dreambooth_quality import mean_interval
+
+    return mean_interval([x - y for x, y in zip(a, b)])
 
 
 def table(results: Dict[str, List[dict]]) -> List[str]:

@@ -117,7 +117,7 @@ def test_duplicates_one_image_and_missing_captions_are_said(tmp_path, caplog):
     (mine / "1.txt").write_text("a photo of sks toy on a blue background")
     with caplog.at_level("WARNING"):
         images, captions = check_user_images(mine, [Image.open(p).convert("RGB") for p in sorted(mine.glob("*.png"))],
-                                             ["a", "b", "c", "d"], ".txt", "sks")
+                                             ["a", "b", "c", "d"], ".txt")
     assert len(images) == len(captions) == 3  # the copy is trained once, not twice
     text = caplog.text
     assert "copy.png is a duplicate of 0.png" in text
@@ -125,7 +125,7 @@ def test_duplicates_one_image_and_missing_captions_are_said(tmp_path, caplog):
     one = _folder(tmp_path, 1, "one")
     caplog.clear()
     with caplog.at_level("WARNING"):
-        check_user_images(one, [Image.open(one / "0.png")], ["a"], ".txt", "sks")
+        check_user_images(one, [Image.open(one / "0.png")], ["a"], ".txt")
     assert "only one image" in caplog.text
 
 

@@ -350,7 +350,7 @@ def _apply_recipe(cfg: RunConfig, recipe: Recipe) -> None:
     (instance and recontextualised) and the steps scaled to the image count. What it could not derive is left off
     and said in `recipe_lines`."""
     data = cfg.data
-    read = read_subject(data.instance_prompt or "", data.class_prompt) if data.instance_prompt else None
+    read = read_subject(data.instance_prompt, data.class_prompt) if data.instance_prompt else None
     if read is not None:
         _fill(cfg, f"read from {data.instance_prompt!r}", identifier=read[0], class_word=read[1])
     if data.class_word is not None:

@@ -73,23 +73,6 @@ def load_captions(folder: Path, caption_extension: Optional[str], default: str) 
     return prompts
 
 
-_ARTICLES = ("a", "an", "the")
-
-
-def prompt_identifier(instance_prompt: str, class_prompt: Optional[str] = None) -> Optional[str]:
-    """The rare identifier of a DreamBooth prompt: the one word of ``instance_prompt`` that ``class_prompt`` lacks
-    ("a photo of sks dog" against "a photo of a dog": "sks"), else the word after "of" in DreamBooth's form "... of
-    <identifier> <class>"; None when neither applies."""
-    words = re.findall(r"[\w-]+", instance_prompt.lower())
-    if class_prompt:
-        known = set(re.findall(r"[\w-]+", class_prompt.lower()))
-        extra = [w for w in words if w not in known and w not in _ARTICLES]
-        if len(extra) == 1:
-            return extra[0]
-    match = re.search(r"\bof\s+([\w-]+)\s+[\w-]+\s*$", instance_prompt.lower())
-    return match.group(1) if match and match.group(1) not in _ARTICLES else None
-
-
 def warn_captions_without(folder: Path, caption_extension: Optional[str], identifier: Optional[str]) -> None:
     """One warning naming the caption files whose text lacks ``identifier`` (e.g. a ``zwx`` caption in a ``sks``
     run): their images would teach the subject under other words."""
@@ -108,9 +91,10 @@ def warn_captions_without(folder: Path, caption_extension: Optional[str], identi
                        "; ".join(f"{n}: {t!r}" for n, t in odd[:3]) + (" ..." if len(odd) > 3 else ""), identifier)
 
 
-def to_tensor(img: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
-              gen: Optional[torch.Generator] = None) -> torch.Tensor:
-    """(3, resolution, resolution) in [-1, 1]."""
+def crop_image(img: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+               gen: Optional[torch.Generator] = None) -> Image.Image:
+    """``img`` as trained: its shorter side resized to ``resolution``, a ``resolution`` square cropped (the centre,
+    or with ``gen`` and not ``center_crop`` a random one) and, with ``random_flip``, mirrored at even odds."""
     w, h = img.size
     scale = resolution / min(w, h)
     img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.BILINEAR)
@@ -123,6 +107,13 @@ def to_tensor(img: Image.Image, resolution: int, center_crop: bool, random_flip:
     img = img.crop((left, top, left + resolution, top + resolution))
     if random_flip and gen is not None and float(torch.rand(1, generator=gen)) < 0.5:
         img = img.transpose(Image.FLIP_LEFT_RIGHT)
+    return img
+
+
+def to_tensor(img: Image.Image, resolution: int, center_crop: bool, random_flip: bool,
+              gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    """(3, resolution, resolution) in [-1, 1] of `crop_image`."""
+    img = crop_image(img, resolution, center_crop, random_flip, gen)
     data = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(resolution, resolution, 3)
     return data.permute(2, 0, 1).float().div(127.5).sub(1.0)
 
@@ -313,8 +304,8 @@ class EpochSampler(Sampler):
         return iter(perm[self.rank::self.num_replicas])
 
 
-def check_user_images(folder: Path, images: List[Image.Image], captions: List[str], caption_extension: Optional[str],
-                      identifier: Optional[str]) -> Tuple[List[Image.Image], List[str]]:
+def check_user_images(folder: Path, images: List[Image.Image], captions: List[str], caption_extension: Optional[str]
+                      ) -> Tuple[List[Image.Image], List[str]]:
     """A user's folder as it should be trained: exact duplicates (the same pixels under two names) dropped, so no
     view weighs twice; one warning each for duplicates, a single image, and caption files present for some images
     but not others. Returns the kept (images, captions)."""

@@ -63,17 +63,15 @@ def prepare_run(cfg: RunConfig) -> Run:
     from svdiff_trainer import checkpoints
     from svdiff_trainer.backends import check_targets, make_backend
     from svdiff_trainer.base_model import pipeline_class_name, resolve_base, weightless_models
-    from svdiff_trainer.data import (SubjectData, check_user_images, load_captions, load_folder, prompt_identifier,
-                                     warn_captions_without)
+    from svdiff_trainer.data import SubjectData, check_user_images, load_captions, load_folder, warn_captions_without
     from svdiff_trainer.validation import check_class_images, class_images_made_by
 
     specs = cfg.data.subjects or [None]  # corrupt files fail here, before any model
     ext = cfg.data.caption_extension or None
 
     def subject(folder: Path, identifier: str, class_word: str, prompt: str) -> SubjectData:
-        warn_captions_without(folder, ext, identifier or prompt_identifier(prompt, cfg.data.class_prompt))
-        images, captions = check_user_images(folder, load_folder(folder, ext), load_captions(folder, ext, prompt), ext,
-                                             identifier)
+        warn_captions_without(folder, ext, identifier or cfg.data.identifier)  # the recipe read it from the prompt
+        images, captions = check_user_images(folder, load_folder(folder, ext), load_captions(folder, ext, prompt), ext)
         return SubjectData(images, identifier, class_word, prompt, captions)
 
     subjects = [subject(Path(cfg.data.instance_data_dir), "", "", cfg.data.instance_prompt) if spec is None

@@ -122,15 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     import logging
 
-    from .args import TrainingInputError
-    from .presets import NotMeasurable
-
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     for output in args.outputs:
         try:
             print("\n".join(evaluate(args, output)), flush=True)
-        except (CannotEvaluate, TrainingInputError, NotMeasurable, ValueError) as exc:
+        except ValueError as exc:  # CannotEvaluate, TrainingInputError, NotMeasurable and a loader's own sentence
             print(f"error: {exc}", file=sys.stderr)
             return 2
     return 0

@@ -104,14 +104,15 @@ class PhotoMetrics:
                              "(--clip_model, e.g. openai/clip-vit-base-patch32) to score photos.")
         self.dino = DinoEmbedder(dino_model, device) if dino_model else None
         self.clip = ClipEmbedder(clip_model, device) if clip_model else None
-        self._real: Dict[int, dict] = {}
+        self._real: Dict[int, tuple] = {}
 
     def _real_embeddings(self, subject: PhotoSubject) -> dict:
+        """The subject's real images embedded once (kept with the subject, so its id is not reused while cached)."""
         key = id(subject)
         if key not in self._real:
-            self._real[key] = {"dino": self.dino(subject.images) if self.dino else None,
-                               "clip": self.clip.images(subject.images) if self.clip else None}
-        return self._real[key]
+            self._real[key] = (subject, {"dino": self.dino(subject.images) if self.dino else None,
+                                         "clip": self.clip.images(subject.images) if self.clip else None})
+        return self._real[key][1]
 
     def score(self, generated, subject: PhotoSubject, prompt: str) -> dict:
         """{'images': n, 'dino', 'clip_i', 'clip_t'} (each a `mean_interval`; a metric whose model is not named is
@@ -154,9 +155,8 @@ class PhotoEvaluator:
         paths = list_images(data_dir) if data_dir.is_dir() else []
         if not paths:
             raise NotMeasurable(f"{data_dir} holds no images to compare with")
-        if identifier is None:
-            read = read_subject(instance_prompt)
-            identifier, class_word = (read or (None, class_word))[0], class_word or (read or (None, None))[1]
+        read = read_subject(instance_prompt) or (None, None)
+        identifier, class_word = identifier or read[0], class_word or read[1]
         return PhotoSubject([open_rgb(p) for p in paths], identifier, class_word, data_dir.name)
 
     def measure(self, pipe, load_base, subject: PhotoSubject, seeds, steps: int, guidance: float,

@@ -289,16 +289,13 @@ def training_crops(cfg: RunConfig, subjects, per_row: int = 10, scale_to: int = 
     ``per_row`` to a row, one row group per subject, each shown at ``scale_to`` pixels."""
     from PIL import Image
 
-    from .data import to_tensor
+    from .data import crop_image
     from .images import labelled_grid
 
     rows, labels = [], []
     for sub in subjects:
-        crops = []
-        for i, img in enumerate(sub.images[:5 * per_row]):
-            t = to_tensor(img, cfg.data.resolution, cfg.data.center_crop, False, torch.Generator().manual_seed(i))
-            arr = ((t.permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
-            crops.append(Image.fromarray(arr).resize((scale_to, scale_to), Image.NEAREST))
+        crops = [crop_image(img, cfg.data.resolution, cfg.data.center_crop, False, torch.Generator().manual_seed(i))
+                 .resize((scale_to, scale_to), Image.NEAREST) for i, img in enumerate(sub.images[:5 * per_row])]
         for start in range(0, len(crops), per_row):
             rows.append(crops[start:start + per_row])
             labels.append(sub.prompt if start == 0 else "")
